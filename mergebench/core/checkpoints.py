@@ -1,0 +1,89 @@
+"""Reading, writing, hashing and checking checkpoints stored as state dicts.
+
+Safetensors is the preferred format. ``.pt``/``.pth``/``.bin`` files are read with
+``torch.load(weights_only=True)``, so no arbitrary Python object is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mergebench.errors import MergebenchError
+
+StateDict = dict[str, torch.Tensor]
+
+_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+
+
+def load_state_dict(path: str | os.PathLike) -> StateDict:
+    """Load a checkpoint file as a flat ``{name: tensor}`` dict on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergebenchError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        elif path.suffix in _PICKLE_SUFFIXES:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise MergebenchError(
+                f"unsupported checkpoint format {path.suffix!r} for {path}: "
+                "use .safetensors, .pt, .pth or .bin"
+            )
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MergebenchError(f"cannot read checkpoint {path}: {first_line}") from error
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MergebenchError(f"checkpoint {path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write ``state`` as safetensors atomically (a killed process never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file({name: t.detach().contiguous().cpu() for name, t in state.items()}, str(partial))
+    os.replace(partial, path)
+    return path
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, the identity recorded with every result."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_compatible(pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Raise naming the first key whose presence, shape or dtype differs from the pretrained model."""
+    for task, state in finetuned.items():
+        missing = [name for name in pretrained if name not in state]
+        if missing:
+            raise MergebenchError(f"checkpoint for task {task!r} lacks key {missing[0]!r} of the pretrained model")
+        extra = [name for name in state if name not in pretrained]
+        if extra:
+            raise MergebenchError(f"checkpoint for task {task!r} has key {extra[0]!r} that the pretrained model lacks")
+        for name, reference in pretrained.items():
+            tensor = state[name]
+            if tensor.shape != reference.shape:
+                raise MergebenchError(
+                    f"checkpoint for task {task!r}: key {name!r} has shape {tuple(tensor.shape)}, "
+                    f"pretrained has {tuple(reference.shape)}"
+                )
+            if tensor.dtype != reference.dtype:
+                raise MergebenchError(
+                    f"checkpoint for task {task!r}: key {name!r} has dtype {tensor.dtype}, pretrained has {reference.dtype}"
+                )

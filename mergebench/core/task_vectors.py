@@ -1,0 +1,133 @@
+"""Task vectors τ_t = θ_t − θ₀ (Ilharco et al., 2023), stacked into one ``[T, N]`` tensor.
+
+Only floating-point parameters are merged. Buffers (BatchNorm running statistics, position ids,
+integer counters) and any key the caller excludes are taken unchanged from the pretrained model.
+Stacking every mergeable parameter of every task into one contiguous matrix lets a method work on
+all tasks and all layers in a single vectorized pass, and lets a hyperparameter sweep reuse it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+from mergebench.core.checkpoints import StateDict, check_compatible
+from mergebench.errors import MergebenchError
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one named parameter lives in the flattened vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """The ordered list of mergeable parameters and their place in the flat vector."""
+
+    slots: tuple[TensorSlot, ...]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor], names: Iterable[str]) -> "ParamLayout":
+        slots, offset = [], 0
+        for name in names:
+            numel = state[name].numel()
+            slots.append(TensorSlot(name, tuple(state[name].shape), offset, offset + numel))
+            offset += numel
+        return cls(tuple(slots))
+
+    @property
+    def numel(self) -> int:
+        return self.slots[-1].stop if self.slots else 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(slot.name for slot in self.slots)
+
+
+@dataclass
+class TaskVectors:
+    """Pretrained weights θ₀ (``[N]``) and the task vectors of T tasks (``[T, N]``), flattened."""
+
+    pretrained: torch.Tensor
+    vectors: torch.Tensor
+    layout: ParamLayout
+    tasks: tuple[str, ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.vectors.shape[0]
+
+    def slices(self) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
+        """Each parameter's ``[T, numel]`` block of the stacked task vectors (a view)."""
+        for slot in self.layout.slots:
+            yield slot, self.vectors[:, slot.start : slot.stop]
+
+    def finetuned(self) -> torch.Tensor:
+        """θ_t = θ₀ + τ_t for every task, ``[T, N]``."""
+        return self.pretrained.unsqueeze(0) + self.vectors
+
+    def subset(self, tasks: Iterable[str]) -> "TaskVectors":
+        index = [self.tasks.index(task) for task in tasks]
+        return TaskVectors(self.pretrained, self.vectors[index], self.layout, tuple(self.tasks[i] for i in index))
+
+
+def mergeable_names(state: Mapping[str, torch.Tensor], exclude: Iterable[str] = ()) -> list[str]:
+    """Floating-point keys of ``state`` that are not explicitly excluded (buffers, heads)."""
+    excluded = set(exclude)
+    return [name for name, t in state.items() if t.is_floating_point() and name not in excluded]
+
+
+def build_task_vectors(
+    pretrained: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    exclude: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TaskVectors:
+    """Check the checkpoints agree, then stack τ_t = θ_t − θ₀ over all mergeable parameters."""
+    if not finetuned:
+        raise MergebenchError("no fine-tuned checkpoints to merge")
+    check_compatible(pretrained, finetuned)
+    layout = ParamLayout.of(pretrained, mergeable_names(pretrained, exclude))
+    theta0 = _flatten(pretrained, layout, device, dtype)
+    _require_finite(theta0, "pretrained", pretrained, layout)
+    vectors = torch.empty((len(finetuned), layout.numel), device=device, dtype=dtype)
+    for row, (task, state) in enumerate(finetuned.items()):
+        theta = _flatten(state, layout, device, dtype)
+        _require_finite(theta, task, state, layout)
+        torch.sub(theta, theta0, out=vectors[row])
+    return TaskVectors(theta0, vectors, layout, tuple(finetuned))
+
+
+def merged_state_dict(
+    pretrained: Mapping[str, torch.Tensor], layout: ParamLayout, merged_flat: torch.Tensor
+) -> StateDict:
+    """The pretrained state dict with every mergeable parameter replaced from ``merged_flat``."""
+    state = dict(pretrained)
+    for slot in layout.slots:
+        reference = pretrained[slot.name]
+        state[slot.name] = merged_flat[slot.start : slot.stop].view(slot.shape).to(reference.dtype)
+    return state
+
+
+def _flatten(state: Mapping[str, torch.Tensor], layout: ParamLayout, device, dtype) -> torch.Tensor:
+    flat = torch.empty(layout.numel, device=device, dtype=dtype)
+    for slot in layout.slots:
+        flat[slot.start : slot.stop] = state[slot.name].reshape(-1).to(device=device, dtype=dtype)
+    return flat
+
+
+def _require_finite(flat: torch.Tensor, owner: str, state, layout: ParamLayout) -> None:
+    if bool(torch.isfinite(flat).all()):
+        return
+    for slot in layout.slots:
+        if not bool(torch.isfinite(state[slot.name]).all()):
+            raise MergebenchError(f"checkpoint {owner!r} has NaN or infinite values in {slot.name!r}")

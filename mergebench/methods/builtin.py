@@ -1,0 +1,3 @@
+"""Importing this module registers every built-in method family."""
+
+from mergebench.methods import arithmetic, dare, ties  # noqa: F401

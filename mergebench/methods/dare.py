@@ -1,0 +1,55 @@
+"""DARE (Yu et al., ICML 2024, "Language Models are Super Mario").
+
+Drop And REscale: each entry of τ_t is dropped with probability p and the survivors are rescaled,
+τ̃_t = (m_t ⊙ τ_t) / (1 − p) with m_t ~ Bernoulli(1 − p), so E[τ̃_t] = τ_t. The sparsified vectors are
+then combined by Task Arithmetic (``dare``) or by TIES sign election and disjoint mean (``dare_ties``,
+which, like mergekit's ``dare_ties``, applies no magnitude trim after the random drop).
+Masks come from a ``torch.Generator`` seeded with the run's seed: the same seed on the same device type
+gives bit-identical merged weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.task_vectors import TaskVectors
+from mergebench.methods.arithmetic import sum_vectors
+from mergebench.methods.registry import LAMBDA_TENTHS, HParam, lam_grid, register
+from mergebench.methods.ties import TIES_LAMBDAS, elect_and_merge
+
+DROP_RATES = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def drop_and_rescale(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """τ̃ = m ⊙ τ / (1 − p), m ~ Bernoulli(1 − p) drawn from a generator seeded with ``seed``."""
+    if p == 0:
+        return vectors.clone()
+    generator = torch.Generator(device=vectors.device).manual_seed(seed)
+    keep = torch.rand(vectors.shape, generator=generator, device=vectors.device) >= p
+    return vectors * keep / (1.0 - p)
+
+
+def drop_rate() -> HParam:
+    return HParam(0.5, DROP_RATES, "probability p of dropping each task-vector entry", low=0.0, high=1.0, high_inclusive=False)
+
+
+@register(
+    "dare",
+    citation="Yu et al., 2024 (DARE)",
+    hparams={"p": drop_rate(), "lam": lam_grid(0.3, LAMBDA_TENTHS)},
+    randomized=True,
+)
+def dare(task_vectors: TaskVectors, *, p: float, seed: int) -> torch.Tensor:
+    """Drop and rescale each τ_t, then Task Arithmetic."""
+    return sum_vectors(drop_and_rescale(task_vectors.vectors, p, seed))
+
+
+@register(
+    "dare_ties",
+    citation="Yu et al., 2024 (DARE) with Yadav et al., 2023 (TIES)",
+    hparams={"p": drop_rate(), "lam": lam_grid(1.0, TIES_LAMBDAS)},
+    randomized=True,
+)
+def dare_ties(task_vectors: TaskVectors, *, p: float, seed: int) -> torch.Tensor:
+    """Drop and rescale each τ_t, then TIES sign election and disjoint mean."""
+    return elect_and_merge(drop_and_rescale(task_vectors.vectors, p, seed))

@@ -1,0 +1,156 @@
+"""The method registry: a merging method is a pure function over task vectors, registered by name.
+
+A registered function receives the stacked :class:`~mergebench.core.task_vectors.TaskVectors` and its
+hyperparameters as keyword arguments and returns the merged task vector τ_m (``[N]``); the merged model
+is θ = θ₀ + λ·τ_m. The scaling coefficient λ is the common *post-scaler* of the literature: a method
+declares its default and sweep grid under the name ``lam`` and the registry applies it, so a sweep
+computes τ_m once for every setting of the other hyperparameters and only rescales it across λ.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from mergebench.core.task_vectors import TaskVectors
+from mergebench.errors import MergebenchError
+
+SCALE = "lam"
+DATA_ACCESS = ("none",)
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: its default, the values a sweep tries, and what values are legal."""
+
+    default: Any
+    grid: tuple = ()
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    high_inclusive: bool = True
+    choices: tuple | None = None
+
+    def sweep_values(self) -> tuple:
+        return self.grid or (self.default,)
+
+    def parse(self, method: str, name: str, raw: Any) -> Any:
+        """Convert a command-line value to the default's type and check it is in range."""
+        value = raw
+        if isinstance(raw, str) and not isinstance(self.default, str):
+            try:
+                value = type(self.default)(float(raw)) if isinstance(self.default, int) else type(self.default)(raw)
+            except ValueError:
+                raise MergebenchError(f"hyperparameter {name}={raw!r} of {method}: not a number") from None
+        if self.choices is not None and value not in self.choices:
+            raise MergebenchError(f"hyperparameter {name}={value!r} of {method}: must be one of {', '.join(map(str, self.choices))}")
+        too_low = self.low is not None and value < self.low
+        too_high = self.high is not None and (value > self.high if self.high_inclusive else value >= self.high)
+        if too_low or too_high:
+            bracket = "]" if self.high_inclusive else ")"
+            raise MergebenchError(f"hyperparameter {name}={value!r} of {method}: must be in [{self.low}, {self.high}{bracket}")
+        return value
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merging method."""
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    hparams: Mapping[str, HParam]
+    citation: str
+    data: str = "none"
+    randomized: bool = False
+    summary: str = field(default="")
+
+    def settings(self, overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every hyperparameter setting of the sweep, λ varying fastest; overrides fix values."""
+        overrides = self.check_overrides(overrides or {})
+        names = list(self.hparams)
+        values = [(overrides[n],) if n in overrides else self.hparams[n].sweep_values() for n in names]
+        return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+    def check_overrides(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = [name for name in overrides if name not in self.hparams]
+        if unknown:
+            known = ", ".join(self.hparams) or "none"
+            raise MergebenchError(f"method {self.name} has no hyperparameter {unknown[0]!r} (it has: {known})")
+        return {name: self.hparams[name].parse(self.name, name, raw) for name, raw in overrides.items()}
+
+    def merged_vector(self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0) -> torch.Tensor:
+        """τ_m for ``setting`` without the λ post-scaling."""
+        kwargs = {name: value for name, value in setting.items() if name != SCALE}
+        if self.randomized:
+            kwargs["seed"] = seed
+        return self.function(task_vectors, **kwargs)
+
+    def merge(self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0) -> torch.Tensor:
+        """Merged flat weights θ₀ + λ·τ_m."""
+        return scale_onto(task_vectors.pretrained, self.merged_vector(task_vectors, setting, seed=seed), setting)
+
+    def sweep(self, task_vectors: TaskVectors, settings: list[dict[str, Any]], *, seed: int = 0) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Yield ``(setting, merged flat weights)`` for ``settings``, computing τ_m once per non-λ setting."""
+        cached_key, cached_vector = None, None
+        for setting in settings:
+            key = tuple((n, v) for n, v in setting.items() if n != SCALE)
+            if key != cached_key:
+                cached_key, cached_vector = key, self.merged_vector(task_vectors, setting, seed=seed)
+            yield setting, scale_onto(task_vectors.pretrained, cached_vector, setting)
+
+
+def scale_onto(pretrained: torch.Tensor, merged_vector: torch.Tensor, setting: Mapping[str, Any]) -> torch.Tensor:
+    """θ = θ₀ + λ·τ_m (λ = 1 for methods without a scaling coefficient)."""
+    return torch.add(pretrained, merged_vector, alpha=float(setting.get(SCALE, 1.0)))
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    citation: str,
+    hparams: Mapping[str, HParam] | None = None,
+    data: str = "none",
+    randomized: bool = False,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``function`` as merging method ``name`` with its hyperparameters declared once."""
+    if data not in DATA_ACCESS:
+        raise ValueError(f"unknown data access {data!r}")
+
+    def decorate(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+        METHODS[name] = MergeMethod(name, function, dict(hparams or {}), citation, data, randomized, summary)
+        return function
+
+    return decorate
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise MergebenchError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    _load_builtin_methods()
+    return dict(METHODS)
+
+
+def _load_builtin_methods() -> None:
+    import mergebench.methods.builtin  # noqa: F401  (registers on import)
+
+
+def lam_grid(default: float, values: tuple[float, ...]) -> HParam:
+    """The scaling coefficient λ of θ = θ₀ + λ·τ_m."""
+    return HParam(default, values, "scaling coefficient λ of the merged task vector", low=0.0)
+
+
+LAMBDA_TENTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))

@@ -1,0 +1,81 @@
+"""TIES-Merging (Yadav et al., NeurIPS 2023, "Resolving Interference When Merging Models").
+
+Three steps over the task vectors τ_t, then θ = θ₀ + λ·τ_m:
+
+1. **Trim**: keep the top-k% magnitudes of each τ_t, zero the rest. As in the authors' code the
+   threshold is taken over the whole flattened task vector (``scope="global"``); ``scope="per_tensor"``
+   trims each parameter tensor separately (mergekit's behaviour). We keep exactly ⌊k%·d⌋ entries
+   (plus entries tied at the threshold); the authors' ``kthvalue`` indexing keeps one more.
+2. **Elect**: γ = sgn(Σ_t τ̂_t) per parameter ("mass" election). Where the sum is exactly zero the sign
+   of the majority of elected signs is used, as the authors' ``resolve_zero_signs``; if that too is
+   zero, +1.
+3. **Disjoint merge**: τ_m = mean of the τ̂_t whose sign agrees with γ (entries with no agreeing task
+   are 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.task_vectors import TaskVectors
+from mergebench.methods.registry import HParam, lam_grid, register
+
+TIES_LAMBDAS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
+
+
+def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float) -> torch.Tensor:
+    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``."""
+    d = vectors.shape[1]
+    keep = int(d * k_percent / 100)
+    if keep <= 0:
+        return torch.zeros_like(vectors)
+    if keep >= d:
+        return vectors.clone()
+    magnitudes = vectors.abs()
+    threshold = magnitudes.kthvalue(d - keep + 1, dim=1, keepdim=True).values
+    return vectors * (magnitudes >= threshold)
+
+
+def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str) -> torch.Tensor:
+    """TIES trim step, over the whole task vector or per parameter tensor."""
+    if scope == "global":
+        return keep_top_magnitudes(vectors, k_percent)
+    trimmed = torch.empty_like(vectors)
+    for slot in task_vectors.layout.slots:
+        trimmed[:, slot.start : slot.stop] = keep_top_magnitudes(vectors[:, slot.start : slot.stop], k_percent)
+    return trimmed
+
+
+def elect_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """γ = sgn(Σ_t τ_t), zeros resolved to the majority sign (then +1)."""
+    signs = torch.sign(vectors.sum(dim=0))
+    majority = torch.sign(signs.sum())
+    fill = majority if majority != 0 else torch.ones_like(majority)
+    return torch.where(signs == 0, fill, signs)
+
+
+def disjoint_mean(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Mean over tasks of the entries whose sign equals the elected sign γ."""
+    agrees = torch.where(signs > 0, vectors > 0, vectors < 0)
+    total = (vectors * agrees).sum(dim=0)
+    count = agrees.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+def elect_and_merge(vectors: torch.Tensor) -> torch.Tensor:
+    """TIES steps 2–3 on already sparsified task vectors."""
+    return disjoint_mean(vectors, elect_signs(vectors))
+
+
+@register(
+    "ties",
+    citation="Yadav et al., 2023 (TIES-Merging)",
+    hparams={
+        "k": HParam(20.0, doc="percent of each task vector's magnitudes kept", low=0.0, high=100.0),
+        "scope": HParam("global", doc="top-k over the whole task vector or per tensor", choices=("global", "per_tensor")),
+        "lam": lam_grid(1.0, TIES_LAMBDAS),
+    },
+)
+def ties(task_vectors: TaskVectors, *, k: float, scope: str) -> torch.Tensor:
+    """Trim, elect sign, disjoint mean."""
+    return elect_and_merge(trim(task_vectors, task_vectors.vectors, k, scope))
