@@ -1,0 +1,178 @@
+"""Results in an embedded SQLite database: one row per evaluated cell, written in transactions.
+
+A *cell* is one (suite, model, method, hyperparameter setting, seed, split, task) under one *context*
+(the checkpoint hashes and the evaluation data). Each row carries its full config, the package
+versions, the git commit and the checkpoint hashes. Rows are keyed by a hash of their identity and
+inserted with ``INSERT OR IGNORE`` inside one transaction per merged model, so a killed sweep loses at
+most the model being evaluated, and re-running skips finished cells without duplicating any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mergebench.errors import MergebenchError
+
+DATABASE_NAME = "mergebench.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    command TEXT NOT NULL,
+    git_commit TEXT,
+    versions TEXT NOT NULL,
+    device TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    cell_key TEXT PRIMARY KEY,
+    context_key TEXT NOT NULL,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    suite TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    hparams TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    task TEXT NOT NULL,
+    accuracy REAL NOT NULL,
+    correct INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    merge_seconds REAL,
+    eval_seconds REAL,
+    config TEXT NOT NULL,
+    checkpoints TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_by_context ON results(context_key, method, split);
+CREATE TABLE IF NOT EXISTS selections (
+    context_key TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    hparams TEXT NOT NULL,
+    validation_score REAL NOT NULL,
+    criterion TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (context_key, method, seed)
+);
+"""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(*parts: Any) -> str:
+    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The identity of one stored result, minus the task and the measurements."""
+
+    context_key: str
+    suite: str
+    model: str
+    method: str
+    hparams: Mapping[str, Any]
+    seed: int
+    split: str
+
+    def key(self, task: str) -> str:
+        return content_key(self.context_key, self.method, dict(self.hparams), self.seed, self.split, task)
+
+
+class ResultStore:
+    """The SQLite file ``<directory>/mergebench.sqlite``."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / DATABASE_NAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as connection, connection:
+                connection.executescript(SCHEMA)
+        except sqlite3.DatabaseError as error:
+            raise MergebenchError(f"cannot open results database {self.path}: {error}") from error
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=30)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def query(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with closing(self._connect()) as connection:
+            return connection.execute(sql, tuple(parameters)).fetchall()
+
+    def start_run(self, run_id: str, command: str, git_commit: str | None, versions: Mapping[str, str], device: str) -> None:
+        with closing(self._connect()) as connection, connection:
+            connection.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, time.time(), command, git_commit, canonical_json(versions), device),
+            )
+
+    def finished_tasks(self, cell: Cell, tasks: Iterable[str]) -> set[str]:
+        tasks = list(tasks)
+        keys = {cell.key(task): task for task in tasks}
+        marks = ",".join("?" * len(keys))
+        rows = self.query(f"SELECT cell_key FROM results WHERE cell_key IN ({marks})", keys)
+        return {keys[row["cell_key"]] for row in rows}
+
+    def record(
+        self,
+        cell: Cell,
+        run_id: str,
+        outcomes: Mapping[str, tuple[int, int]],
+        *,
+        config: Mapping[str, Any],
+        checkpoints: Mapping[str, str],
+        merge_seconds: float | None = None,
+        eval_seconds: float | None = None,
+    ) -> None:
+        """Store ``{task: (correct, total)}`` for one cell in a single transaction."""
+        now = time.time()
+        rows = [
+            (
+                cell.key(task), cell.context_key, run_id, cell.suite, cell.model, cell.method,
+                canonical_json(dict(cell.hparams)), cell.seed, cell.split, task, correct / total, correct, total,
+                merge_seconds, eval_seconds, canonical_json(config), canonical_json(checkpoints), now,
+            )
+            for task, (correct, total) in outcomes.items()
+        ]
+        with closing(self._connect()) as connection, connection:
+            connection.executemany(
+                f"INSERT OR IGNORE INTO results VALUES ({','.join('?' * 18)})", rows
+            )
+
+    def accuracies(self, context_key: str, method: str, split: str, seed: int | None = None) -> dict[str, dict[str, float]]:
+        """``{hparams_json: {task: accuracy}}`` for one method and split."""
+        sql = "SELECT hparams, task, accuracy FROM results WHERE context_key=? AND method=? AND split=?"
+        parameters: list[Any] = [context_key, method, split]
+        if seed is not None:
+            sql += " AND seed=?"
+            parameters.append(seed)
+        table: dict[str, dict[str, float]] = {}
+        for row in self.query(sql, parameters):
+            table.setdefault(row["hparams"], {})[row["task"]] = row["accuracy"]
+        return table
+
+    def select(self, cell: Cell, validation_score: float, criterion: str, run_id: str) -> None:
+        with closing(self._connect()) as connection, connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cell.context_key, cell.suite, cell.model, cell.method, cell.seed,
+                    canonical_json(dict(cell.hparams)), validation_score, criterion, run_id, time.time(),
+                ),
+            )

@@ -1,0 +1,63 @@
+"""The SQLite result store: identity of cells, no duplicates, atomic writes, clear errors."""
+
+import sqlite3
+
+import pytest
+
+from mergebench.errors import MergebenchError
+from mergebench.store.database import Cell, ResultStore
+
+
+def cell(**changes):
+    fields = dict(context_key="ctx", suite="s", model="m", method="ties", hparams={"k": 20.0, "lam": 1.0}, seed=0, split="validation")
+    return Cell(**(fields | changes))
+
+
+def test_record_twice_keeps_one_row_per_task(tmp_path):
+    store = ResultStore(tmp_path)
+    store.start_run("r1", "mergebench run", "abc", {"torch": "2.13.0"}, "cpu")
+    for _ in range(2):
+        store.record(cell(), "r1", {"a": (3, 4), "b": (1, 4)}, config={"suite": "s"}, checkpoints={"a": "h1"})
+    rows = store.query("SELECT task, accuracy, checkpoints, config FROM results ORDER BY task")
+    assert [(r["task"], r["accuracy"]) for r in rows] == [("a", 0.75), ("b", 0.25)]
+    assert '"a":"h1"' in rows[0]["checkpoints"]
+
+
+def test_finished_tasks_distinguishes_every_part_of_the_identity(tmp_path):
+    store = ResultStore(tmp_path)
+    store.record(cell(), "r1", {"a": (1, 1)}, config={}, checkpoints={})
+    assert store.finished_tasks(cell(), ["a", "b"]) == {"a"}
+    for change in [dict(hparams={"k": 20.0, "lam": 0.9}), dict(seed=1), dict(split="test"), dict(context_key="other"), dict(method="dare")]:
+        assert store.finished_tasks(cell(**change), ["a"]) == set()
+
+
+def test_hparam_order_does_not_change_identity():
+    assert cell(hparams={"k": 20.0, "lam": 1.0}).key("a") == cell(hparams={"lam": 1.0, "k": 20.0}).key("a")
+
+
+def test_failed_transaction_writes_nothing(tmp_path):
+    store = ResultStore(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        store.record(cell(), "r1", {"a": (1, 1), "b": (1, 0)}, config={}, checkpoints={})
+    assert store.query("SELECT COUNT(*) AS n FROM results")[0]["n"] == 0
+
+
+def test_selection_is_replaced_not_duplicated(tmp_path):
+    store = ResultStore(tmp_path)
+    store.select(cell(split="test"), 0.9, "criterion", "r1")
+    store.select(cell(split="test", hparams={"k": 10.0}), 0.95, "criterion", "r2")
+    rows = store.query("SELECT hparams, validation_score FROM selections")
+    assert len(rows) == 1 and rows[0]["validation_score"] == 0.95
+
+
+def test_corrupt_database_gives_one_line_error(tmp_path):
+    (tmp_path / "mergebench.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(MergebenchError, match="cannot open results database"):
+        ResultStore(tmp_path)
+
+
+def test_database_is_plain_sqlite(tmp_path):
+    store = ResultStore(tmp_path)
+    store.record(cell(), "r1", {"a": (1, 2)}, config={}, checkpoints={})
+    with sqlite3.connect(store.path) as connection:
+        assert connection.execute("SELECT accuracy FROM results").fetchone() == (0.5,)
