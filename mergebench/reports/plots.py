@@ -1,0 +1,97 @@
+"""Figures of the model-merging papers, drawn from result tables with matplotlib (Agg, 150 dpi PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure  # noqa: E402
+
+from mergebench.errors import MergebenchError  # noqa: E402
+from mergebench.reports.tables import ResultTable, load_table  # noqa: E402
+from mergebench.store.database import ResultStore  # noqa: E402
+
+DPI = 150
+MAX_UPRIGHT_LABEL = 10  # characters of a task name that fit under its group of bars unrotated
+REFERENCE_STYLE = {"pretrained": {"color": "gray", "linestyle": "--"}, "individual": {"color": "black", "linestyle": ":"}}
+
+
+def plot_task_count(store: ResultStore, suites: list[str], model: str | None, path: str | Path) -> Path:
+    """Normalized test accuracy (%) of each method against the number of merged tasks, one point per suite."""
+    if not suites:
+        raise MergebenchError("plot_task_count needs at least one suite")
+    tables = sorted((load_table(store, suite, model) for suite in suites), key=lambda table: len(table.tasks))
+    models = sorted({table.model for table in tables})
+    if len(models) > 1:
+        raise MergebenchError(f"the suites were run on different models ({', '.join(models)}): name one")
+    counts = [len(table.tasks) for table in tables]
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    axes.axhline(100, label="individual", linewidth=1.5, **REFERENCE_STYLE["individual"])
+    axes.plot(counts, [100 * t.row("pretrained").normalized_accuracy for t in tables], marker="s",
+              label="pretrained", **REFERENCE_STYLE["pretrained"])
+    for method in _merged_methods(tables):
+        points = [(len(t.tasks), 100 * t.row(method).normalized_accuracy) for t in tables if _has(t, method)]
+        axes.plot(*zip(*points), marker="o", linewidth=2, label=method)
+    axes.set_xticks(sorted(set(counts)))
+    axes.set_xlabel("Number of tasks")
+    axes.set_ylabel("Normalized test accuracy (%)")
+    axes.set_title(f"Merging more tasks: {models[0]}")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    return _save(figure, path)
+
+
+def plot_per_task(table: ResultTable, path: str | Path) -> Path:
+    """Grouped bars of each method's test accuracy (%) per task, the individual expert as a black line."""
+    bar_rows = [row for row in table.rows if row.method != "individual"]
+    positions = range(len(table.tasks))
+    group_width = 0.8
+    bar_width = group_width / len(bar_rows)
+
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(table.tasks) + 3), 4.5))
+    for index, row in enumerate(bar_rows):
+        offsets = [p - group_width / 2 + (index + 0.5) * bar_width for p in positions]
+        heights = [100 * row.accuracies[task] for task in table.tasks]
+        color = REFERENCE_STYLE.get(row.method, {}).get("color")
+        axes.bar(offsets, heights, width=bar_width, label=row.method, color=color)
+    individual = table.row("individual")
+    axes.hlines(
+        [100 * individual.accuracies[task] for task in table.tasks],
+        [p - group_width / 2 for p in positions], [p + group_width / 2 for p in positions],
+        colors="black", linewidth=2.5, label="individual",
+    )
+    axes.set_xticks(list(positions))
+    crowded = max(len(task) for task in table.tasks) > MAX_UPRIGHT_LABEL
+    axes.set_xticklabels(table.tasks, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    axes.set_ylim(0, 105)
+    axes.set_ylabel("Test accuracy (%)")
+    axes.set_title(f"Per-task test accuracy: {table.suite}, {table.model}")
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    return _save(figure, path)
+
+
+def _has(table: ResultTable, method: str) -> bool:
+    return any(row.method == method for row in table.merged)
+
+
+def _merged_methods(tables: list[ResultTable]) -> list[str]:
+    """The merged methods of all tables, in order of first appearance."""
+    return list(dict.fromkeys(row.method for table in tables for row in table.merged))
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    except OSError as error:
+        raise MergebenchError(f"cannot write figure {path}: {error.strerror or error}") from error
+    finally:
+        plt.close(figure)
+    return path

@@ -1,0 +1,290 @@
+"""Result tables in the layout of the model-merging papers: methods as rows, tasks as columns.
+
+A table is read from the result store for one (suite, model): the context with the most recent
+result, its two reference rows (``pretrained``, ``individual``) and, per merged method, the test rows
+of the setting selected on validation. It is written as Markdown, CSV and LaTeX (booktabs).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mergebench.errors import MergebenchError
+from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
+from mergebench.store.database import ResultStore
+
+REFERENCE_METHODS = ("pretrained", "individual")
+REFERENCE_SEED = 0
+SPLIT = "test"
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method's test accuracies (fractions in [0, 1]) on the tasks of a suite."""
+
+    method: str
+    accuracies: Mapping[str, float]
+    mean_accuracy: float
+    normalized_accuracy: float
+    setting: Mapping[str, Any]
+    data_access: str
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method in REFERENCE_METHODS
+
+
+@dataclass(frozen=True)
+class ResultTable:
+    """The reference rows, then the merged methods in the order they were selected."""
+
+    suite: str
+    model: str
+    context_key: str
+    tasks: tuple[str, ...]
+    rows: tuple[MethodRow, ...]
+
+    @property
+    def merged(self) -> tuple[MethodRow, ...]:
+        return tuple(row for row in self.rows if not row.is_reference)
+
+    def row(self, method: str) -> MethodRow:
+        for row in self.rows:
+            if row.method == method:
+                return row
+        raise KeyError(method)
+
+
+# --- reading the store ------------------------------------------------------------------------
+
+
+def available(store: ResultStore) -> list[tuple[str, str]]:
+    """Every (suite, model) pair with stored results, sorted."""
+    rows = store.query("SELECT DISTINCT suite, model FROM results ORDER BY suite, model")
+    return [(row["suite"], row["model"]) for row in rows]
+
+
+def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0) -> ResultTable:
+    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None)."""
+    model = _resolve_model(store, suite, model)
+    context_key = _latest_context(store, suite, model)
+    tasks = _suite_tasks(store, context_key)
+    individual = _test_rows(store, context_key, "individual", "{}", REFERENCE_SEED, tasks)[0]
+    rows = [
+        _method_row(store, context_key, method, "{}", REFERENCE_SEED, tasks, individual)
+        for method in REFERENCE_METHODS
+    ]
+    for selection in _selections(store, context_key, seed):
+        rows.append(_method_row(store, context_key, selection["method"], selection["hparams"], seed, tasks, individual))
+    return ResultTable(suite, model, context_key, tasks, tuple(rows))
+
+
+def _resolve_model(store: ResultStore, suite: str, model: str | None) -> str:
+    pairs = available(store)
+    if not pairs:
+        raise MergebenchError(f"the results store {store.path} holds no results")
+    models = [m for s, m in pairs if s == suite]
+    if not models:
+        suites = ", ".join(sorted({s for s, _ in pairs}))
+        raise MergebenchError(f"no results for suite {suite!r} in {store.path} (it holds: {suites})")
+    if model is None:
+        if len(models) > 1:
+            raise MergebenchError(f"suite {suite!r} has results for several models ({', '.join(models)}): name one")
+        return models[0]
+    if model not in models:
+        raise MergebenchError(f"no results for suite {suite!r} on model {model!r} (it has: {', '.join(models)})")
+    return model
+
+
+def _latest_context(store: ResultStore, suite: str, model: str) -> str:
+    rows = store.query(
+        "SELECT context_key FROM results WHERE suite=? AND model=? ORDER BY created_at DESC LIMIT 1", (suite, model)
+    )
+    return rows[0]["context_key"]
+
+
+def _suite_tasks(store: ResultStore, context_key: str) -> tuple[str, ...]:
+    rows = store.query(
+        "SELECT config FROM results WHERE context_key=? ORDER BY created_at DESC LIMIT 1", (context_key,)
+    )
+    return tuple(json.loads(rows[0]["config"])["tasks"])
+
+
+def _selections(store: ResultStore, context_key: str, seed: int) -> list[Any]:
+    return store.query(
+        "SELECT method, hparams FROM selections WHERE context_key=? AND seed=? ORDER BY created_at, method",
+        (context_key, seed),
+    )
+
+
+def _test_rows(
+    store: ResultStore, context_key: str, method: str, hparams_json: str, seed: int, tasks: tuple[str, ...]
+) -> tuple[dict[str, float], str]:
+    """``({task: accuracy}, data access)`` of one method's test rows for one setting, in task order."""
+    rows = store.query(
+        "SELECT task, accuracy, config FROM results "
+        "WHERE context_key=? AND method=? AND hparams=? AND seed=? AND split=?",
+        (context_key, method, hparams_json, seed, SPLIT),
+    )
+    measured = {row["task"]: row["accuracy"] for row in rows}
+    missing = [task for task in tasks if task not in measured]
+    if missing:
+        raise MergebenchError(
+            f"{method} {hparams_json} has no {SPLIT} result for task {missing[0]!r} (context {context_key[:12]})"
+        )
+    data_access = json.loads(rows[0]["config"]).get("data_access", "none")
+    return {task: measured[task] for task in tasks}, data_access
+
+
+def _method_row(
+    store: ResultStore,
+    context_key: str,
+    method: str,
+    hparams_json: str,
+    seed: int,
+    tasks: tuple[str, ...],
+    individual: Mapping[str, float],
+) -> MethodRow:
+    accuracies, data_access = _test_rows(store, context_key, method, hparams_json, seed, tasks)
+    try:
+        normalized = normalized_accuracy(accuracies, individual)
+    except ValueError as error:
+        raise MergebenchError(f"cannot normalize {method}: {error}") from error
+    return MethodRow(method, accuracies, mean_accuracy(accuracies), normalized, json.loads(hparams_json), data_access)
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def format_setting(setting: Mapping[str, Any]) -> str:
+    """``{"k": 20, "lam": 1.0}`` -> ``k=20 lam=1.0``."""
+    return " ".join(f"{name}={value}" for name, value in setting.items())
+
+
+def _columns(table: ResultTable) -> list[str]:
+    return [*table.tasks, "Avg.", "Norm."]
+
+
+def _values(table: ResultTable, row: MethodRow) -> list[str]:
+    scores = [row.accuracies[task] for task in table.tasks] + [row.mean_accuracy, row.normalized_accuracy]
+    return [percent(score) for score in scores]
+
+
+def _best_merged(table: ResultTable) -> list[str]:
+    """Per column, the best displayed value among the merged methods."""
+    return [max(column, key=float) for column in zip(*(_values(table, row) for row in table.merged))]
+
+
+def _cells(table: ResultTable, row: MethodRow, emphasize: Callable[[str], str]) -> list[str]:
+    """The row's values, the best merged ones passed through ``emphasize``."""
+    values = _values(table, row)
+    if row.is_reference:
+        return values
+    return [emphasize(value) if value == best else value for value, best in zip(values, _best_merged(table))]
+
+
+def _title(table: ResultTable) -> str:
+    return f"{table.suite} on {table.model}"
+
+
+def _caption(table: ResultTable) -> str:
+    return (
+        f"{_title(table)}: test accuracy (%) per task, its average and the normalized accuracy "
+        f"(merged / individual expert, per task). Merged methods use the setting selected on validation."
+    )
+
+
+def to_markdown(table: ResultTable) -> str:
+    header = ["Method", *_columns(table), "Setting"]
+    lines = [
+        f"### {_title(table)}",
+        "",
+        _caption(table),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---", *["---:"] * len(_columns(table)), ":---"]) + "|",
+    ]
+    for row in table.rows:
+        cells = _cells(table, row, lambda value: f"**{value}**")
+        setting = format_setting(row.setting) or "—"
+        lines.append("| " + " | ".join([row.method, *cells, setting]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: ResultTable) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["Method", *_columns(table), "Setting", "Data access"])
+    for row in table.rows:
+        writer.writerow([row.method, *_values(table, row), format_setting(row.setting), row.data_access])
+    return buffer.getvalue()
+
+
+_LATEX_SPECIALS = re.compile(r"([&%$#_{}])")
+
+
+def latex_escape(text: str) -> str:
+    return _LATEX_SPECIALS.sub(r"\\\1", text)
+
+
+def _latex_row(cells: list[str]) -> str:
+    return " & ".join(cells) + r" \\"
+
+
+def _latex_method_row(table: ResultTable, row: MethodRow) -> str:
+    cells = _cells(table, row, lambda value: rf"\textbf{{{value}}}")
+    setting = latex_escape(format_setting(row.setting)) or "--"
+    return _latex_row([latex_escape(row.method), *cells, setting])
+
+
+def to_latex(table: ResultTable) -> str:
+    columns = _columns(table)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(_caption(table))}}}",
+        rf"\label{{tab:{report_stem(table)}}}",
+        r"\begin{tabular}{l" + "r" * len(columns) + "l}",
+        r"\toprule",
+        _latex_row(["Method", *(latex_escape(column) for column in columns), "Setting"]),
+        r"\midrule",
+    ]
+    references = [row for row in table.rows if row.is_reference]
+    lines += [_latex_method_row(table, row) for row in references]
+    if table.merged:
+        lines.append(r"\midrule")
+        lines += [_latex_method_row(table, row) for row in table.merged]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def report_stem(table: ResultTable) -> str:
+    """``<suite>-<model>`` with anything unsafe in a file name replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{table.suite}-{table.model}")
+
+
+def write_reports(table: ResultTable, directory: str | Path) -> list[Path]:
+    """Write ``<directory>/<suite>-<model>.md``, ``.csv`` and ``.tex``; return their paths."""
+    directory = Path(directory)
+    documents = {".md": to_markdown(table), ".csv": to_csv(table), ".tex": to_latex(table)}
+    paths = [directory / f"{report_stem(table)}{suffix}" for suffix in documents]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for path, text in zip(paths, documents.values()):
+            path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise MergebenchError(f"cannot write reports to {directory}: {error.strerror or error}") from error
+    return paths
