@@ -1,0 +1,179 @@
+"""The ``mergebench`` command line: run sweeps, print reports and plots, list methods and suites."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mergebench.errors import MergebenchError
+
+DEFAULT_OUT = Path("results")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def parse_hparams(entries: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``ties.k=30,dare.p=0.3`` (or ``k=30`` when one method is run) → ``{method: {name: value}}``."""
+    overrides: dict[str, dict[str, str]] = {}
+    for entry in (item for text in entries for item in _names(text)):
+        name, equals, value = entry.partition("=")
+        if not equals or not value:
+            raise MergebenchError(f"--hparams entry {entry!r} is not of the form method.name=value")
+        method, dot, hparam = name.rpartition(".")
+        if not dot:
+            if len(methods) != 1:
+                raise MergebenchError(f"--hparams entry {entry!r} must name its method (method.{name}=...) when several run")
+            method = methods[0]
+        overrides.setdefault(method, {})[hparam] = value
+    return overrides
+
+
+def command_run(args: argparse.Namespace) -> None:
+    from mergebench.runner.sweep import SweepRequest, run_sweep
+
+    methods = _names(args.methods)
+    suites = [name for text in args.suite for name in _names(text)]
+    request = SweepRequest(
+        suites=suites, methods=methods, overrides=parse_hparams(args.hparams, methods), device=args.device,
+        out=args.out, cache=args.cache, model=args.model, seed=args.seed,
+    )
+    run_sweep(request)
+    print()
+    _report(args.out, suites, args.model, args.seed)
+
+
+def command_report(args: argparse.Namespace) -> None:
+    _report(args.out, [name for text in args.suite for name in _names(text)], args.model, args.seed)
+
+
+def _report(out: Path, suites: Sequence[str], model: str | None, seed: int) -> None:
+    from mergebench.reports.plots import plot_per_task, plot_task_count
+    from mergebench.reports.tables import available, load_table, to_markdown, write_reports
+    from mergebench.store.database import ResultStore
+
+    store = ResultStore(out)
+    suites = list(suites) or sorted({suite for suite, _ in available(store)})
+    if not suites:
+        raise MergebenchError(f"no results in {store.path}: run `mergebench run` first")
+    written = []
+    for suite in suites:
+        table = load_table(store, suite, model, seed)
+        print(f"## {table.suite} ({table.model}), test split\n")
+        print(to_markdown(table))
+        print()
+        written += write_reports(table, out / "reports")
+        written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
+    families = _families(suites)
+    for family, members in families.items():
+        if len(members) > 1:
+            written.append(plot_task_count(store, members, model, out / "plots" / f"{family}-task-count.png"))
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
+def _families(suites: Sequence[str]) -> dict[str, list[str]]:
+    """Group suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
+    families: dict[str, list[str]] = {}
+    for suite in suites:
+        stem, _, count = suite.rpartition("-")
+        families.setdefault(stem if count.isdigit() else suite, []).append(suite)
+    return families
+
+
+def command_plot(args: argparse.Namespace) -> None:
+    from mergebench.reports.plots import plot_per_task, plot_task_count
+    from mergebench.reports.tables import available, load_table
+    from mergebench.store.database import ResultStore
+
+    store = ResultStore(args.out)
+    suites = [name for text in args.suite for name in _names(text)] or sorted({s for s, _ in available(store)})
+    if not suites:
+        raise MergebenchError(f"no results in {store.path}: run `mergebench run` first")
+    written = []
+    for family, members in _families(suites).items():
+        for suite in members:
+            table = load_table(store, suite, args.model, args.seed)
+            written.append(plot_per_task(table, args.out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
+        if len(members) > 1:
+            written.append(plot_task_count(store, members, args.model, args.out / "plots" / f"{family}-task-count.png"))
+    print("wrote " + ", ".join(str(path) for path in written))
+
+
+def command_methods(args: argparse.Namespace) -> None:
+    from mergebench.methods.registry import all_methods
+
+    for method in all_methods().values():
+        print(f"{method.name:<18} {method.summary}  [{method.citation}; data: {method.data}]")
+        for name, hparam in method.hparams.items():
+            grid = ", ".join(map(str, hparam.sweep_values()))
+            print(f"    {name:<8} default {hparam.default!s:<8} sweep {{{grid}}}  {hparam.doc}")
+
+
+def command_suites(args: argparse.Namespace) -> None:
+    from mergebench.suites.image_sources import source_status
+    from mergebench.suites.registry import all_suites
+
+    for suite in all_suites().values():
+        print(f"{suite.name:<16} {len(suite.tasks)} tasks, model {suite.model} (also {', '.join(suite.models[1:]) or '-'}), {suite.source_file.name}")
+        for task in suite.tasks:
+            print(f"    {task.name:<14} {task.source:<14} {source_status(task.source)}")
+
+
+def command_build(args: argparse.Namespace) -> None:
+    from mergebench.runner.experts import build_missing_experts, cache_directory, expert_folder
+    from mergebench.suites.registry import get_suite
+
+    for name in (name for text in args.suite for name in _names(text)):
+        suite = get_suite(name)
+        model = suite.resolve_model(args.model)
+        folder = expert_folder(suite, model, cache_directory(args.cache))
+        build_missing_experts(suite, model, folder)
+        print(f"{name}: experts in {folder}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergebench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_common(sub: argparse.ArgumentParser, suite_required: bool) -> argparse.ArgumentParser:
+        sub.add_argument("--suite", action="append", default=[], required=suite_required, help="suite name(s), comma-separated or repeated")
+        sub.add_argument("--model", default=None, help="backbone (default: the suite's)")
+        sub.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: results/)")
+        sub.add_argument("--seed", type=int, default=0, help="seed of randomized methods")
+        return sub
+
+    run = with_common(commands.add_parser("run", help="sweep methods on suites, store and report"), True)
+    run.add_argument("--methods", required=True, help="comma-separated method names (see `mergebench methods`)")
+    run.add_argument("--hparams", action="append", default=[], help="fix hyperparameters: ties.k=30,dare.p=0.3")
+    run.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    run.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
+    run.set_defaults(handler=command_run)
+
+    with_common(commands.add_parser("report", help="print and write the results tables"), False).set_defaults(handler=command_report)
+    with_common(commands.add_parser("plot", help="write PNG plots of the stored results"), False).set_defaults(handler=command_plot)
+    commands.add_parser("methods", help="list registered methods").set_defaults(handler=command_methods)
+    commands.add_parser("suites", help="list suites, their tasks and data availability").set_defaults(handler=command_suites)
+    build = with_common(commands.add_parser("build", help="fine-tune and cache a suite's experts"), True)
+    build.add_argument("--cache", type=Path, default=None)
+    build.set_defaults(handler=command_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except MergebenchError as error:
+        print(f"mergebench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergebench: interrupted; finished cells are stored — run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

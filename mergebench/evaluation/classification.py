@@ -1,0 +1,49 @@
+"""Accuracy of a backbone with a task's linear head, and BatchNorm re-estimation for merged models."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def count_correct(backbone: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
+    """Number of examples whose arg-max prediction equals the label."""
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    with _autocast(device):
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].to(device, non_blocking=True)
+            logits = head(backbone(batch))
+            correct += (logits.argmax(dim=1) == labels[start : start + batch_size].to(device)).sum()
+    return int(correct)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(backbone: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics as a cumulative average over ``batches``."""
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved_momentum = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    device = next(backbone.parameters()).device
+    backbone.train()
+    for batch in batches:
+        backbone(batch.to(device))
+    backbone.eval()
+    for m, momentum in zip(norms, saved_momentum):
+        m.momentum = momentum

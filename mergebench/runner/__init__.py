@@ -1,0 +1,1 @@
+"""The sweep runner: prepares suites, merges, evaluates and stores."""

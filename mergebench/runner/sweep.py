@@ -1,0 +1,220 @@
+"""The sweep: suites × methods × hyperparameter grid, chosen on validation, reported on test.
+
+For every suite the experts are prepared once and the task vectors stacked once; every method and
+every setting of its grid reuses them. Each setting is evaluated on the validation split of every
+task; the setting with the best mean normalized validation accuracy is then evaluated on test. The
+pretrained backbone (with each task's fine-tuned head) and the individual experts are the reference
+rows. Everything goes to the result store as it is measured; finished cells are skipped.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import mergebench
+from mergebench.core.task_vectors import build_task_vectors, merged_state_dict
+from mergebench.errors import MergebenchError
+from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
+from mergebench.methods.registry import MergeMethod, get_method
+from mergebench.runner.experts import PreparedSuite, cache_directory, prepare_suite
+from mergebench.store.database import Cell, ResultStore, canonical_json
+from mergebench.suites.registry import get_suite
+
+REFERENCE_METHODS = ("pretrained", "individual")
+SELECTION_CRITERION = "mean normalized validation accuracy"
+RECORDED_PACKAGES = ("torch", "numpy", "safetensors", "efficientnet-lite-pytorch", "scikit-learn", "mlxtend")
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    suites: Sequence[str]
+    methods: Sequence[str]
+    overrides: Mapping[str, Mapping[str, Any]]
+    device: str = "auto"
+    out: Path = Path("results")
+    cache: Path | None = None
+    model: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    suite: str
+    method: str
+    hparams: Mapping[str, Any]
+    validation_normalized: float
+    test_accuracy: float
+    test_normalized: float
+    merge_seconds: float
+
+    def line(self) -> str:
+        setting = " ".join(f"{k}={v}" for k, v in self.hparams.items()) or "-"
+        return (
+            f"{self.suite:<16} {self.method:<16} {setting:<32} val norm {100 * self.validation_normalized:5.1f}%  "
+            f"test acc {100 * self.test_accuracy:5.1f}%  test norm {100 * self.test_normalized:5.1f}%  "
+            f"merge {self.merge_seconds:.2f} s"
+        )
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` takes CUDA when present and the CPU otherwise; an explicit ``cuda`` must exist."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise MergebenchError("--device cuda requested but no CUDA device is available (use --device auto or cpu)")
+    if requested not in ("cpu",) and not requested.startswith("cuda"):
+        raise MergebenchError(f"unknown device {requested!r}: use auto, cpu or cuda")
+    return torch.device(requested)
+
+
+def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write) -> list[MethodSummary]:
+    """Run (or resume) every cell of the request; returns one summary per suite and method."""
+    methods = [get_method(name) for name in request.methods]
+    for method in methods:
+        method.check_overrides(request.overrides.get(method.name, {}))
+    unknown = [name for name in request.overrides if name not in request.methods]
+    if unknown:
+        raise MergebenchError(f"--hparams names method {unknown[0]!r} that is not in --methods")
+    suites = [get_suite(name) for name in request.suites]
+    for suite in suites:
+        suite.resolve_model(request.model)
+    device = resolve_device(request.device)
+    store = ResultStore(request.out)
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    store.start_run(run_id, shlex.join(sys.argv), git_commit(), package_versions(), str(device))
+    summaries = []
+    for suite in suites:
+        prepared = prepare_suite(suite, request.model, device, cache_directory(request.cache))
+        sweep = SuiteSweep(prepared, store, run_id, request.seed)
+        sweep.references()
+        task_vectors = build_task_vectors(
+            prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=device
+        )
+        for method in methods:
+            summary = sweep.method(method, task_vectors, request.overrides.get(method.name, {}))
+            report(summary.line())
+            summaries.append(summary)
+    return summaries
+
+
+class SuiteSweep:
+    """The cells of one prepared suite, evaluated and stored."""
+
+    def __init__(self, prepared: PreparedSuite, store: ResultStore, run_id: str, seed: int):
+        self.prepared = prepared
+        self.store = store
+        self.run_id = run_id
+        self.seed = seed
+        self.context_key = prepared.context_key
+        self.tasks = prepared.suite.task_names
+
+    def cell(self, method: str, hparams: Mapping[str, Any], split: str, seed: int | None = None) -> Cell:
+        suite = self.prepared.suite
+        return Cell(self.context_key, suite.name, self.prepared.model, method, dict(hparams), self.seed if seed is None else seed, split)
+
+    def _store(self, cell: Cell, outcomes, merge_seconds=None, eval_seconds=None) -> None:
+        suite = self.prepared.suite
+        config = {
+            "suite": suite.name, "tasks": list(self.tasks), "model": self.prepared.model, "method": cell.method,
+            "hparams": dict(cell.hparams), "seed": cell.seed, "split": cell.split, "image_size": suite.image_size,
+            "split_sizes": {t.name: dict(t.split_sizes) for t in suite.tasks}, "data_seed": suite.data_seed, "recipe": suite.recipe.__dict__,
+            "batchnorm": suite.batchnorm, "device": str(self.prepared.device), "suite_file": suite.source_file.name,
+        }
+        self.store.record(
+            cell, self.run_id, outcomes, config=config, checkpoints=self.prepared.checkpoint_hashes,
+            merge_seconds=merge_seconds, eval_seconds=eval_seconds,
+        )
+
+    def references(self) -> None:
+        """Pretrained backbone with fine-tuned heads, and each expert on its own task."""
+        for split in ("validation", "test"):
+            cell = self.cell("pretrained", {}, split, seed=0)
+            if self.store.finished_tasks(cell, self.tasks) != set(self.tasks):
+                self._store(cell, self.prepared.evaluate(self.prepared.pretrained, split))
+            cell = self.cell("individual", {}, split, seed=0)
+            done = self.store.finished_tasks(cell, self.tasks)
+            for task in tqdm([t for t in self.tasks if t not in done], desc=f"experts {split}", unit="task", leave=False):
+                self._store(cell, self.prepared.evaluate(self.prepared.finetuned[task], split, (task,)))
+
+    def finetuned_accuracy(self, split: str) -> dict[str, float]:
+        return next(iter(self.store.accuracies(self.context_key, "individual", split, seed=0).values()))
+
+    def _evaluate_setting(self, method: MergeMethod, setting, merged_flat, layout, merge_seconds, split) -> None:
+        started = time.perf_counter()
+        state = merged_state_dict(self.prepared.pretrained, layout, merged_flat)
+        outcomes = self.prepared.evaluate(state, split)
+        self._store(self.cell(method.name, setting, split), outcomes, merge_seconds, time.perf_counter() - started)
+
+    def method(self, method: MergeMethod, task_vectors, overrides: Mapping[str, Any]) -> MethodSummary:
+        settings = method.settings(overrides)
+        pending = [s for s in settings if self.store.finished_tasks(self.cell(method.name, s, "validation"), self.tasks) != set(self.tasks)]
+        merge_times = []
+        with tqdm(total=len(settings), initial=len(settings) - len(pending), desc=f"{method.name}", unit="setting", leave=False) as bar:
+            merges = method.sweep(task_vectors, pending, seed=self.seed)
+            while True:
+                started = time.perf_counter()
+                try:
+                    setting, merged_flat = next(merges)
+                except StopIteration:
+                    break
+                merge_seconds = time.perf_counter() - started
+                merge_times.append(merge_seconds)
+                self._evaluate_setting(method, setting, merged_flat, task_vectors.layout, merge_seconds, "validation")
+                bar.update()
+        best, best_score = self._select(method, settings)
+        test_cell = self.cell(method.name, best, "test")
+        if self.store.finished_tasks(test_cell, self.tasks) != set(self.tasks):
+            started = time.perf_counter()
+            merged_flat = method.merge(task_vectors, best, seed=self.seed)
+            merge_times.append(time.perf_counter() - started)
+            self._evaluate_setting(method, best, merged_flat, task_vectors.layout, merge_times[-1], "test")
+        self.store.select(test_cell, best_score, SELECTION_CRITERION, self.run_id)
+        test = self.store.accuracies(self.context_key, method.name, "test", seed=self.seed)[canonical_json(best)]
+        return MethodSummary(
+            self.prepared.suite.name, method.name, best, best_score, mean_accuracy(test),
+            normalized_accuracy(test, self.finetuned_accuracy("test")),
+            sum(merge_times) / len(merge_times) if merge_times else float("nan"),
+        )
+
+    def _select(self, method: MergeMethod, settings) -> tuple[dict, float]:
+        """The setting with the best mean normalized validation accuracy (first one on ties)."""
+        validation = self.store.accuracies(self.context_key, method.name, "validation", seed=self.seed)
+        reference = self.finetuned_accuracy("validation")
+        scored = [(normalized_accuracy(validation[canonical_json(s)], reference), i, s) for i, s in enumerate(settings)]
+        score, _, best = max(scored, key=lambda item: (item[0], -item[1]))
+        return best, score
+
+
+def git_commit() -> str | None:
+    """The commit of the mergebench checkout, with ``-dirty`` when it has uncommitted changes."""
+    root = Path(mergebench.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "mergebench": mergebench.__version__}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    versions["cuda"] = torch.version.cuda or "none"
+    return versions
+

@@ -1,0 +1,141 @@
+"""A tiny real sweep: fine-tune EfficientNet-Lite0 experts for a few steps, merge, store, resume, report."""
+
+import textwrap
+
+import pytest
+
+from mergebench import cli
+from mergebench.runner import sweep as sweep_module
+from mergebench.runner.sweep import SweepRequest, run_sweep
+from mergebench.store.database import ResultStore
+
+TINY_SUITE = """
+family: tiny-vision
+model: {default: efficientnet-lite0, choices: [efficientnet-lite0]}
+image_size: 32
+data_seed: 0
+splits: {train: 64, validation: 24, test: 24}
+recipe: {steps: 2, batch_size: 16, lr: 1.0e-4, probe_steps: 5, probe_lr: 0.01, seed: 0}
+batchnorm: {policy: %s, batches_per_task: 1}
+eval_batch_size: 32
+tasks:
+  - {name: shapes, source: shapes}
+  - {name: digits, source: digits}
+  - {name: arrows, source: arrows}
+suites:
+  tiny-2: [shapes, digits]
+  tiny-3: [shapes, digits, arrows]
+"""
+
+
+@pytest.fixture(scope="module")
+def expert_cache(tmp_path_factory):
+    """Experts are fine-tuned once for the whole module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def use_suite(tmp_path, monkeypatch, cache, batchnorm="frozen"):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny.yaml").write_text(TINY_SUITE % batchnorm)
+    monkeypatch.setenv("MERGEBENCH_TASKS", str(tasks))
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(cache))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_suites(tmp_path, monkeypatch, expert_cache):
+    return use_suite(tmp_path, monkeypatch, expert_cache)
+
+
+def test_run_report_resume(tiny_suites, capsys):
+    out = tiny_suites / "results"
+    argv = ["run", "--suite", "tiny-2,tiny-3", "--methods", "task_arithmetic,ties", "--out", str(out),
+            "--hparams", "ties.lam=0.8,ties.k=20"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    for row in ("pretrained", "individual", "task_arithmetic", "ties"):
+        assert row in printed
+    store = ResultStore(out)
+    rows = store.query("SELECT method, split, COUNT(*) AS n FROM results WHERE suite='tiny-3' GROUP BY method, split")
+    counts = {(r["method"], r["split"]): r["n"] for r in rows}
+    assert counts[("task_arithmetic", "validation")] == 10 * 3  # the λ grid × 3 tasks
+    assert counts[("ties", "validation")] == 3 and counts[("ties", "test")] == 3
+    assert counts[("individual", "test")] == 3 and counts[("pretrained", "validation")] == 3
+    record = store.query("SELECT config, checkpoints, run_id FROM results LIMIT 1")[0]
+    assert '"recipe"' in record["config"] and '"pretrained"' in record["checkpoints"]
+    versions = store.query("SELECT versions, git_commit FROM runs")[0]["versions"]
+    assert '"torch"' in versions
+    for name in ("tiny-3-efficientnet-lite0.md", "tiny-3-efficientnet-lite0.csv", "tiny-3-efficientnet-lite0.tex"):
+        assert (out / "reports" / name).stat().st_size > 0
+    assert (out / "plots" / "tiny-task-count.png").stat().st_size > 0
+    assert (out / "plots" / "tiny-3-efficientnet-lite0-per-task.png").stat().st_size > 0
+
+    # a second identical run evaluates nothing new and stores no duplicates
+    before = store.query("SELECT COUNT(*) AS n FROM results")[0]["n"]
+    assert cli.main(argv) == 0
+    assert store.query("SELECT COUNT(*) AS n FROM results")[0]["n"] == before
+
+
+def test_killed_sweep_resumes_without_loss_or_duplicates(tiny_suites, monkeypatch):
+    out = tiny_suites / "results"
+    request = SweepRequest(suites=["tiny-2"], methods=["task_arithmetic"], overrides={}, out=out)
+    evaluations = []
+    original = sweep_module.PreparedSuite.evaluate
+
+    def dying_evaluate(self, state, split, tasks=None):
+        evaluations.append(split)
+        if len(evaluations) == 11:  # after 6 reference evaluations and 4 λ settings the process is killed
+            raise KeyboardInterrupt
+        return original(self, state, split, tasks)
+
+    monkeypatch.setattr(sweep_module.PreparedSuite, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(request, report=lambda line: None)
+    store = ResultStore(out)
+    stored = store.query("SELECT COUNT(*) AS n FROM results WHERE method='task_arithmetic'")[0]["n"]
+    assert stored == 4 * 2  # four λ settings finished before the kill, two tasks each
+
+    evaluations.clear()
+    summaries = run_sweep(request, report=lambda line: None)
+    assert evaluations.count("validation") == 6 and evaluations.count("test") == 1  # only what was missing
+    assert store.query("SELECT COUNT(*) AS n FROM results WHERE method='task_arithmetic' AND split='validation'")[0]["n"] == 10 * 2
+    assert summaries[0].hparams["lam"] in [round(0.1 * i, 1) for i in range(1, 11)]
+
+
+def test_batchnorm_recalibration_policy_runs(tmp_path, monkeypatch, expert_cache):
+    use_suite(tmp_path, monkeypatch, expert_cache, batchnorm="recalibrate")
+    summaries = run_sweep(SweepRequest(["tiny-2"], ["average"], {}, out=tmp_path / "results"), report=lambda line: None)
+    assert 0.0 <= summaries[0].test_accuracy <= 1.0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--suite", "tiny-2", "--methods", "nope"], "unknown method 'nope'"),
+        (["run", "--suite", "nope", "--methods", "ties"], "unknown suite 'nope'"),
+        (["run", "--suite", "tiny-2", "--methods", "dare", "--hparams", "dare.p=2"], r"p=2.0 of dare: must be in"),
+        (["run", "--suite", "tiny-2", "--methods", "ties", "--hparams", "k"], "not of the form"),
+        (["run", "--suite", "tiny-2", "--methods", "ties", "--hparams", "dare.p=0.1"], "names method 'dare'"),
+        (["run", "--suite", "tiny-2", "--methods", "ties", "--device", "tpu"], "unknown device 'tpu'"),
+        (["run", "--suite", "tiny-2", "--methods", "ties", "--model", "resnet"], "has no model 'resnet'"),
+        (["report", "--suite", "tiny-2"], "no results"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_suites, capsys, argv, message):
+    out = tiny_suites / "results"
+    assert cli.main(argv + ["--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mergebench: error:") and "\n" not in error
+    assert __import__("re").search(message, error)
+    assert not (out / "mergebench.sqlite").exists() or ResultStore(out).query("SELECT COUNT(*) AS n FROM results")[0]["n"] == 0
+
+
+def test_broken_yaml_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad.yaml").write_text(textwrap.dedent("""
+        family: x
+        tasks: [
+    """))
+    monkeypatch.setenv("MERGEBENCH_TASKS", str(tmp_path))
+    assert cli.main(["run", "--suite", "x", "--methods", "ties", "--out", str(tmp_path / "r")]) == 2
+    assert "broken YAML in" in capsys.readouterr().err
