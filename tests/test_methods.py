@@ -5,7 +5,7 @@ import torch
 
 from mergebench.core.task_vectors import ParamLayout, TaskVectors
 from mergebench.errors import MergebenchError
-from mergebench.methods import get_method
+from mergebench.methods import HParam, get_method
 from mergebench.methods.dare import drop_and_rescale
 from mergebench.methods.ties import disjoint_mean, elect_signs, keep_top_magnitudes
 
@@ -193,3 +193,26 @@ def test_sweep_reuses_the_merged_vector_across_lambda():
     assert len(results) == len(ties.settings()) and len(calls) == 1
     lam_one = next(merged for setting, merged in results if setting["lam"] == 1.0)
     assert torch.equal(lam_one, ties.merge(tv, {"k": 20.0, "scope": "global", "lam": 1.0}))
+
+
+def test_post_scaler_composes_with_any_method(monkeypatch):
+    from mergebench.methods import registry
+
+    def halve_second(task_vectors, merged_vector, *, factor):
+        """Multiply the second entry by factor."""
+        out = merged_vector.clone()
+        out[1] *= factor
+        return out
+
+    monkeypatch.setattr(registry, "POST_SCALERS", {})
+    registry.register_post_scaler("halve", citation="test", hparams={"factor": HParam(0.5, (0.5, 0.25))})(halve_second)
+    tv = stack([[1.0, 2.0], [3.0, 4.0]], pretrained=[1.0, 1.0])
+    alone = get_method("halve")
+    assert set(alone.hparams) == {"factor"} and len(alone.settings()) == 2
+    assert torch.equal(alone.merge(tv, {"factor": 0.5}), torch.tensor([5.0, 4.0]))  # θ0 + (4, 6·0.5)
+    composed = get_method("ties+halve")
+    assert set(composed.hparams) == {"k", "scope", "factor"}
+    # TIES with k=100: signs +,+ → means (2, 3); then the second entry halved
+    assert torch.equal(composed.merge(tv, {"k": 100.0, "scope": "global", "factor": 0.5}), torch.tensor([3.0, 2.5]))
+    with pytest.raises(MergebenchError, match="unknown post-scaler 'nope'"):
+        get_method("ties+nope")

@@ -10,7 +10,7 @@ computes τ_m once for every setting of the other hyperparameters and only resca
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -108,6 +108,7 @@ def scale_onto(pretrained: torch.Tensor, merged_vector: torch.Tensor, setting: M
 
 
 METHODS: dict[str, MergeMethod] = {}
+POST_SCALERS: dict[str, MergeMethod] = {}
 
 
 def register(
@@ -132,16 +133,63 @@ def register(
     return decorate
 
 
+def register_post_scaler(
+    name: str, *, citation: str, hparams: Mapping[str, HParam]
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``function(task_vectors, merged_vector, **hparams) -> merged_vector``.
+
+    A post-scaler replaces the single λ of the method it follows: ``get_method("ties+lines")`` is TIES
+    whose merged task vector is rescaled by LiNeS instead of by λ. Used alone (``lines``) it follows
+    Task Arithmetic's sum of task vectors.
+    """
+
+    def decorate(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+        POST_SCALERS[name] = MergeMethod(name, function, dict(hparams), citation, "none", False, summary)
+        return function
+
+    return decorate
+
+
+def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
+    """``base`` without its λ, followed by the post-scaler ``scaler``."""
+    clash = [n for n in scaler.hparams if n in base.hparams and n != SCALE]
+    if clash:
+        raise MergebenchError(f"cannot compose {base.name} and {scaler.name}: both have hyperparameter {clash[0]!r}")
+    base_names = [n for n in base.hparams if n != SCALE]
+
+    def composed(task_vectors: TaskVectors, **kwargs: Any) -> torch.Tensor:
+        base_kwargs = {n: kwargs[n] for n in base_names} | ({"seed": kwargs["seed"]} if base.randomized else {})
+        merged_vector = base.function(task_vectors, **base_kwargs)
+        return scaler.function(task_vectors, merged_vector, **{n: kwargs[n] for n in scaler.hparams})
+
+    hparams = {n: base.hparams[n] for n in base_names} | dict(scaler.hparams)
+    return MergeMethod(
+        f"{base.name}+{scaler.name}", composed, hparams, f"{base.citation}; {scaler.citation}",
+        base.data, base.randomized, f"{base.summary} Then {scaler.summary[:1].lower()}{scaler.summary[1:]}",
+    )
+
+
 def get_method(name: str) -> MergeMethod:
+    """A registered method, a post-scaler alone, or ``method+post_scaler``."""
     _load_builtin_methods()
+    base_name, plus, scaler_name = name.partition("+")
+    if plus:
+        if scaler_name not in POST_SCALERS:
+            raise MergebenchError(f"unknown post-scaler {scaler_name!r} in {name!r}; known: {', '.join(sorted(POST_SCALERS)) or 'none'}")
+        return compose(get_method(base_name), POST_SCALERS[scaler_name])
+    if name in POST_SCALERS and name not in METHODS:
+        return replace(compose(METHODS["task_arithmetic"], POST_SCALERS[name]), name=name)
     if name not in METHODS:
-        raise MergebenchError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        known = sorted(METHODS) + [f"<method>+{scaler}" for scaler in sorted(POST_SCALERS)]
+        raise MergebenchError(f"unknown method {name!r}; known methods: {', '.join(known)}")
     return METHODS[name]
 
 
 def all_methods() -> dict[str, MergeMethod]:
+    """Every registered method, and every post-scaler applied to Task Arithmetic under its own name."""
     _load_builtin_methods()
-    return dict(METHODS)
+    return dict(METHODS) | {name: get_method(name) for name in POST_SCALERS if name not in METHODS}
 
 
 def _load_builtin_methods() -> None:
