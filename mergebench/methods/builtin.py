@@ -1,3 +1,11 @@
 """Importing this module registers every built-in method family."""
 
-from mergebench.methods import arithmetic, dare, ties  # noqa: F401
+from mergebench.methods import (  # noqa: F401
+    arithmetic,
+    consensus,
+    dare,
+    lines,
+    model_stock,
+    spherical,
+    ties,
+)

@@ -55,10 +55,10 @@ def elect_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def disjoint_mean(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Mean over tasks of the entries whose sign equals the elected sign γ."""
-    agrees = torch.where(signs > 0, vectors > 0, vectors < 0)
-    total = (vectors * agrees).sum(dim=0)
-    count = agrees.sum(dim=0).clamp(min=1)
+    """Mean over tasks of the entries whose sign equals the (non-zero) elected sign γ."""
+    agrees = (vectors * signs) > 0
+    total = torch.where(agrees, vectors, 0).sum(dim=0)
+    count = agrees.to(vectors.dtype).sum(dim=0).clamp(min=1)
     return total / count
 
 

@@ -1,0 +1,94 @@
+"""TALL masks and Consensus Merging (Wang, Dimitriadis, Ortiz-Jimenez, Fleuret & Frossard, ICML 2024,
+"Localizing Task Information for Improved Model Merging and Compression"; code: nik-dim/tall_masks).
+
+**TALL mask** of task t: the entries where the task's own update dominates what the multi-task vector
+τ_MTL adds for the other tasks,
+
+    m_t = 1{ |θ₀ − θ_t| > λ_t · |θ_MTL − θ_t| } = 1{ |τ_t| > λ_t · |τ_MTL − τ_t| },   θ_MTL = θ₀ + τ_MTL,
+
+with τ_MTL unscaled (``generate_task_masks``: ``flat_multi = flat_ptm + tv``), the comparison strict
+(an all-zero entry is in no mask), and λ_t ∈ {0.2, 0.3, 0.4, 0.5, 0.6}.
+
+**Consensus merging** keeps only the entries that at least k tasks consider relevant, removing
+"catastrophic" (k ≥ 1) and "selfish" (k ≥ 2) weights,
+
+    m_cons = 1{ Σ_t m_t ≥ k },      θ = θ₀ + λ · (m_cons ⊙ τ_MTL),
+
+with k = 2 by default (k = 0 reduces to the underlying method, k > T gives θ₀). τ_MTL, as in the
+authors' ``create_task_vector``:
+
+* ``consensus_ta``: τ_MTL = Σ_t τ_t (their ``k=100``: no magnitude trim).
+* ``consensus_ties``: τ_MTL = TIES with the top-20% global trim and *disjoint sum* (``merge_func=
+  "dis-sum"``; both the TALL masks and the merged vector use it), i.e. Σ_t τ̂_t over the trimmed
+  entries whose sign agrees with the elected sign, not the disjoint mean of ``ties``.
+
+The masks are computed against the *untrimmed* τ_t (as the authors). They pick λ_t per task on that
+task's validation set by evaluating each task with its own masked model; a harness that evaluates one
+merged model on every task cannot, so here one λ_t = ``mask_lambda`` is shared by all tasks and swept
+on validation. λ: the authors sweep {0.1, …, 1.0}; the grid below is halved to keep the sweep small.
+
+**TALL-masks compression** (θ_t ≈ θ₀ + m_t ⊙ τ_MTL, one masked model per task, each evaluated on its
+own task) is not registered: it produces T task-specific models, not one merged model, so it does not
+fit the single-model ``register`` interface. :func:`tall_mask` is exposed for reuse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.task_vectors import TaskVectors
+from mergebench.methods.arithmetic import sum_vectors
+from mergebench.methods.registry import HParam, lam_grid, register
+from mergebench.methods.ties import elect_signs, keep_top_magnitudes
+
+MASK_LAMBDAS = (0.2, 0.4, 0.6)  # the authors' per-task λ_t grid is {0.2, 0.3, 0.4, 0.5, 0.6}
+CONSENSUS_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the authors sweep {0.1, …, 1.0}
+TIES_TRIM_PERCENT = 20.0  # hard-coded ``reset_thresh=20`` in the authors' consensus/TALL TIES variant
+
+
+def tall_mask(vectors: torch.Tensor, multi_task_vector: torch.Tensor, mask_lambda: float) -> torch.Tensor:
+    """m_t = |τ_t| > λ·|τ_MTL − τ_t| for every row of ``[T, n]`` (boolean ``[T, n]``)."""
+    return vectors.abs() > mask_lambda * (multi_task_vector - vectors).abs()
+
+
+def consensus_mask(task_vectors: TaskVectors, multi_task_vector: torch.Tensor, mask_lambda: float, k: int) -> torch.Tensor:
+    """Entries in at least k TALL masks (boolean ``[N]``), computed tensor by tensor to bound memory."""
+    mask = torch.empty(multi_task_vector.shape, dtype=torch.bool, device=multi_task_vector.device)
+    for slot, block in task_vectors.slices():
+        votes = tall_mask(block, multi_task_vector[slot.start : slot.stop], mask_lambda).sum(dim=0)
+        mask[slot.start : slot.stop] = votes >= k
+    return mask
+
+
+def ties_disjoint_sum(vectors: torch.Tensor, trim_percent: float) -> torch.Tensor:
+    """TIES with the authors' "dis-sum": top-k% global trim, elected sign γ, Σ_t of agreeing entries."""
+    trimmed = keep_top_magnitudes(vectors, trim_percent)
+    signs = elect_signs(trimmed)
+    return signs * (trimmed * signs).clamp(min=0).sum(dim=0)
+
+
+def _hparams(**extra: HParam) -> dict[str, HParam]:
+    return {
+        "k": HParam(2, doc="minimum number of TALL masks an entry must be in", low=0),
+        "mask_lambda": HParam(0.4, MASK_LAMBDAS, "λ_t of the TALL masks, shared by all tasks", low=0.0),
+        **extra,
+        "lam": lam_grid(0.6, CONSENSUS_LAMBDAS),
+    }
+
+
+@register("consensus_ta", citation="Wang et al., 2024 (TALL masks / Consensus Merging)", hparams=_hparams())
+def consensus_ta(task_vectors: TaskVectors, *, k: int, mask_lambda: float) -> torch.Tensor:
+    """Task Arithmetic restricted to the entries at least k tasks' TALL masks agree on."""
+    multi_task_vector = sum_vectors(task_vectors.vectors)
+    return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)
+
+
+@register(
+    "consensus_ties",
+    citation="Wang et al., 2024 (TALL masks / Consensus Merging) with Yadav et al., 2023 (TIES)",
+    hparams=_hparams(trim_percent=HParam(TIES_TRIM_PERCENT, doc="percent of each task vector kept by the TIES trim", low=0.0, high=100.0)),
+)
+def consensus_ties(task_vectors: TaskVectors, *, k: int, mask_lambda: float, trim_percent: float) -> torch.Tensor:
+    """TIES (disjoint sum) restricted to the entries at least k tasks' TALL masks agree on."""
+    multi_task_vector = ties_disjoint_sum(task_vectors.vectors, trim_percent)
+    return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)
