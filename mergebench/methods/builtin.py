@@ -2,10 +2,14 @@
 
 from mergebench.methods import (  # noqa: F401
     arithmetic,
+    breadcrumbs,
+    cabs,
     consensus,
     dare,
+    della,
     lines,
     model_stock,
+    pcb,
     spherical,
     ties,
 )

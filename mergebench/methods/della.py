@@ -1,0 +1,97 @@
+"""DELLA-Merging (Deep, Bhardwaj & Poria, 2024, "DELLA-Merging: Reducing Interference in Model Merging
+through Magnitude-Based Sampling", arXiv:2406.11617).
+
+Drop (MagPrune), Elect, Fuse. MagPrune ranks the entries of each row of τ_t by magnitude,
+r_i ∈ {0, …, d−1} ascending (r = d−1 for the largest), and gives them drop probabilities spread
+linearly over [p − ε, p + ε], the largest magnitude the least likely to be dropped:
+
+    p_i = p + ε − 2ε · r_i / (d − 1),      m_i ~ Bernoulli(1 − p_i),      τ̃_t[i] = m_i · τ_t[i] / (1 − p_i),
+
+so E[τ̃_t] = τ_t. Then ``della``: TIES sign election γ = sgn(Σ_t τ̃_t) and disjoint mean (mergekit
+``della``: consensus "sum", ``normalize: true``); ``della_linear``: the plain sum Σ_t τ̃_t (mergekit
+``della_linear``: no consensus, ``normalize: false``). Finally θ = θ₀ + λ·τ_m.
+
+Choices, following the authors' code (the ``rank_magnitude`` sparsifier they contributed to mergekit,
+also in github.com/declare-lab/della):
+
+* Ranking is **per row** (the paper finds row-wise ranking better than layer-wise): along the last
+  dimension of each parameter tensor, i.e. per output row of a weight matrix and over the whole
+  vector for a 1-D tensor. (mergekit ranks along ``dim=1``, which for a 4-D convolution kernel is
+  its input-channel axis; the last axis is used here for every tensor.) A row of one entry
+  (0-d tensors) gets the centre probability p.
+* The window is [p − ε, p + ε] with ε = ``window_size``/2 of the authors' script; p ± ε must lie in
+  [0, 1). Survivors are rescaled by 1/(1 − p_i) (``rescale: 1``). Current mergekit instead rescales
+  each sparsified tensor to its original L1 norm; that variant is not offered.
+* Magnitude ties are ranked in ``argsort`` order.
+* The Bernoulli draws come from one ``torch.Generator`` seeded with the run's seed, drawn over the
+  whole ``[T, N]`` stack exactly as :func:`~mergebench.methods.dare.drop_and_rescale` draws them: with
+  ε = 0 DELLA's masks are DARE's masks for the same seed.
+
+Defaults: p = 0.3, window 0.14 (ε = 0.07), λ = 1.1 are the authors' README example command.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.task_vectors import TaskVectors
+from mergebench.errors import MergebenchError
+from mergebench.methods.arithmetic import sum_vectors
+from mergebench.methods.breadcrumbs import descending_ranks, row_view
+from mergebench.methods.registry import HParam, lam_grid, register
+from mergebench.methods.ties import elect_and_merge
+
+DELLA_CITATION = "Deep et al., 2024 (DELLA-Merging)"
+
+
+def magprune_drop_probabilities(rows: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
+    """p_i = p + ε − 2ε·r_i/(d − 1) for each entry of ``[T, rows, d]``, r_i its ascending magnitude rank."""
+    d = rows.shape[-1]
+    if d == 1:
+        return torch.full_like(rows, p)
+    ascending = (d - 1) - descending_ranks(rows)
+    return p + epsilon - (2 * epsilon / (d - 1)) * ascending.to(rows.dtype)
+
+
+def magprune(task_vectors: TaskVectors, p: float, epsilon: float, seed: int) -> torch.Tensor:
+    """τ̃_t = m_t ⊙ τ_t / (1 − p_t), m_t[i] ~ Bernoulli(1 − p_t[i]), for every task, ``[T, N]``."""
+    if not (0.0 <= p - epsilon and p + epsilon < 1.0):
+        raise MergebenchError(f"DELLA needs 0 <= p - epsilon and p + epsilon < 1 (got p={p}, epsilon={epsilon})")
+    vectors = task_vectors.vectors
+    drop = torch.empty_like(vectors)
+    for slot, block in task_vectors.slices():
+        drop[:, slot.start : slot.stop] = magprune_drop_probabilities(row_view(block, slot, "per_row"), p, epsilon).reshape(block.shape)
+    generator = torch.Generator(device=vectors.device).manual_seed(seed)
+    keep = torch.rand(vectors.shape, generator=generator, device=vectors.device) >= drop
+    return vectors * keep / (1.0 - drop)
+
+
+def della_hparams(lam: HParam) -> dict[str, HParam]:
+    return {
+        "p": HParam(0.3, (0.3, 0.5, 0.7), "mean drop probability p", low=0.0, high=1.0, high_inclusive=False),
+        "epsilon": HParam(0.07, doc="half-width ε of the drop-probability window [p − ε, p + ε]", low=0.0, high=0.5),
+        "lam": lam,
+    }
+
+
+@register(
+    "della",
+    citation=DELLA_CITATION,
+    hparams=della_hparams(lam_grid(1.1, (0.8, 1.0, 1.1, 1.2))),
+    randomized=True,
+)
+def della(task_vectors: TaskVectors, *, p: float, epsilon: float, seed: int) -> torch.Tensor:
+    """MagPrune each τ_t, then TIES sign election and disjoint mean."""
+    return elect_and_merge(magprune(task_vectors, p, epsilon, seed))
+
+
+@register(
+    "della_linear",
+    citation=f"{DELLA_CITATION}; mergekit della_linear",
+    # a sum of unbiased sparsified task vectors: Task Arithmetic's range of λ
+    hparams=della_hparams(lam_grid(0.3, (0.2, 0.3, 0.4, 0.5))),
+    randomized=True,
+)
+def della_linear(task_vectors: TaskVectors, *, p: float, epsilon: float, seed: int) -> torch.Tensor:
+    """MagPrune each τ_t, then Task Arithmetic."""
+    return sum_vectors(magprune(task_vectors, p, epsilon, seed))

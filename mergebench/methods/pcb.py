@@ -1,0 +1,97 @@
+"""PCB-Merging (Du et al., NeurIPS 2024, "Parameter Competition Balancing for Model Merging").
+
+Each entry of each task vector gets a balancing score from its competition within its own task
+(intra) and with the other tasks (inter); the lowest scores are dropped and the task vectors are
+averaged with the remaining scores as weights. In the paper's notation, with Norm the min–max
+normalization over a task's d entries and T tasks,
+
+    β_intra,i = Softmax(T · Norm(τ_i ⊙ τ_i)),      β_inter,i = Σ_j Softmax(Norm(τ_i ⊙ τ_j)),
+    β_i = β_intra,i ⊙ β_inter,i,      β̂_i = m_i ⊙ β_i with m_i keeping the top r of β_i,
+    τ_m = Σ_i β̂_i ⊙ τ_i / Σ_i β̂_i,      θ = θ₀ + λ·τ_m.
+
+The authors' code (github.com/duguodong7/pcb-merging) computes it as follows, and so does this module:
+
+1. Clip each task's magnitudes to their own quantiles, |τ̃_i| = clamp(|τ_i|, s[⌊c·d⌋], s[⌊(1−c)·d⌋ − 1])
+   with s the sorted magnitudes, τ̃_i = sgn(τ_i)|τ̃_i|; the clipped τ̃_i are what gets merged.
+2. Intra: exp(T · Norm(|τ̃_i|)²) (the softmax numerator; its denominator is a per-task constant that
+   step 4's normalization removes).
+3. Inter: tanh(τ_i · Σ_j u_j), the softmax replaced by tanh on the unclipped τ_i (their
+   ``act``), with u_j = τ_j (``variant="reference"``, ``pcb-merging.py``, c = 0.0001) or
+   u_j = sgn(τ_j)·Norm(|τ̃_j|) (``variant="vision"``, ``vision_source_code/pcb.py``, c = 0.01, the
+   script of the paper's ViT experiments).
+4. Drop and weight: with t_i = s_i[⌊(1 − r)·d⌋] the score threshold, the weight is
+   Norm(max(β_i, t_i)) = (max(β_i, t_i) − t_i)/(max β_i − t_i): the top fraction r of scores survive,
+   weighted by how far they exceed the threshold (the threshold entry itself gets 0).
+5. τ_m = Σ_i w_i τ̃_i / max(Σ_i w_i, 10⁻¹²), entries no task keeps are 0.
+
+Everything is taken over the whole flattened task vector (all parameters at once), as the authors
+flatten the model. Where a min–max range is zero (a constant or all-zero task vector) the authors'
+code divides 0/0; here Norm gives 0 there. r ∈ (0, 1] is the fraction of entries *kept*.
+Defaults: r = 0.05 and λ = 1.2 from ``vision_source_code/pcb.py``; the r grid {0.05, 0.1, 0.2} is
+the authors' ``run_merging.sh``, λ within their evolutionary-search bounds [0.8, 1.3] and slightly beyond.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebench.core.task_vectors import TaskVectors
+from mergebench.methods.registry import HParam, lam_grid, register
+
+CLIP_RATIOS = {"reference": 0.0001, "vision": 0.01}
+
+
+def sorted_value(rows: torch.Tensor, index: int) -> torch.Tensor:
+    """``sort(rows, dim=1)[:, index]`` as a ``[T, 1]`` column, with ``index`` kept inside the row."""
+    index = min(max(index, 0), rows.shape[1] - 1)
+    return rows.kthvalue(index + 1, dim=1, keepdim=True).values
+
+
+def min_max(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(x − low)/(high − low) per row, 0 where the range is zero."""
+    span = high - low
+    return torch.where(span > 0, (rows - low) / torch.where(span > 0, span, 1.0), 0.0)
+
+
+def normalize(rows: torch.Tensor) -> torch.Tensor:
+    """The authors' Norm: min–max over each task's entries."""
+    return min_max(rows, rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True))
+
+
+def clip_magnitudes(vectors: torch.Tensor, ratio: float) -> torch.Tensor:
+    """|τ| clamped to the ⌊c·d⌋-th and (⌊(1−c)·d⌋ − 1)-th smallest magnitude of its own task."""
+    d = vectors.shape[1]
+    magnitudes = vectors.abs()
+    low = sorted_value(magnitudes, int(d * ratio))
+    high = sorted_value(magnitudes, int(d * (1 - ratio)) - 1)
+    return torch.clamp(magnitudes, low, high)
+
+
+def balancing_weights(vectors: torch.Tensor, variant: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped task vectors τ̃ and the weights w after dropping all but the top-r scores, ``[T, N]`` each."""
+    num_tasks, d = vectors.shape
+    clipped_magnitudes = clip_magnitudes(vectors, CLIP_RATIOS[variant])
+    signs = torch.sign(vectors)
+    normalized = normalize(clipped_magnitudes)
+    intra = torch.exp(num_tasks * normalized**2)
+    partners = vectors if variant == "reference" else signs * normalized
+    inter = torch.tanh(vectors * partners.sum(dim=0))
+    scores = intra * inter
+    threshold = sorted_value(scores, int(d * (1 - ratio)))
+    weights = min_max(torch.maximum(scores, threshold), threshold, scores.amax(dim=1, keepdim=True))
+    return signs * clipped_magnitudes, weights
+
+
+@register(
+    "pcb",
+    citation="Du et al., 2024 (PCB-Merging)",
+    hparams={
+        "ratio": HParam(0.05, (0.05, 0.1, 0.2), "fraction r of each task's entries kept by balancing score", low=0.0, high=1.0),
+        "variant": HParam("vision", doc="the authors' vision script or their reference pcb-merging.py", choices=tuple(CLIP_RATIOS)),
+        "lam": lam_grid(1.2, (0.8, 1.0, 1.2, 1.4)),
+    },
+)
+def pcb(task_vectors: TaskVectors, *, ratio: float, variant: str) -> torch.Tensor:
+    """Score entries by intra- and inter-task competition, drop low scores, score-weighted mean."""
+    clipped, weights = balancing_weights(task_vectors.vectors, variant, ratio)
+    return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
