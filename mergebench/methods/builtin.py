@@ -10,6 +10,7 @@ from mergebench.methods import (  # noqa: F401
     lines,
     model_stock,
     pcb,
+    spectral,
     spherical,
     ties,
 )
