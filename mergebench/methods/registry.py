@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from mergebench.core.data_access import DATA_ACCESS, ModelAccess
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
 
 SCALE = "lam"
-DATA_ACCESS = ("none",)
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ class MergeMethod:
     data: str = "none"
     randomized: bool = False
     summary: str = field(default="")
+    examples: int = 0
+
+    @property
+    def uses_data(self) -> bool:
+        return self.data != "none"
 
     def settings(self, overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Every hyperparameter setting of the sweep, λ varying fastest; overrides fix values."""
@@ -81,24 +86,35 @@ class MergeMethod:
             raise MergebenchError(f"method {self.name} has no hyperparameter {unknown[0]!r} (it has: {known})")
         return {name: self.hparams[name].parse(self.name, name, raw) for name, raw in overrides.items()}
 
-    def merged_vector(self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0) -> torch.Tensor:
-        """τ_m for ``setting`` without the λ post-scaling."""
+    def merged_vector(
+        self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0, model: ModelAccess | None = None
+    ) -> torch.Tensor:
+        """τ_m for ``setting`` without the λ post-scaling; data-using methods also get ``model``."""
         kwargs = {name: value for name, value in setting.items() if name != SCALE}
         if self.randomized:
             kwargs["seed"] = seed
+        if self.uses_data:
+            if model is None or model.access != self.data:
+                raise MergebenchError(f"method {self.name} needs {self.data} data access, which this run does not grant")
+            kwargs["model"] = model
         return self.function(task_vectors, **kwargs)
 
-    def merge(self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0) -> torch.Tensor:
+    def merge(
+        self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0, model: ModelAccess | None = None
+    ) -> torch.Tensor:
         """Merged flat weights θ₀ + λ·τ_m."""
-        return scale_onto(task_vectors.pretrained, self.merged_vector(task_vectors, setting, seed=seed), setting)
+        merged_vector = self.merged_vector(task_vectors, setting, seed=seed, model=model)
+        return scale_onto(task_vectors.pretrained, merged_vector, setting)
 
-    def sweep(self, task_vectors: TaskVectors, settings: list[dict[str, Any]], *, seed: int = 0) -> Iterator[tuple[dict, torch.Tensor]]:
+    def sweep(
+        self, task_vectors: TaskVectors, settings: list[dict[str, Any]], *, seed: int = 0, model: ModelAccess | None = None
+    ) -> Iterator[tuple[dict, torch.Tensor]]:
         """Yield ``(setting, merged flat weights)`` for ``settings``, computing τ_m once per non-λ setting."""
         cached_key, cached_vector = None, None
         for setting in settings:
             key = tuple((n, v) for n, v in setting.items() if n != SCALE)
             if key != cached_key:
-                cached_key, cached_vector = key, self.merged_vector(task_vectors, setting, seed=seed)
+                cached_key, cached_vector = key, self.merged_vector(task_vectors, setting, seed=seed, model=model)
             yield setting, scale_onto(task_vectors.pretrained, cached_vector, setting)
 
 
@@ -117,9 +133,14 @@ def register(
     citation: str,
     hparams: Mapping[str, HParam] | None = None,
     data: str = "none",
+    examples: int = 0,
     randomized: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``function`` as merging method ``name`` with its hyperparameters declared once."""
+    """Register ``function`` as merging method ``name`` with its hyperparameters declared once.
+
+    ``data`` is the access the method needs (see :mod:`mergebench.core.data_access`); ``examples`` is
+    how many examples per task it takes under ``train-samples`` (its paper's default).
+    """
     if data not in DATA_ACCESS:
         raise ValueError(f"unknown data access {data!r}")
 
@@ -127,7 +148,7 @@ def register(
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
-        METHODS[name] = MergeMethod(name, function, dict(hparams or {}), citation, data, randomized, summary)
+        METHODS[name] = MergeMethod(name, function, dict(hparams or {}), citation, data, randomized, summary, examples)
         return function
 
     return decorate
@@ -159,7 +180,8 @@ def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
     base_names = [n for n in base.hparams if n != SCALE]
 
     def composed(task_vectors: TaskVectors, **kwargs: Any) -> torch.Tensor:
-        base_kwargs = {n: kwargs[n] for n in base_names} | ({"seed": kwargs["seed"]} if base.randomized else {})
+        passed_through = [n for n in ("seed", "model") if n in kwargs]
+        base_kwargs = {n: kwargs[n] for n in [*base_names, *passed_through]}
         merged_vector = base.function(task_vectors, **base_kwargs)
         return scaler.function(task_vectors, merged_vector, **{n: kwargs[n] for n in scaler.hparams})
 
@@ -167,6 +189,7 @@ def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
     return MergeMethod(
         f"{base.name}+{scaler.name}", composed, hparams, f"{base.citation}; {scaler.citation}",
         base.data, base.randomized, f"{base.summary} Then {scaler.summary[:1].lower()}{scaler.summary[1:]}",
+        base.examples,
     )
 
 

@@ -75,13 +75,17 @@ def load_table(store: ResultStore, suite: str, model: str | None = None, seed: i
     model = _resolve_model(store, suite, model)
     context_key = _latest_context(store, suite, model)
     tasks = _suite_tasks(store, context_key)
-    individual = _test_rows(store, context_key, "individual", "{}", REFERENCE_SEED, tasks)[0]
+    individual = _test_rows(store, context_key, "individual", "{}", REFERENCE_SEED, "none", tasks)
     rows = [
-        _method_row(store, context_key, method, "{}", REFERENCE_SEED, tasks, individual)
+        _method_row(store, context_key, method, "{}", REFERENCE_SEED, "none", tasks, individual)
         for method in REFERENCE_METHODS
     ]
     for selection in _selections(store, context_key, seed):
-        rows.append(_method_row(store, context_key, selection["method"], selection["hparams"], seed, tasks, individual))
+        rows.append(
+            _method_row(
+                store, context_key, selection["method"], selection["hparams"], seed, selection["data_access"], tasks, individual
+            )
+        )
     return ResultTable(suite, model, context_key, tasks, tuple(rows))
 
 
@@ -118,19 +122,19 @@ def _suite_tasks(store: ResultStore, context_key: str) -> tuple[str, ...]:
 
 def _selections(store: ResultStore, context_key: str, seed: int) -> list[Any]:
     return store.query(
-        "SELECT method, hparams FROM selections WHERE context_key=? AND seed=? ORDER BY created_at, method",
+        "SELECT method, hparams, data_access FROM selections WHERE context_key=? AND seed=? ORDER BY created_at, method",
         (context_key, seed),
     )
 
 
 def _test_rows(
-    store: ResultStore, context_key: str, method: str, hparams_json: str, seed: int, tasks: tuple[str, ...]
-) -> tuple[dict[str, float], str]:
-    """``({task: accuracy}, data access)`` of one method's test rows for one setting, in task order."""
+    store: ResultStore, context_key: str, method: str, hparams_json: str, seed: int, data_access: str, tasks: tuple[str, ...]
+) -> dict[str, float]:
+    """``{task: accuracy}`` of one method's test rows for one setting and data access, in task order."""
     rows = store.query(
-        "SELECT task, accuracy, config FROM results "
-        "WHERE context_key=? AND method=? AND hparams=? AND seed=? AND split=?",
-        (context_key, method, hparams_json, seed, SPLIT),
+        "SELECT task, accuracy FROM results "
+        "WHERE context_key=? AND method=? AND hparams=? AND seed=? AND split=? AND data_access=?",
+        (context_key, method, hparams_json, seed, SPLIT, data_access),
     )
     measured = {row["task"]: row["accuracy"] for row in rows}
     missing = [task for task in tasks if task not in measured]
@@ -138,8 +142,7 @@ def _test_rows(
         raise MergebenchError(
             f"{method} {hparams_json} has no {SPLIT} result for task {missing[0]!r} (context {context_key[:12]})"
         )
-    data_access = json.loads(rows[0]["config"]).get("data_access", "none")
-    return {task: measured[task] for task in tasks}, data_access
+    return {task: measured[task] for task in tasks}
 
 
 def _method_row(
@@ -148,10 +151,11 @@ def _method_row(
     method: str,
     hparams_json: str,
     seed: int,
+    data_access: str,
     tasks: tuple[str, ...],
     individual: Mapping[str, float],
 ) -> MethodRow:
-    accuracies, data_access = _test_rows(store, context_key, method, hparams_json, seed, tasks)
+    accuracies = _test_rows(store, context_key, method, hparams_json, seed, data_access, tasks)
     try:
         normalized = normalized_accuracy(accuracies, individual)
     except ValueError as error:
@@ -205,19 +209,19 @@ def _caption(table: ResultTable) -> str:
 
 
 def to_markdown(table: ResultTable) -> str:
-    header = ["Method", *_columns(table), "Setting"]
+    header = ["Method", *_columns(table), "Setting", "Data"]
     lines = [
         f"### {_title(table)}",
         "",
         _caption(table),
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---", *["---:"] * len(_columns(table)), ":---"]) + "|",
+        "|" + "|".join([":---", *["---:"] * len(_columns(table)), ":---", ":---"]) + "|",
     ]
     for row in table.rows:
         cells = _cells(table, row, lambda value: f"**{value}**")
         setting = format_setting(row.setting) or "—"
-        lines.append("| " + " | ".join([row.method, *cells, setting]) + " |")
+        lines.append("| " + " | ".join([row.method, *cells, setting, row.data_access]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +248,7 @@ def _latex_row(cells: list[str]) -> str:
 def _latex_method_row(table: ResultTable, row: MethodRow) -> str:
     cells = _cells(table, row, lambda value: rf"\textbf{{{value}}}")
     setting = latex_escape(format_setting(row.setting)) or "--"
-    return _latex_row([latex_escape(row.method), *cells, setting])
+    return _latex_row([latex_escape(row.method), *cells, setting, latex_escape(row.data_access)])
 
 
 def to_latex(table: ResultTable) -> str:
@@ -254,9 +258,9 @@ def to_latex(table: ResultTable) -> str:
         r"\centering",
         rf"\caption{{{latex_escape(_caption(table))}}}",
         rf"\label{{tab:{report_stem(table)}}}",
-        r"\begin{tabular}{l" + "r" * len(columns) + "l}",
+        r"\begin{tabular}{l" + "r" * len(columns) + "ll}",
         r"\toprule",
-        _latex_row(["Method", *(latex_escape(column) for column in columns), "Setting"]),
+        _latex_row(["Method", *(latex_escape(column) for column in columns), "Setting", "Data"]),
         r"\midrule",
     ]
     references = [row for row in table.rows if row.is_reference]

@@ -75,10 +75,17 @@ class PreparedSuite:
             outcomes[task] = (correct, len(data.labels))
         return outcomes
 
+    def train_data(self, task: str) -> TaskData:
+        """A task's training split, loaded on first use."""
+        train = self.data.setdefault("train", {})
+        if task not in train:
+            train[task] = load_task_data(self.suite, next(t for t in self.suite.tasks if t.name == task), "train")
+        return train[task]
+
     def _recalibration_batches(self):
         batch_size = self.suite.recipe.batch_size
         for task in self.suite.task_names:
-            inputs = self.data["train"][task].inputs
+            inputs = self.train_data(task).inputs
             for b in range(self.suite.recalibration_batches):
                 yield inputs[b * batch_size : (b + 1) * batch_size]
 
@@ -93,10 +100,9 @@ def prepare_suite(suite: Suite, model: str | None, device: torch.device, cache: 
     model = suite.resolve_model(model)
     torch.set_flush_denormal(True)  # tiny activations of the pretrained nets otherwise slow CPUs ~6x
     torch.manual_seed(suite.recipe.seed)
-    wanted = set(splits) | ({"train"} if suite.batchnorm == "recalibrate" else set())
-    data = {split: {} for split in wanted}
+    data = {split: {} for split in splits}
     for task in tqdm(suite.tasks, desc=f"data {suite.name}", unit="task", leave=False):
-        for split in wanted:
+        for split in splits:
             data[split][task.name] = load_task_data(suite, task, split)
     folder = expert_folder(suite, model, cache)
     build_missing_experts(suite, model, folder)

@@ -28,6 +28,7 @@ from mergebench.core.task_vectors import build_task_vectors, merged_state_dict
 from mergebench.errors import MergebenchError
 from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
 from mergebench.methods.registry import MergeMethod, get_method
+from mergebench.runner.access import GrantedAccess
 from mergebench.runner.experts import PreparedSuite, cache_directory, prepare_suite
 from mergebench.store.database import Cell, ResultStore, canonical_json
 from mergebench.suites.registry import get_suite
@@ -47,6 +48,7 @@ class SweepRequest:
     cache: Path | None = None
     model: str | None = None
     seed: int = 0
+    examples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write)
     summaries = []
     for suite in suites:
         prepared = prepare_suite(suite, request.model, device, cache_directory(request.cache))
-        sweep = SuiteSweep(prepared, store, run_id, request.seed)
+        sweep = SuiteSweep(prepared, store, run_id, request.seed, request.examples)
         sweep.references()
         task_vectors = build_task_vectors(
             prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=device
@@ -112,21 +114,34 @@ def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write)
 class SuiteSweep:
     """The cells of one prepared suite, evaluated and stored."""
 
-    def __init__(self, prepared: PreparedSuite, store: ResultStore, run_id: str, seed: int):
+    def __init__(self, prepared: PreparedSuite, store: ResultStore, run_id: str, seed: int, examples: int | None = None):
         self.prepared = prepared
         self.store = store
         self.run_id = run_id
         self.seed = seed
+        self.examples = examples
         self.context_key = prepared.context_key
         self.tasks = prepared.suite.task_names
+        self.statistics: dict = {}  # Fisher diagonals, Gram matrices…: shared by every method and setting
 
-    def cell(self, method: str, hparams: Mapping[str, Any], split: str, seed: int | None = None) -> Cell:
+    def data_access(self, method: MergeMethod) -> str:
+        """``none``, ``unlabeled-test``, or ``train-samples:N`` with N examples per task."""
+        return f"train-samples:{self.examples or method.examples}" if method.data == "train-samples" else method.data
+
+    def granted(self, method: MergeMethod, layout) -> GrantedAccess | None:
+        if not method.uses_data:
+            return None
+        return GrantedAccess(self.prepared, layout, method.data, self.examples or method.examples, self.statistics)
+
+    def cell(self, method: str, hparams: Mapping[str, Any], split: str, seed: int | None = None, data_access: str = "none") -> Cell:
         suite = self.prepared.suite
-        return Cell(self.context_key, suite.name, self.prepared.model, method, dict(hparams), self.seed if seed is None else seed, split)
+        seed = self.seed if seed is None else seed
+        return Cell(self.context_key, suite.name, self.prepared.model, method, dict(hparams), seed, split, data_access)
 
     def _store(self, cell: Cell, outcomes, merge_seconds=None, eval_seconds=None) -> None:
         suite = self.prepared.suite
         config = {
+            "data_access": cell.data_access,
             "suite": suite.name, "tasks": list(self.tasks), "model": self.prepared.model, "method": cell.method,
             "hparams": dict(cell.hparams), "seed": cell.seed, "split": cell.split, "image_size": suite.image_size,
             "split_sizes": {t.name: dict(t.split_sizes) for t in suite.tasks}, "data_seed": suite.data_seed, "recipe": suite.recipe.__dict__,
@@ -151,18 +166,23 @@ class SuiteSweep:
     def finetuned_accuracy(self, split: str) -> dict[str, float]:
         return next(iter(self.store.accuracies(self.context_key, "individual", split, seed=0).values()))
 
-    def _evaluate_setting(self, method: MergeMethod, setting, merged_flat, layout, merge_seconds, split) -> None:
+    def _evaluate_setting(self, cell: Cell, merged_flat, layout, merge_seconds) -> None:
         started = time.perf_counter()
         state = merged_state_dict(self.prepared.pretrained, layout, merged_flat)
-        outcomes = self.prepared.evaluate(state, split)
-        self._store(self.cell(method.name, setting, split), outcomes, merge_seconds, time.perf_counter() - started)
+        outcomes = self.prepared.evaluate(state, cell.split)
+        self._store(cell, outcomes, merge_seconds, time.perf_counter() - started)
 
     def method(self, method: MergeMethod, task_vectors, overrides: Mapping[str, Any]) -> MethodSummary:
         settings = method.settings(overrides)
-        pending = [s for s in settings if self.store.finished_tasks(self.cell(method.name, s, "validation"), self.tasks) != set(self.tasks)]
+        access = self.data_access(method)
+        model = self.granted(method, task_vectors.layout)
+        pending = [
+            s for s in settings
+            if self.store.finished_tasks(self.cell(method.name, s, "validation", data_access=access), self.tasks) != set(self.tasks)
+        ]
         merge_times = []
         with tqdm(total=len(settings), initial=len(settings) - len(pending), desc=f"{method.name}", unit="setting", leave=False) as bar:
-            merges = method.sweep(task_vectors, pending, seed=self.seed)
+            merges = method.sweep(task_vectors, pending, seed=self.seed, model=model)
             while True:
                 started = time.perf_counter()
                 try:
@@ -171,26 +191,27 @@ class SuiteSweep:
                     break
                 merge_seconds = time.perf_counter() - started
                 merge_times.append(merge_seconds)
-                self._evaluate_setting(method, setting, merged_flat, task_vectors.layout, merge_seconds, "validation")
+                validation_cell = self.cell(method.name, setting, "validation", data_access=access)
+                self._evaluate_setting(validation_cell, merged_flat, task_vectors.layout, merge_seconds)
                 bar.update()
-        best, best_score = self._select(method, settings)
-        test_cell = self.cell(method.name, best, "test")
+        best, best_score = self._select(method, settings, access)
+        test_cell = self.cell(method.name, best, "test", data_access=access)
         if self.store.finished_tasks(test_cell, self.tasks) != set(self.tasks):
             started = time.perf_counter()
-            merged_flat = method.merge(task_vectors, best, seed=self.seed)
+            merged_flat = method.merge(task_vectors, best, seed=self.seed, model=model)
             merge_times.append(time.perf_counter() - started)
-            self._evaluate_setting(method, best, merged_flat, task_vectors.layout, merge_times[-1], "test")
+            self._evaluate_setting(test_cell, merged_flat, task_vectors.layout, merge_times[-1])
         self.store.select(test_cell, best_score, SELECTION_CRITERION, self.run_id)
-        test = self.store.accuracies(self.context_key, method.name, "test", seed=self.seed)[canonical_json(best)]
+        test = self.store.accuracies(self.context_key, method.name, "test", self.seed, access)[canonical_json(best)]
         return MethodSummary(
             self.prepared.suite.name, method.name, best, best_score, mean_accuracy(test),
             normalized_accuracy(test, self.finetuned_accuracy("test")),
             sum(merge_times) / len(merge_times) if merge_times else float("nan"),
         )
 
-    def _select(self, method: MergeMethod, settings) -> tuple[dict, float]:
+    def _select(self, method: MergeMethod, settings, access: str) -> tuple[dict, float]:
         """The setting with the best mean normalized validation accuracy (first one on ties)."""
-        validation = self.store.accuracies(self.context_key, method.name, "validation", seed=self.seed)
+        validation = self.store.accuracies(self.context_key, method.name, "validation", self.seed, access)
         reference = self.finetuned_accuracy("validation")
         scored = [(normalized_accuracy(validation[canonical_json(s)], reference), i, s) for i, s in enumerate(settings)]
         score, _, best = max(scored, key=lambda item: (item[0], -item[1]))

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS results (
     seed INTEGER NOT NULL,
     split TEXT NOT NULL,
     task TEXT NOT NULL,
+    data_access TEXT NOT NULL,
     accuracy REAL NOT NULL,
     correct INTEGER NOT NULL,
     total INTEGER NOT NULL,
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS selections (
     method TEXT NOT NULL,
     seed INTEGER NOT NULL,
     hparams TEXT NOT NULL,
+    data_access TEXT NOT NULL,
     validation_score REAL NOT NULL,
     criterion TEXT NOT NULL,
     run_id TEXT NOT NULL,
@@ -87,9 +89,13 @@ class Cell:
     hparams: Mapping[str, Any]
     seed: int
     split: str
+    data_access: str = "none"
 
     def key(self, task: str) -> str:
-        return content_key(self.context_key, self.method, dict(self.hparams), self.seed, self.split, task)
+        identity = [self.context_key, self.method, dict(self.hparams), self.seed, self.split, task]
+        if self.data_access != "none":
+            identity.append(self.data_access)
+        return content_key(*identity)
 
 
 class ResultStore:
@@ -145,20 +151,22 @@ class ResultStore:
         rows = [
             (
                 cell.key(task), cell.context_key, run_id, cell.suite, cell.model, cell.method,
-                canonical_json(dict(cell.hparams)), cell.seed, cell.split, task, correct / total, correct, total,
+                canonical_json(dict(cell.hparams)), cell.seed, cell.split, task, cell.data_access, correct / total, correct, total,
                 merge_seconds, eval_seconds, canonical_json(config), canonical_json(checkpoints), now,
             )
             for task, (correct, total) in outcomes.items()
         ]
         with closing(self._connect()) as connection, connection:
             connection.executemany(
-                f"INSERT OR IGNORE INTO results VALUES ({','.join('?' * 18)})", rows
+                f"INSERT OR IGNORE INTO results VALUES ({','.join('?' * 19)})", rows
             )
 
-    def accuracies(self, context_key: str, method: str, split: str, seed: int | None = None) -> dict[str, dict[str, float]]:
-        """``{hparams_json: {task: accuracy}}`` for one method and split."""
-        sql = "SELECT hparams, task, accuracy FROM results WHERE context_key=? AND method=? AND split=?"
-        parameters: list[Any] = [context_key, method, split]
+    def accuracies(
+        self, context_key: str, method: str, split: str, seed: int | None = None, data_access: str = "none"
+    ) -> dict[str, dict[str, float]]:
+        """``{hparams_json: {task: accuracy}}`` for one method, split and data access."""
+        sql = "SELECT hparams, task, accuracy FROM results WHERE context_key=? AND method=? AND split=? AND data_access=?"
+        parameters: list[Any] = [context_key, method, split, data_access]
         if seed is not None:
             sql += " AND seed=?"
             parameters.append(seed)
@@ -170,9 +178,9 @@ class ResultStore:
     def select(self, cell: Cell, validation_score: float, criterion: str, run_id: str) -> None:
         with closing(self._connect()) as connection, connection:
             connection.execute(
-                "INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     cell.context_key, cell.suite, cell.model, cell.method, cell.seed,
-                    canonical_json(dict(cell.hparams)), validation_score, criterion, run_id, time.time(),
+                    canonical_json(dict(cell.hparams)), cell.data_access, validation_score, criterion, run_id, time.time(),
                 ),
             )
