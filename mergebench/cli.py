@@ -16,6 +16,17 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _suite_names(args: argparse.Namespace) -> list[str]:
+    return [name for text in args.suite for name in _names(text)]
+
+
 def parse_hparams(entries: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, str]]:
     """``ties.k=30,dare.p=0.3`` (or ``k=30`` when one method is run) → ``{method: {name: value}}``."""
     overrides: dict[str, dict[str, str]] = {}
@@ -36,10 +47,10 @@ def command_run(args: argparse.Namespace) -> None:
     from mergebench.runner.sweep import SweepRequest, run_sweep
 
     methods = _names(args.methods)
-    suites = [name for text in args.suite for name in _names(text)]
+    suites = _suite_names(args)
     request = SweepRequest(
         suites=suites, methods=methods, overrides=parse_hparams(args.hparams, methods), device=args.device,
-        out=args.out, cache=args.cache, model=args.model, seed=args.seed,
+        out=args.out, cache=args.cache, model=args.model, seed=args.seed, examples=args.examples,
     )
     run_sweep(request)
     print()
@@ -47,10 +58,11 @@ def command_run(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    _report(args.out, [name for text in args.suite for name in _names(text)], args.model, args.seed)
+    _report(args.out, _suite_names(args), args.model, args.seed)
 
 
-def _report(out: Path, suites: Sequence[str], model: str | None, seed: int) -> None:
+def _report(out: Path, suites: Sequence[str], model: str | None, seed: int, *, tables: bool = True) -> None:
+    """Print and write the tables (unless ``tables`` is False) and the plots of ``suites``."""
     from mergebench.reports.plots import plot_per_task, plot_task_count
     from mergebench.reports.tables import available, load_table, to_markdown, write_reports
     from mergebench.store.database import ResultStore
@@ -60,15 +72,14 @@ def _report(out: Path, suites: Sequence[str], model: str | None, seed: int) -> N
     if not suites:
         raise MergebenchError(f"no results in {store.path}: run `mergebench run` first")
     written = []
-    for suite in suites:
-        table = load_table(store, suite, model, seed)
-        print(f"## {table.suite} ({table.model}), test split\n")
-        print(to_markdown(table))
-        print()
-        written += write_reports(table, out / "reports")
-        written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
-    families = _families(suites)
-    for family, members in families.items():
+    for family, members in _families(suites).items():
+        for suite in members:
+            table = load_table(store, suite, model, seed)
+            if tables:
+                print(f"## {table.suite} ({table.model}), test split\n")
+                print(to_markdown(table))
+                written += write_reports(table, out / "reports")
+            written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
         if len(members) > 1:
             written.append(plot_task_count(store, members, model, out / "plots" / f"{family}-task-count.png"))
     print("wrote " + ", ".join(str(path) for path in written))
@@ -84,22 +95,7 @@ def _families(suites: Sequence[str]) -> dict[str, list[str]]:
 
 
 def command_plot(args: argparse.Namespace) -> None:
-    from mergebench.reports.plots import plot_per_task, plot_task_count
-    from mergebench.reports.tables import available, load_table
-    from mergebench.store.database import ResultStore
-
-    store = ResultStore(args.out)
-    suites = [name for text in args.suite for name in _names(text)] or sorted({s for s, _ in available(store)})
-    if not suites:
-        raise MergebenchError(f"no results in {store.path}: run `mergebench run` first")
-    written = []
-    for family, members in _families(suites).items():
-        for suite in members:
-            table = load_table(store, suite, args.model, args.seed)
-            written.append(plot_per_task(table, args.out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
-        if len(members) > 1:
-            written.append(plot_task_count(store, members, args.model, args.out / "plots" / f"{family}-task-count.png"))
-    print("wrote " + ", ".join(str(path) for path in written))
+    _report(args.out, _suite_names(args), args.model, args.seed, tables=False)
 
 
 def command_methods(args: argparse.Namespace) -> None:
@@ -126,7 +122,7 @@ def command_build(args: argparse.Namespace) -> None:
     from mergebench.runner.experts import build_missing_experts, cache_directory, expert_folder
     from mergebench.suites.registry import get_suite
 
-    for name in (name for text in args.suite for name in _names(text)):
+    for name in _suite_names(args):
         suite = get_suite(name)
         model = suite.resolve_model(args.model)
         folder = expert_folder(suite, model, cache_directory(args.cache))
@@ -149,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--methods", required=True, help="comma-separated method names (see `mergebench methods`)")
     run.add_argument("--hparams", action="append", default=[], help="fix hyperparameters: ties.k=30,dare.p=0.3")
     run.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    run.add_argument("--examples", type=_positive, default=None, help="examples per task for train-samples methods (default: each paper's)")
     run.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
     run.set_defaults(handler=command_run)
 

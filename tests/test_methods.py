@@ -216,3 +216,14 @@ def test_post_scaler_composes_with_any_method(monkeypatch):
     assert torch.equal(composed.merge(tv, {"k": 100.0, "scope": "global", "factor": 0.5}), torch.tensor([3.0, 2.5]))
     with pytest.raises(MergebenchError, match="unknown post-scaler 'nope'"):
         get_method("ties+nope")
+
+
+@pytest.mark.parametrize("k", [1, 7, 1000, 99_999, 100_000])
+def test_radix_select_matches_sorting(k):
+    from mergebench.methods.ties import kth_largest
+
+    generator = torch.Generator().manual_seed(k)
+    magnitudes = torch.randn(100_000, generator=generator).abs()
+    magnitudes[:500] = 0.25  # ties across the histogram bin of the threshold
+    expected = magnitudes.sort(descending=True).values[k - 1]
+    assert kth_largest(magnitudes, k) == expected
