@@ -139,3 +139,30 @@ def test_broken_yaml_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MERGEBENCH_TASKS", str(tmp_path))
     assert cli.main(["run", "--suite", "x", "--methods", "ties", "--out", str(tmp_path / "r")]) == 2
     assert "broken YAML in" in capsys.readouterr().err
+
+
+def test_data_using_method_sees_only_its_granted_slice(tiny_suites, monkeypatch, capsys):
+    from mergebench.methods import registry
+
+    seen = {}
+
+    def peek(task_vectors, *, model):
+        """Average, after looking at the granted data."""
+        for task in model.tasks:
+            batches = list(model.batches(task, batch_size=5))
+            seen[(model.access, task)] = (sum(len(x) for x, _ in batches), {y is None for _, y in batches})
+        model.cached("calls", {"what": "count"}, lambda: seen.setdefault("computed", 0) + 1)
+        return task_vectors.vectors.mean(dim=0)
+
+    monkeypatch.setattr(registry, "METHODS", dict(registry.all_methods()))
+    registry.register("peek_train", citation="test", data="train-samples", examples=7)(peek)
+    registry.register("peek_test", citation="test", data="unlabeled-test")(peek)
+    out = tiny_suites / "results"
+    assert cli.main(["run", "--suite", "tiny-2", "--methods", "peek_train,peek_test", "--out", str(out)]) == 0
+    assert seen[("train-samples", "shapes")] == (7, {False})  # N labeled training examples
+    assert seen[("unlabeled-test", "digits")] == (24, {True})  # the test inputs, without labels
+    assert "train-samples:7" in capsys.readouterr().out
+    access = ResultStore(out).query("SELECT DISTINCT method, data_access FROM results WHERE method LIKE 'peek%'")
+    assert {(r["method"], r["data_access"]) for r in access} == {("peek_train", "train-samples:7"), ("peek_test", "unlabeled-test")}
+    assert cli.main(["run", "--suite", "tiny-2", "--methods", "peek_train", "--examples", "3", "--out", str(out)]) == 0
+    assert seen[("train-samples", "shapes")] == (3, {False})
