@@ -15,7 +15,7 @@ model: {default: efficientnet-lite0, choices: [efficientnet-lite0]}
 image_size: 32
 data_seed: 0
 splits: {train: 64, validation: 24, test: 24}
-recipe: {steps: 2, batch_size: 16, lr: 1.0e-4, probe_steps: 5, probe_lr: 0.01, seed: 0}
+recipe: {steps: 2, batch_size: 16, lr: 1.0e-4, head_lr: 1.0e-3, seed: 0}
 batchnorm: {policy: %s, batches_per_task: 1}
 eval_batch_size: 32
 tasks:

@@ -12,7 +12,6 @@ class Recipe:
     steps: int
     batch_size: int
     lr: float
+    head_lr: float
     weight_decay: float = 0.0
-    probe_steps: int = 100
-    probe_lr: float = 0.01
     seed: int = 0

@@ -1,9 +1,10 @@
-"""Seeded fine-tuning of a backbone and a per-task linear head (LP-FT).
+"""Seeded fine-tuning of a backbone and a per-task linear head, trained jointly.
 
-First a linear probe fits the head on frozen pretrained features (Kumar et al., 2022, "Fine-Tuning
-can Distort Pretrained Features"), then backbone and head are trained jointly with AdamW. BatchNorm
-layers stay in evaluation mode, so running statistics keep their pretrained values and only weights
-move: the task vector then holds everything fine-tuning changed.
+The head starts at zero and learns with its own, larger learning rate while the backbone moves with
+a small one (AdamW, cosine schedule), so the expert's knowledge sits in the backbone as in the CLIP
+fine-tuning protocol of the task-vector papers, and the pretrained backbone with the expert's head
+stays clearly below the expert. BatchNorm layers stay in evaluation mode: running statistics keep their
+pretrained values and only weights move, so the task vector holds everything fine-tuning changed.
 """
 
 from __future__ import annotations
@@ -17,26 +18,6 @@ from torch.nn import functional as F
 from mergebench.core.recipe import Recipe
 
 
-@torch.no_grad()
-def extract_features(backbone: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    backbone.eval()
-    return torch.cat([backbone(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
-
-
-def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, recipe: Recipe) -> nn.Linear:
-    """Full-batch multinomial logistic regression on frozen features."""
-    head = nn.Linear(features.shape[1], num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.Adam(head.parameters(), lr=recipe.probe_lr)
-    for _ in range(recipe.probe_steps):
-        loss = F.cross_entropy(head(features), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head
-
-
 def finetune(
     backbone: nn.Module,
     inputs: torch.Tensor,
@@ -47,10 +28,14 @@ def finetune(
 ) -> nn.Linear:
     """Fine-tune ``backbone`` in place on one task; returns the trained head."""
     torch.manual_seed(recipe.seed)
-    head = linear_probe(extract_features(backbone, inputs), labels, num_classes, recipe)
+    with torch.no_grad():
+        feature_dim = backbone(inputs[:1]).shape[1]
+    head = nn.Linear(feature_dim, num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
     backbone.eval()  # BatchNorm statistics frozen; gradients still flow to all weights
-    parameters = list(backbone.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    groups = [{"params": backbone.parameters(), "lr": recipe.lr}, {"params": head.parameters(), "lr": recipe.head_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
     generator = torch.Generator().manual_seed(recipe.seed)
     for _ in range(recipe.steps):
