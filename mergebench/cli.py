@@ -120,13 +120,14 @@ def command_suites(args: argparse.Namespace) -> None:
 
 def command_build(args: argparse.Namespace) -> None:
     from mergebench.runner.experts import build_missing_experts, cache_directory, expert_folder
+    from mergebench.runner.sweep import resolve_device
     from mergebench.suites.registry import get_suite
 
     for name in _suite_names(args):
         suite = get_suite(name)
         model = suite.resolve_model(args.model)
         folder = expert_folder(suite, model, cache_directory(args.cache))
-        build_missing_experts(suite, model, folder)
+        build_missing_experts(suite, model, folder, resolve_device(args.device))
         print(f"{name}: experts in {folder}")
 
 
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("suites", help="list suites, their tasks and data availability").set_defaults(handler=command_suites)
     build = with_common(commands.add_parser("build", help="fine-tune and cache a suite's experts"), True)
     build.add_argument("--cache", type=Path, default=None)
+    build.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     build.set_defaults(handler=command_build)
     return parser
 

@@ -3,6 +3,7 @@
 import textwrap
 
 import pytest
+import torch
 
 from mergebench import cli
 from mergebench.runner import sweep as sweep_module
@@ -118,6 +119,11 @@ def test_batchnorm_recalibration_policy_runs(tmp_path, monkeypatch, expert_cache
         (["run", "--suite", "tiny-2", "--methods", "ties", "--hparams", "k"], "not of the form"),
         (["run", "--suite", "tiny-2", "--methods", "ties", "--hparams", "dare.p=0.1"], "names method 'dare'"),
         (["run", "--suite", "tiny-2", "--methods", "ties", "--device", "tpu"], "unknown device 'tpu'"),
+        pytest.param(
+            ["run", "--suite", "tiny-2", "--methods", "ties", "--device", "cuda"], "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+        ),
+        (["run", "--suite", "tiny-2", "--methods", "ties+nope"], "unknown post-scaler 'nope'"),
         (["run", "--suite", "tiny-2", "--methods", "ties", "--model", "resnet"], "has no model 'resnet'"),
         (["report", "--suite", "tiny-2"], "no results"),
     ],

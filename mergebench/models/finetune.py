@@ -28,9 +28,10 @@ def finetune(
 ) -> nn.Linear:
     """Fine-tune ``backbone`` in place on one task; returns the trained head."""
     torch.manual_seed(recipe.seed)
+    device = next(backbone.parameters()).device
     with torch.no_grad():
-        feature_dim = backbone(inputs[:1]).shape[1]
-    head = nn.Linear(feature_dim, num_classes)
+        feature_dim = backbone(inputs[:1].to(device)).shape[1]
+    head = nn.Linear(feature_dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     backbone.eval()  # BatchNorm statistics frozen; gradients still flow to all weights
@@ -40,7 +41,7 @@ def finetune(
     generator = torch.Generator().manual_seed(recipe.seed)
     for _ in range(recipe.steps):
         batch = torch.randint(len(inputs), (recipe.batch_size,), generator=generator)
-        loss = F.cross_entropy(head(backbone(inputs[batch])), labels[batch])
+        loss = F.cross_entropy(head(backbone(inputs[batch].to(device))), labels[batch].to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

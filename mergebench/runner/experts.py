@@ -105,7 +105,7 @@ def prepare_suite(suite: Suite, model: str | None, device: torch.device, cache: 
         for split in splits:
             data[split][task.name] = load_task_data(suite, task, split)
     folder = expert_folder(suite, model, cache)
-    build_missing_experts(suite, model, folder)
+    build_missing_experts(suite, model, folder, device)
     pretrained = load_state_dict(folder / "pretrained.safetensors")
     finetuned = {task.name: load_state_dict(folder / f"{expert_stem(task)}.safetensors") for task in suite.tasks}
     backbone = EfficientNetBackbone(model, suite.image_size).to(device)
@@ -134,7 +134,7 @@ def expert_stem(task: TaskSpec) -> str:
     return f"{task.name}-{content_key(task.source, task.split_sizes['train'])[:8]}"
 
 
-def build_missing_experts(suite: Suite, model: str, folder: Path) -> None:
+def build_missing_experts(suite: Suite, model: str, folder: Path, device: torch.device = torch.device("cpu")) -> None:
     """Fine-tune, with a progress bar, every task of ``suite`` whose checkpoint is not cached yet."""
     pretrained_path = folder / "pretrained.safetensors"
     if not pretrained_path.exists():
@@ -148,6 +148,7 @@ def build_missing_experts(suite: Suite, model: str, folder: Path) -> None:
         train = load_task_data(suite, task, "train")
         backbone = EfficientNetBackbone(model, suite.image_size)
         backbone.load_state_dict(load_state_dict(pretrained_path))
+        backbone.to(device)
         with tqdm(total=suite.recipe.steps, desc=f"fine-tune {task.name}", unit="step", leave=False) as bar:
             def on_step(loss: float) -> None:
                 bar.update()

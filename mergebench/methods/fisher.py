@@ -1,0 +1,141 @@
+"""Fisher merging (Matena & Raffel, NeurIPS 2022, "Merging Models with Fisher-Weighted Averaging").
+
+Each fine-tuned model θ_t (backbone with its own frozen head) gets the diagonal of its Fisher
+information, estimated on N training examples x_1…x_N of its task:
+
+    F_t = (1/N) Σ_n E_{y ~ q(y|x_n)} [ (∇_θ log p_θt(y | x_n))² ]        (elementwise square)
+
+and the merged weights are the Fisher-weighted average (paper Eq. 2, equal model weights λ_t = 1/T):
+
+    θ* = Σ_t F̂_t ⊙ θ_t / Σ_t F̂_t,     so  τ_m = θ* − θ₀ = Σ_t F̂_t ⊙ τ_t / Σ_t F̂_t.
+
+The distribution q over labels is the ``labels`` option:
+
+* ``exact`` (default, the authors' ``_compute_exact_fisher_for_batch``): the expectation over the
+  model's own predictive distribution, Σ_c p(c|x) (∇ log p(c|x))² — one gradient per class;
+* ``sampled``: one label per example drawn from p(·|x) with a generator seeded by the run's seed;
+* ``empirical``: the example's true label (the "empirical Fisher").
+
+Choices from the authors' code (``model_merging/merging.py``): the floor F̂ = max(F, 10⁻⁶)
+(``fisher_floor``) and ``normalize="l2"`` (``normalize_fishers=True``: each model's weight is divided
+by the global L2 norm of its Fisher, F̂_t/‖F_t‖₂, so no task dominates by scale); ``normalize="none"``
+gives the plain formula above. FusionBench uses the same floor and normalization but a batch-level
+squared gradient rather than per-example ones; we follow the paper with per-example gradients
+(``torch.func.vmap`` of ``grad``). N = 256 examples per task is FusionBench's default
+(``num_fisher_examples``); the authors' script uses 4,096. Only the backbone's mergeable parameters
+get a Fisher (the heads are not merged); buffers (BatchNorm statistics) are frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch.func import grad, vmap
+
+from mergebench.core.data_access import ModelAccess
+from mergebench.core.task_vectors import ParamLayout, TaskVectors
+from mergebench.methods.registry import HParam, register
+
+FISHER_FLOOR = 1e-6  # authors' fisher_floor and FusionBench's minimal_fisher_weight
+FISHER_EXAMPLES = 256  # FusionBench num_fisher_examples
+EXAMPLE_CHUNK = 16  # examples per vmap call
+LABELS = ("exact", "sampled", "empirical")
+
+
+def named_params(layout: ParamLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{name: view}`` of a flat ``[N]`` vector in the layout's shapes (differentiable views)."""
+    return {slot.name: flat[slot.start : slot.stop].view(slot.shape) for slot in layout.slots}
+
+
+def flatten_params(layout: ParamLayout, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`named_params`."""
+    return torch.cat([tensors[slot.name].reshape(-1) for slot in layout.slots])
+
+
+LogProbs = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def summed_squared_gradients(
+    log_probs: LogProbs, params: Mapping[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Σ_n w_n (∇_θ log p(y_n | x_n))² over a chunk of examples, per parameter tensor.
+
+    ``log_probs(params, inputs)`` maps a batch ``[B, …]`` to log-probabilities ``[B, C]``; the gradients
+    are per example (``vmap`` over single-example batches), squared, weighted by ``weights`` (1 if None)
+    and summed.
+    """
+
+    def log_likelihood(p: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return log_probs(p, x.unsqueeze(0))[0].gather(0, y.unsqueeze(0))[0]
+
+    per_example = vmap(grad(log_likelihood), in_dims=(None, 0, 0))(dict(params), inputs, labels)
+    w = torch.ones(len(inputs), device=inputs.device) if weights is None else weights
+    return {name: torch.einsum("b,b...->...", w, g.square()) for name, g in per_example.items()}
+
+
+def fisher_diagonal(
+    model: ModelAccess, layout: ParamLayout, theta: torch.Tensor, task: str, labels: str, seed: int
+) -> torch.Tensor:
+    """The flat diagonal Fisher ``[N]`` of the backbone θ (with ``task``'s head) on the granted slice."""
+    params = named_params(layout, theta.to(model.device))
+    head = model.head(task)
+
+    def log_probs(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(head(model.functional_features(p, x)), dim=-1)
+
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    count = 0
+    for inputs, true_labels in model.batches(task, EXAMPLE_CHUNK):
+        with torch.no_grad():
+            probs = log_probs(params, inputs).exp()
+        if labels == "exact":
+            chunks = [
+                summed_squared_gradients(log_probs, params, inputs, torch.full_like(probs[:, 0], c, dtype=torch.long), probs[:, c])
+                for c in range(probs.shape[1])
+            ]
+        elif labels == "sampled":
+            chunks = [summed_squared_gradients(log_probs, params, inputs, torch.multinomial(probs, 1, generator=generator)[:, 0])]
+        else:
+            chunks = [summed_squared_gradients(log_probs, params, inputs, true_labels)]
+        for chunk in chunks:
+            for name, value in chunk.items():
+                total[name] += value
+        count += len(inputs)
+    return flatten_params(layout, total).div_(max(count, 1)).to(theta.device)
+
+
+def fisher_weighted_average(vectors: torch.Tensor, fishers: torch.Tensor, *, floor: float, normalize: str) -> torch.Tensor:
+    """τ_m = Σ_t w_t ⊙ τ_t / Σ_t w_t with w_t = max(F_t, floor) (÷ ‖F_t‖₂ if ``normalize="l2"``)."""
+    weights = fishers.clamp(min=floor)
+    if normalize == "l2":
+        weights = weights / fishers.norm(dim=1, keepdim=True).clamp(min=torch.finfo(fishers.dtype).tiny)
+    return (weights * vectors).sum(dim=0) / weights.sum(dim=0)
+
+
+@register(
+    "fisher",
+    citation="Matena & Raffel, 2022 (Merging Models with Fisher-Weighted Averaging)",
+    hparams={
+        "labels": HParam("exact", doc="labels y of the Fisher: model expectation, one sampled, or the true label", choices=LABELS),
+        "normalize": HParam("l2", doc="divide each model's Fisher by its L2 norm (authors' default)", choices=("l2", "none")),
+    },
+    data="train-samples",
+    examples=FISHER_EXAMPLES,
+    randomized=True,
+)
+def fisher(task_vectors: TaskVectors, *, labels: str, normalize: str, seed: int, model: ModelAccess) -> torch.Tensor:
+    """Fisher-weighted average of the fine-tuned models: θ = Σ_t F_t θ_t / Σ_t F_t."""
+    finetuned = task_vectors.finetuned()
+    label_seed = seed if labels == "sampled" else None
+    fishers = torch.stack([
+        model.cached(
+            "fisher",
+            {"task": task, "labels": labels, "seed": label_seed},
+            lambda row=row, task=task: fisher_diagonal(model, task_vectors.layout, finetuned[row], task, labels, label_seed or 0),
+        )
+        for row, task in enumerate(task_vectors.tasks)
+    ])
+    return fisher_weighted_average(task_vectors.vectors, fishers, floor=FISHER_FLOOR, normalize=normalize)
