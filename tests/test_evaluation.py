@@ -40,3 +40,19 @@ def test_recalibrate_batchnorm_sets_statistics_of_the_given_batches():
     # cumulative average of the two batch means: ((2,2,2) + (2,4,2)) / 2
     assert torch.allclose(net[1].running_mean, torch.tensor([2.0, 3.0, 2.0]))
     assert net[1].momentum == 0.1 and not net.training
+
+
+def test_finetuning_leaves_batchnorm_statistics_at_pretrained_values():
+    from mergebench.core.recipe import Recipe
+    from mergebench.models.efficientnet import EfficientNetBackbone, buffer_names, pretrained_backbone_state
+    from mergebench.models.finetune import finetune
+
+    pretrained = pretrained_backbone_state("efficientnet-lite0")
+    backbone = EfficientNetBackbone("efficientnet-lite0", 32)
+    backbone.load_state_dict(pretrained)
+    inputs, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    head = finetune(backbone, inputs, labels, 3, Recipe(steps=2, batch_size=4, lr=1e-3, head_lr=1e-2))
+    state = backbone.state_dict()
+    assert all(torch.equal(state[name], pretrained[name]) for name in buffer_names(backbone))
+    assert not torch.equal(state["net._conv_stem.weight"], pretrained["net._conv_stem.weight"])
+    assert head.weight.shape == (3, 1280) and head.weight.abs().sum() > 0

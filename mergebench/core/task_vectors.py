@@ -50,6 +50,14 @@ class ParamLayout:
     def names(self) -> tuple[str, ...]:
         return tuple(slot.name for slot in self.slots)
 
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: view}`` of a flat ``[N]`` vector in each parameter's shape (differentiable)."""
+        return {slot.name: flat[slot.start : slot.stop].view(slot.shape) for slot in self.slots}
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`views`: one flat ``[N]`` vector in layout order."""
+        return torch.cat([tensors[slot.name].reshape(-1) for slot in self.slots])
+
 
 @dataclass
 class TaskVectors:
@@ -111,11 +119,8 @@ def merged_state_dict(
     pretrained: Mapping[str, torch.Tensor], layout: ParamLayout, merged_flat: torch.Tensor
 ) -> StateDict:
     """The pretrained state dict with every mergeable parameter replaced from ``merged_flat``."""
-    state = dict(pretrained)
-    for slot in layout.slots:
-        reference = pretrained[slot.name]
-        state[slot.name] = merged_flat[slot.start : slot.stop].view(slot.shape).to(reference.dtype)
-    return state
+    merged = layout.views(merged_flat)
+    return {name: merged[name].to(tensor.dtype) if name in merged else tensor for name, tensor in pretrained.items()}
 
 
 def _flatten(state: Mapping[str, torch.Tensor], layout: ParamLayout, device, dtype) -> torch.Tensor:

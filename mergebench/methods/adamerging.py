@@ -29,7 +29,6 @@ import torch
 
 from mergebench.core.data_access import ModelAccess
 from mergebench.core.task_vectors import TaskVectors
-from mergebench.methods.fisher import named_params
 from mergebench.methods.registry import HParam, register
 from mergebench.methods.ties import elect_signs, trim
 
@@ -68,7 +67,7 @@ def layer_coefficients(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     for _ in range(steps):
         coefficients = raw.clamp(0.0, 1.0).repeat_interleave(sizes, dim=1)
-        params = named_params(layout, pretrained + (coefficients * vectors).sum(dim=0))
+        params = layout.views(pretrained + (coefficients * vectors).sum(dim=0))
         loss = torch.zeros((), device=device)
         for task, task_inputs in inputs.items():
             order = torch.randperm(len(task_inputs), generator=generator)[: BATCHES_PER_STEP * batch_size]

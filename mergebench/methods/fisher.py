@@ -43,16 +43,6 @@ EXAMPLE_CHUNK = 16  # examples per vmap call
 LABELS = ("exact", "sampled", "empirical")
 
 
-def named_params(layout: ParamLayout, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{name: view}`` of a flat ``[N]`` vector in the layout's shapes (differentiable views)."""
-    return {slot.name: flat[slot.start : slot.stop].view(slot.shape) for slot in layout.slots}
-
-
-def flatten_params(layout: ParamLayout, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`named_params`."""
-    return torch.cat([tensors[slot.name].reshape(-1) for slot in layout.slots])
-
-
 LogProbs = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
@@ -79,7 +69,7 @@ def fisher_diagonal(
     model: ModelAccess, layout: ParamLayout, theta: torch.Tensor, task: str, labels: str, seed: int
 ) -> torch.Tensor:
     """The flat diagonal Fisher ``[N]`` of the backbone θ (with ``task``'s head) on the granted slice."""
-    params = named_params(layout, theta.to(model.device))
+    params = layout.views(theta.to(model.device))
     head = model.head(task)
 
     def log_probs(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +94,7 @@ def fisher_diagonal(
             for name, value in chunk.items():
                 total[name] += value
         count += len(inputs)
-    return flatten_params(layout, total).div_(max(count, 1)).to(theta.device)
+    return layout.flatten(total).div_(max(count, 1)).to(theta.device)
 
 
 def fisher_weighted_average(vectors: torch.Tensor, fishers: torch.Tensor, *, floor: float, normalize: str) -> torch.Tensor:

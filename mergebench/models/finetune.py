@@ -29,12 +29,12 @@ def finetune(
     """Fine-tune ``backbone`` in place on one task; returns the trained head."""
     torch.manual_seed(recipe.seed)
     device = next(backbone.parameters()).device
+    backbone.eval()  # BatchNorm statistics frozen; gradients still flow to all weights
     with torch.no_grad():
         feature_dim = backbone(inputs[:1].to(device)).shape[1]
     head = nn.Linear(feature_dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    backbone.eval()  # BatchNorm statistics frozen; gradients still flow to all weights
     groups = [{"params": backbone.parameters(), "lr": recipe.lr}, {"params": head.parameters(), "lr": recipe.head_lr}]
     optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.steps)
