@@ -1,0 +1,270 @@
+"""CLIP ViT vision encoders, zero-shot text heads and image preprocessing, on transformers alone.
+
+Every encoder, whatever its origin, becomes a transformers ``CLIPVisionModelWithProjection``, so task
+vectors of FusionBench and tall_masks checkpoints live in one key space (``vision_model.*`` and
+``visual_projection.weight``).
+
+* FusionBench experts (``tanganke/clip-vit-*_<task>``) are ``CLIPVisionModel`` folders: the vision
+  tower only. FusionBench scores them with the *pre-trained* CLIP's ``visual_projection``
+  (fusion_bench ``HFCLIPClassifier``), so :func:`load_hf_vision_encoder` takes that projection from
+  ``projection_source``.
+* tall_masks experts (``<root>/<model>/<Task>Val/nonlinear_finetuned.pt``) are pickled
+  ``ImageEncoder`` modules wrapping an open_clip model, fine-tuned projection included.
+  :func:`open_clip_to_hf_vision` maps open_clip's ``visual.*`` keys onto the transformers layout.
+  Unpickling runs code, so it happens only with ``allow_pickle=True`` and needs the pickled classes
+  (open_clip, tall_masks ``src``) importable; :func:`convert_open_clip_checkpoint` does it once and
+  writes safetensors that load without it.
+* Zero-shot heads follow tall_masks ``src/models/heads.py build_classification_head``; the head scores
+  L2-normalized image embeddings (its ``ClassificationHead(normalize=True)``), see :func:`image_features`.
+* Preprocessing reimplements ``CLIPImageProcessor`` (bicubic shortest-side resize, center crop,
+  rescale, normalize) with PIL and numpy, without torchvision.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from mergebench.core.checkpoints import StateDict, load_state_dict, save_state_dict
+from mergebench.errors import MergebenchError
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_hf_vision_encoder(name_or_path: str | os.PathLike, *, projection_source: str | os.PathLike | None = None) -> CLIPVisionModelWithProjection:
+    """A vision encoder with projection from a Hub id or ``save_pretrained`` folder.
+
+    A full ``CLIPModel`` brings its own projection. A ``CLIPVisionModel`` (FusionBench experts) needs
+    ``projection_source``, the pre-trained ``CLIPModel`` whose ``visual_projection`` it is scored with.
+    """
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type == "clip":
+        clip = CLIPModel.from_pretrained(name_or_path)
+        return _with_projection(clip.vision_model, clip.visual_projection, clip.config)
+    if config.model_type == "clip_vision_model":
+        if projection_source is None:
+            raise MergebenchError(
+                f"{name_or_path} is a CLIPVisionModel without projection: pass projection_source= the "
+                "pre-trained CLIPModel (e.g. openai/clip-vit-base-patch32), as FusionBench does"
+            )
+        vision = _vision_tower(CLIPVisionModel.from_pretrained(name_or_path))
+        clip = CLIPModel.from_pretrained(projection_source)
+        return _with_projection(vision, clip.visual_projection, clip.config)
+    raise MergebenchError(f"{name_or_path} is a {config.model_type!r} model, not a CLIP model")
+
+
+def _vision_tower(model: CLIPVisionModel) -> nn.Module:
+    # transformers 5 flattened CLIPVisionModel (embeddings, encoder, ... at top level); 4.x nested
+    # them under .vision_model. Both towers share the same state-dict keys.
+    return getattr(model, "vision_model", model)
+
+
+def _with_projection(vision: nn.Module, projection: nn.Linear, clip_config: Any) -> CLIPVisionModelWithProjection:
+    config = CLIPVisionConfig(**clip_config.vision_config.to_dict())
+    config.projection_dim = clip_config.projection_dim
+    encoder = CLIPVisionModelWithProjection(config)
+    encoder.vision_model.load_state_dict(vision.state_dict())
+    encoder.visual_projection.load_state_dict(projection.state_dict())
+    return encoder.eval()
+
+
+def load_open_clip_vision_encoder(path: str | os.PathLike, config: CLIPVisionConfig, *, allow_pickle: bool = False) -> CLIPVisionModelWithProjection:
+    """A tall_masks / open_clip checkpoint as a transformers encoder built from ``config``.
+
+    ``config`` is the matching pre-trained model's vision config with ``projection_dim`` set, e.g.
+    ``CLIPVisionConfig.from_pretrained("openai/clip-vit-base-patch32")``.
+    """
+    encoder = CLIPVisionModelWithProjection(config)
+    state = open_clip_to_hf_vision(read_open_clip_checkpoint(path, allow_pickle=allow_pickle))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise MergebenchError(f"{path} does not fit the given CLIP vision config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return encoder.eval()
+
+
+def read_open_clip_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:
+    """The tensors of an open_clip checkpoint: safetensors, a plain state dict, or (opt-in) a pickled module."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_state_dict(path)
+    if not path.is_file():
+        raise MergebenchError(f"checkpoint not found: {path}")
+    try:
+        return load_state_dict(path)
+    except MergebenchError as plain_failure:
+        if not allow_pickle:
+            raise MergebenchError(
+                f"{path} is not a plain state dict (tall_masks files are pickled modules); unpickling runs code, so "
+                "convert it once with mergebench.models.clip.convert_open_clip_checkpoint(src, dst, allow_pickle=True) "
+                "in an environment with open_clip, then use the .safetensors file"
+            ) from plain_failure
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, ModuleNotFoundError, AttributeError, RuntimeError, EOFError) as error:
+        raise MergebenchError(f"cannot unpickle {path}: {error} (are open_clip and the pickled classes importable?)") from error
+    state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
+    if not isinstance(state, Mapping) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise MergebenchError(f"{path} holds neither a module nor a state dict of tensors")
+    return dict(state)
+
+
+def convert_open_clip_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, allow_pickle: bool = False) -> Path:
+    """Write the tensors of an open_clip checkpoint to ``dst`` (safetensors), keys unchanged.
+
+    Plain state dicts are read with ``weights_only=True``; pickled modules only with ``allow_pickle``.
+    """
+    state = read_open_clip_checkpoint(src, allow_pickle=allow_pickle)
+    return save_state_dict(state, dst)
+
+
+def open_clip_to_hf_vision(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Map open_clip ``visual.*`` keys (any wrapper prefix, e.g. ``model.``) to transformers' layout.
+
+    ``attn.in_proj_*`` stacks q, k, v along dim 0; ``visual.proj`` is ``(width, embed_dim)`` and becomes
+    ``visual_projection.weight`` transposed. Text-tower keys are dropped.
+    """
+    anchor = next((key for key in state if key.endswith("visual.conv1.weight")), None)
+    if anchor is None:
+        raise MergebenchError("not an open_clip ViT state dict: no 'visual.conv1.weight' key")
+    prefix = anchor[: -len("conv1.weight")]
+    visual = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    converted: StateDict = {}
+    for key, value in visual.items():
+        if key.startswith("transformer.resblocks."):
+            _convert_block_key(key, value, converted)
+        elif key == "proj":
+            converted["visual_projection.weight"] = value.t().contiguous()
+        elif key in _TOP_LEVEL:
+            converted[_TOP_LEVEL[key]] = value
+        elif key.rsplit(".", 1)[0] in _TOP_LEVEL_MODULES:
+            module, parameter = key.rsplit(".", 1)
+            converted[f"{_TOP_LEVEL_MODULES[module]}.{parameter}"] = value
+        else:
+            raise MergebenchError(f"unexpected open_clip vision key {prefix}{key}")
+    return converted
+
+
+_TOP_LEVEL = {
+    "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "class_embedding": "vision_model.embeddings.class_embedding",
+    "positional_embedding": "vision_model.embeddings.position_embedding.weight",
+}
+_TOP_LEVEL_MODULES = {"ln_pre": "vision_model.pre_layrnorm", "ln_post": "vision_model.post_layernorm"}
+_BLOCK_MODULES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+def _convert_block_key(key: str, value: torch.Tensor, converted: StateDict) -> None:
+    index, rest = key[len("transformer.resblocks."):].split(".", 1)
+    layer = f"vision_model.encoder.layers.{index}"
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        parameter = rest.rsplit("_", 1)[1]
+        for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+            converted[f"{layer}.self_attn.{name}.{parameter}"] = chunk.contiguous()
+        return
+    module, parameter = rest.rsplit(".", 1)
+    if module not in _BLOCK_MODULES:
+        raise MergebenchError(f"unexpected open_clip vision key visual.{key}")
+    converted[f"{layer}.{_BLOCK_MODULES[module]}.{parameter}"] = value
+
+
+# ------------------------------------------------------------------------------ heads and features
+
+
+def _text_embeddings(clip_model: CLIPModel, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    output = clip_model.get_text_features(**inputs)
+    # transformers 5 returns a ModelOutput whose pooler_output is projected; 4.x returned the tensor
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.no_grad()
+def zero_shot_head(
+    clip_model: CLIPModel,
+    tokenizer: Callable[..., Mapping[str, torch.Tensor]],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device: str | torch.device = "cpu",
+) -> nn.Linear:
+    """A bias-free head whose row c is ``normalize(mean_t normalize(text(template_t(c)))) · exp(logit_scale)``.
+
+    ``tokenizer(texts, padding=True, return_tensors="pt")`` must return the text model's inputs (a
+    ``CLIPTokenizer`` does); ``templates`` hold a ``{c}`` placeholder (see ``clip_templates``).
+    """
+    clip_model = clip_model.to(device).eval()
+    rows = []
+    for classname in classnames:
+        texts = [template.replace("{c}", classname) for template in templates]
+        inputs = {name: tensor.to(device) for name, tensor in tokenizer(texts, padding=True, return_tensors="pt").items()}
+        embeddings = _text_embeddings(clip_model, inputs)
+        embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
+        mean = embeddings.mean(dim=0)
+        rows.append(mean / mean.norm())
+    weight = torch.stack(rows) * clip_model.logit_scale.exp()
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=device)
+    head.weight.copy_(weight)
+    return head
+
+
+def image_features(encoder: CLIPVisionModelWithProjection, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalized projected image embeddings, the input a :func:`zero_shot_head` expects."""
+    embeddings = encoder(pixel_values=pixel_values).image_embeds
+    return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------- preprocessing
+
+
+def load_preprocess(name_or_path: str | os.PathLike) -> Callable[[np.ndarray], torch.Tensor]:
+    """:func:`make_preprocess` from a model's ``preprocessor_config.json`` (Hub id or folder)."""
+    from transformers import CLIPImageProcessor
+
+    return make_preprocess(CLIPImageProcessor.from_pretrained(name_or_path).to_dict())
+
+
+def make_preprocess(config: Mapping[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:
+    """``uint8`` HWC (or HW grayscale) array → normalized float CHW tensor, as ``CLIPImageProcessor`` does.
+
+    ``config`` holds ``size.shortest_edge``, ``crop_size.height/width``, ``image_mean``, ``image_std``
+    and optionally ``resample`` (PIL code, default bicubic) and ``rescale_factor`` (default 1/255).
+    """
+    try:
+        shortest_edge = int(config["size"]["shortest_edge"])
+        crop_height, crop_width = int(config["crop_size"]["height"]), int(config["crop_size"]["width"])
+        mean = np.asarray(config["image_mean"], dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(config["image_std"], dtype=np.float32).reshape(3, 1, 1)
+    except (KeyError, TypeError, ValueError) as error:
+        raise MergebenchError(f"image processor config lacks size/crop_size/image_mean/image_std: {error}") from error
+    if max(crop_height, crop_width) > shortest_edge:
+        raise MergebenchError(f"crop {crop_height}x{crop_width} exceeds the resized shortest edge {shortest_edge}")
+    resample = Image.Resampling(int(config.get("resample", Image.Resampling.BICUBIC)))
+    rescale = float(config.get("rescale_factor", 1 / 255))
+
+    def preprocess(image: np.ndarray) -> torch.Tensor:
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise MergebenchError(f"expected a uint8 HW or HWC image, got {image.dtype} with shape {image.shape}")
+        pil = Image.fromarray(image).convert("RGB")
+        width, height = pil.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+        resized = np.asarray(pil.resize(size, resample=resample), dtype=np.float32).transpose(2, 0, 1)
+        top = (resized.shape[1] - crop_height) // 2
+        left = (resized.shape[2] - crop_width) // 2
+        cropped = resized[:, top : top + crop_height, left : left + crop_width]
+        return torch.from_numpy((cropped * rescale - mean) / std)
+
+    return preprocess

@@ -1,0 +1,201 @@
+"""The CLIP ViT suites (vit-8 / vit-14 / vit-20) read from ``tasks/vit.yaml.draft``.
+
+The schema differs from the EfficientNet families of :mod:`mergebench.suites.registry`: tasks come from
+Hugging Face datasets, experts are published checkpoints (FusionBench Hub folders or tall_masks
+open_clip files), and heads are zero-shot text heads. Task order and suites follow nik-dim/tall_masks
+``ALL_DATASETS``; dataset ids and encoder slugs follow tanganke/fusion_bench (see the YAML comments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from mergebench.errors import MergebenchError
+
+TALL_MASKS_TASKS = (
+    "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
+    "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013",
+    "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST",
+)
+"""tall_masks ``ALL_DATASETS``; vit-N is its first N tasks."""
+
+TRAIN_FRACTION = "train_fraction"
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    """Validation carved from train: ``min(int(fraction·n), max_examples)`` examples, seeded split."""
+
+    fraction: float
+    max_examples: int
+    seed: int
+
+    def size(self, train_examples: int) -> int:
+        return min(int(train_examples * self.fraction), self.max_examples)
+
+
+@dataclass(frozen=True)
+class ClipModelSpec:
+    name: str
+    hf: str
+    open_clip: str
+    finetuned_hub_prefix: str
+
+
+@dataclass(frozen=True)
+class ClipTaskSpec:
+    name: str
+    fusion_bench: str | None
+    dataset: str
+    config: str | None
+    train_split: str
+    test_split: str
+    validation: str
+    """``train_fraction`` or the name of the dataset's own validation split."""
+    image_column: str
+    label_column: str
+
+
+@dataclass(frozen=True)
+class VitSuite:
+    name: str
+    tasks: tuple[ClipTaskSpec, ...]
+    models: Mapping[str, ClipModelSpec]
+    validation: ValidationPolicy
+    open_clip_finetuned: str
+    open_clip_zeroshot: str
+    source_file: Path
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(task.name for task in self.tasks)
+
+    def model(self, name: str) -> ClipModelSpec:
+        if name not in self.models:
+            raise MergebenchError(f"suite {self.name} has no model {name!r}; choose from {', '.join(self.models)}")
+        return self.models[name]
+
+    def finetuned_hub_id(self, model: str, task: ClipTaskSpec) -> str:
+        """FusionBench's fine-tuned vision encoder, e.g. ``tanganke/clip-vit-base-patch32_stanford-cars``."""
+        if task.fusion_bench is None:
+            raise MergebenchError(f"FusionBench publishes no fine-tuned encoder for task {task.name}")
+        return f"{self.model(model).finetuned_hub_prefix}_{task.fusion_bench}"
+
+    def open_clip_paths(self, root: str | Path, model: str, task: ClipTaskSpec) -> tuple[Path, Path]:
+        """``(finetuned, zeroshot)`` files of a tall_masks checkpoint folder."""
+        fields = {"root": str(root), "model": self.model(model).open_clip, "task": task.name, "task_val": task.name + "Val"}
+        return Path(self.open_clip_finetuned.format(**fields)), Path(self.open_clip_zeroshot.format(**fields))
+
+
+def load_vit_suites(path: str | Path) -> dict[str, VitSuite]:
+    """Parse and validate a ``family: vit`` file; every error names the file and the offending entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergebenchError(f"suite file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise MergebenchError(f"{path}: not valid YAML ({error})") from error
+    where = str(path)
+    raw = _mapping(raw, where)
+    if raw.get("family") != "vit":
+        raise MergebenchError(f"{where}: expected 'family: vit', found {raw.get('family')!r}")
+    models = {name: _model(name, spec, f"{where}: models.{name}") for name, spec in _mapping(_require(raw, "models", where), f"{where}: models").items()}
+    if not models:
+        raise MergebenchError(f"{where}: 'models' is empty")
+    validation = _validation(_mapping(_require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
+    layout = _mapping(_require(raw, "open_clip_checkpoints", where), f"{where}: open_clip_checkpoints")
+    finetuned = _string(_require(layout, "finetuned", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.finetuned")
+    zeroshot = _string(_require(layout, "zeroshot", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.zeroshot")
+    tasks: dict[str, ClipTaskSpec] = {}
+    for index, entry in enumerate(_list(_require(raw, "tasks", where), f"{where}: tasks")):
+        task = _task(_mapping(entry, f"{where}: tasks[{index}]"), f"{where}: tasks[{index}]")
+        if task.name in tasks:
+            raise MergebenchError(f"{where}: task {task.name!r} defined twice")
+        tasks[task.name] = task
+    suites = {}
+    for suite_name, names in _mapping(_require(raw, "suites", where), f"{where}: suites").items():
+        names = _list(names, f"{where}: suites.{suite_name}")
+        unknown = [name for name in names if name not in tasks]
+        if unknown:
+            raise MergebenchError(f"{where}: suite {suite_name} names unknown tasks {unknown}")
+        if len(set(names)) != len(names):
+            raise MergebenchError(f"{where}: suite {suite_name} lists a task twice")
+        suites[suite_name] = VitSuite(
+            name=suite_name,
+            tasks=tuple(tasks[name] for name in names),
+            models=models,
+            validation=validation,
+            open_clip_finetuned=finetuned,
+            open_clip_zeroshot=zeroshot,
+            source_file=path,
+        )
+    return suites
+
+
+def _model(name: str, spec: Any, where: str) -> ClipModelSpec:
+    spec = _mapping(spec, where)
+    fields = {key: _string(_require(spec, key, where), f"{where}.{key}") for key in ("hf", "open_clip", "finetuned_hub_prefix")}
+    return ClipModelSpec(name=name, **fields)
+
+
+def _validation(spec: Mapping[str, Any], where: str) -> ValidationPolicy:
+    fraction = _require(spec, "fraction", where)
+    max_examples = _require(spec, "max_examples", where)
+    seed = _require(spec, "seed", where)
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise MergebenchError(f"{where}.fraction must be a number in (0, 1), got {fraction!r}")
+    for key, value in (("max_examples", max_examples), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise MergebenchError(f"{where}.{key} must be a non-negative integer, got {value!r}")
+    return ValidationPolicy(fraction=float(fraction), max_examples=max_examples, seed=seed)
+
+
+def _task(spec: Mapping[str, Any], where: str) -> ClipTaskSpec:
+    name = _string(_require(spec, "name", where), f"{where}.name")
+    where = f"{where} ({name})"
+    if name not in TALL_MASKS_TASKS:
+        raise MergebenchError(f"{where}: unknown task {name!r}; expected one of {', '.join(TALL_MASKS_TASKS)}")
+    fusion_bench = _require(spec, "fusion_bench", where)
+    config = spec.get("config")
+    splits = _mapping(_require(spec, "splits", where), f"{where}.splits")
+    columns = _mapping(_require(spec, "columns", where), f"{where}.columns")
+    return ClipTaskSpec(
+        name=name,
+        fusion_bench=None if fusion_bench is None else _string(fusion_bench, f"{where}.fusion_bench"),
+        dataset=_string(_require(spec, "dataset", where), f"{where}.dataset"),
+        config=None if config is None else _string(config, f"{where}.config"),
+        train_split=_string(_require(splits, "train", f"{where}.splits"), f"{where}.splits.train"),
+        test_split=_string(_require(splits, "test", f"{where}.splits"), f"{where}.splits.test"),
+        validation=_string(_require(spec, "validation", where), f"{where}.validation"),
+        image_column=_string(_require(columns, "image", f"{where}.columns"), f"{where}.columns.image"),
+        label_column=_string(_require(columns, "label", f"{where}.columns"), f"{where}.columns.label"),
+    )
+
+
+def _require(spec: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in spec:
+        raise MergebenchError(f"{where}: missing key {key!r}")
+    return spec[key]
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise MergebenchError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list):
+        raise MergebenchError(f"{where}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise MergebenchError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
