@@ -76,7 +76,6 @@ def _report(out: Path, suites: Sequence[str], model: str | None, seed: int, *, t
         for suite in members:
             table = load_table(store, suite, model, seed)
             if tables:
-                print(f"## {table.suite} ({table.model}), test split\n")
                 print(to_markdown(table))
                 written += write_reports(table, out / "reports")
             written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
