@@ -59,14 +59,14 @@ class MethodSummary:
     validation_normalized: float
     test_accuracy: float
     test_normalized: float
-    merge_seconds: float
+    merge_seconds: float | None
 
     def line(self) -> str:
         setting = " ".join(f"{k}={v}" for k, v in self.hparams.items()) or "-"
+        merge = "-" if self.merge_seconds is None else f"{self.merge_seconds:.2f} s"
         return (
             f"{self.suite:<16} {self.method:<16} {setting:<32} val norm {100 * self.validation_normalized:5.1f}%  "
-            f"test acc {100 * self.test_accuracy:5.1f}%  test norm {100 * self.test_normalized:5.1f}%  "
-            f"merge {self.merge_seconds:.2f} s"
+            f"test acc {100 * self.test_accuracy:5.1f}%  test norm {100 * self.test_normalized:5.1f}%  merge {merge}"
         )
 
 
@@ -180,7 +180,6 @@ class SuiteSweep:
             s for s in settings
             if self.store.finished_tasks(self.cell(method.name, s, "validation", data_access=access), self.tasks) != set(self.tasks)
         ]
-        merge_times = []
         with tqdm(total=len(settings), initial=len(settings) - len(pending), desc=f"{method.name}", unit="setting", leave=False) as bar:
             merges = method.sweep(task_vectors, pending, seed=self.seed, model=model)
             while True:
@@ -190,7 +189,6 @@ class SuiteSweep:
                 except StopIteration:
                     break
                 merge_seconds = time.perf_counter() - started
-                merge_times.append(merge_seconds)
                 validation_cell = self.cell(method.name, setting, "validation", data_access=access)
                 self._evaluate_setting(validation_cell, merged_flat, task_vectors.layout, merge_seconds)
                 bar.update()
@@ -199,14 +197,13 @@ class SuiteSweep:
         if self.store.finished_tasks(test_cell, self.tasks) != set(self.tasks):
             started = time.perf_counter()
             merged_flat = method.merge(task_vectors, best, seed=self.seed, model=model)
-            merge_times.append(time.perf_counter() - started)
-            self._evaluate_setting(test_cell, merged_flat, task_vectors.layout, merge_times[-1])
+            self._evaluate_setting(test_cell, merged_flat, task_vectors.layout, time.perf_counter() - started)
         self.store.select(test_cell, best_score, SELECTION_CRITERION, self.run_id)
         test = self.store.accuracies(self.context_key, method.name, "test", self.seed, access)[canonical_json(best)]
         return MethodSummary(
             self.prepared.suite.name, method.name, best, best_score, mean_accuracy(test),
             normalized_accuracy(test, self.finetuned_accuracy("test")),
-            sum(merge_times) / len(merge_times) if merge_times else float("nan"),
+            self.store.mean_merge_seconds(self.context_key, method.name, access),
         )
 
     def _select(self, method: MergeMethod, settings, access: str) -> tuple[dict, float]:

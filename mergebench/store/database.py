@@ -175,6 +175,15 @@ class ResultStore:
             table.setdefault(row["hparams"], {})[row["task"]] = row["accuracy"]
         return table
 
+    def mean_merge_seconds(self, context_key: str, method: str, data_access: str = "none") -> float | None:
+        """Average seconds per merge over every stored cell of a method (one value per merged model)."""
+        rows = self.query(
+            "SELECT AVG(merge_seconds) AS seconds FROM (SELECT DISTINCT hparams, seed, split, merge_seconds FROM results "
+            "WHERE context_key=? AND method=? AND data_access=? AND merge_seconds IS NOT NULL)",
+            (context_key, method, data_access),
+        )
+        return rows[0]["seconds"]
+
     def select(self, cell: Cell, validation_score: float, criterion: str, run_id: str) -> None:
         with closing(self._connect()) as connection, connection:
             connection.execute(
