@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import torch
-from torch.func import grad, vmap
 
 from mergebench.core.data_access import ModelAccess
 from mergebench.core.task_vectors import ParamLayout, TaskVectors
@@ -53,16 +52,20 @@ def summed_squared_gradients(
     """Σ_n w_n (∇_θ log p(y_n | x_n))² over a chunk of examples, per parameter tensor.
 
     ``log_probs(params, inputs)`` maps a batch ``[B, …]`` to log-probabilities ``[B, C]``; the gradients
-    are per example (``vmap`` over single-example batches), squared, weighted by ``weights`` (1 if None)
-    and summed.
+    are per example (one backward pass each, which keeps memory at one model's gradients — ``vmap``
+    over a CNN materializes every example's activations and gradients at once), squared, weighted by
+    ``weights`` (1 if None) and summed.
     """
-
-    def log_likelihood(p: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return log_probs(p, x.unsqueeze(0))[0].gather(0, y.unsqueeze(0))[0]
-
-    per_example = vmap(grad(log_likelihood), in_dims=(None, 0, 0))(dict(params), inputs, labels)
-    w = torch.ones(len(inputs), device=inputs.device) if weights is None else weights
-    return {name: torch.einsum("b,b...->...", w, g.square()) for name, g in per_example.items()}
+    names = list(params)
+    leaves = [params[name].detach().requires_grad_(True) for name in names]
+    totals = [torch.zeros_like(leaf) for leaf in leaves]
+    for n in range(len(inputs)):
+        log_likelihood = log_probs(dict(zip(names, leaves)), inputs[n : n + 1])[0, labels[n]]
+        gradients = torch.autograd.grad(log_likelihood, leaves)
+        weight = 1.0 if weights is None else float(weights[n])
+        for total, gradient in zip(totals, gradients):
+            total.add_(gradient.square(), alpha=weight)
+    return dict(zip(names, totals))
 
 
 def fisher_diagonal(
