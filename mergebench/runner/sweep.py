@@ -180,6 +180,7 @@ class SuiteSweep:
             s for s in settings
             if self.store.finished_tasks(self.cell(method.name, s, "validation", data_access=access), self.tasks) != set(self.tasks)
         ]
+        last = None  # (setting, merged weights, seconds) of the newest merge: reused on test when it wins
         with tqdm(total=len(settings), initial=len(settings) - len(pending), desc=f"{method.name}", unit="setting", leave=False) as bar:
             merges = method.sweep(task_vectors, pending, seed=self.seed, model=model)
             while True:
@@ -188,16 +189,18 @@ class SuiteSweep:
                     setting, merged_flat = next(merges)
                 except StopIteration:
                     break
-                merge_seconds = time.perf_counter() - started
+                last = (setting, merged_flat, time.perf_counter() - started)
                 validation_cell = self.cell(method.name, setting, "validation", data_access=access)
-                self._evaluate_setting(validation_cell, merged_flat, task_vectors.layout, merge_seconds)
+                self._evaluate_setting(validation_cell, merged_flat, task_vectors.layout, last[2])
                 bar.update()
         best, best_score = self._select(method, settings, access)
         test_cell = self.cell(method.name, best, "test", data_access=access)
         if self.store.finished_tasks(test_cell, self.tasks) != set(self.tasks):
-            started = time.perf_counter()
-            merged_flat = method.merge(task_vectors, best, seed=self.seed, model=model)
-            self._evaluate_setting(test_cell, merged_flat, task_vectors.layout, time.perf_counter() - started)
+            if last is None or last[0] != best:
+                started = time.perf_counter()
+                merged_flat = method.merge(task_vectors, best, seed=self.seed, model=model)
+                last = (best, merged_flat, time.perf_counter() - started)
+            self._evaluate_setting(test_cell, last[1], task_vectors.layout, last[2])
         self.store.select(test_cell, best_score, SELECTION_CRITERION, self.run_id)
         test = self.store.accuracies(self.context_key, method.name, "test", self.seed, access)[canonical_json(best)]
         return MethodSummary(
