@@ -26,6 +26,7 @@ elected sign (their ``ties_merging_split``, "dis-sum") — the disjoint-masked v
 from __future__ import annotations
 
 import torch
+from tqdm.auto import trange
 
 from mergebench.core.data_access import ModelAccess
 from mergebench.core.task_vectors import TaskVectors
@@ -65,7 +66,7 @@ def layer_coefficients(
     raw = torch.full((len(task_vectors.tasks), len(layout.slots)), init, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    for _ in range(steps):
+    for _ in trange(steps, desc="AdaMerging entropy steps", unit="step", leave=False):
         coefficients = raw.clamp(0.0, 1.0).repeat_interleave(sizes, dim=1)
         params = layout.views(pretrained + (coefficients * vectors).sum(dim=0))
         loss = torch.zeros((), device=device)
