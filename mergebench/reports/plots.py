@@ -13,11 +13,11 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from mergebench.errors import MergebenchError  # noqa: E402
 from mergebench.reports.tables import ResultTable, load_table  # noqa: E402
-from mergebench.store.database import ResultStore  # noqa: E402
+from mergebench.store.database import INDIVIDUAL, PRETRAINED, ResultStore  # noqa: E402
 
 DPI = 150
 MAX_UPRIGHT_LABEL = 10  # characters of a task name that fit under its group of bars unrotated
-REFERENCE_STYLE = {"pretrained": {"color": "gray", "linestyle": "--"}, "individual": {"color": "black", "linestyle": ":"}}
+REFERENCE_STYLE = {PRETRAINED: {"color": "gray", "linestyle": "--"}, INDIVIDUAL: {"color": "black", "linestyle": ":"}}
 
 
 def plot_task_count(store: ResultStore, suites: list[str], model: str | None, path: str | Path) -> Path:
@@ -31,9 +31,9 @@ def plot_task_count(store: ResultStore, suites: list[str], model: str | None, pa
     counts = [len(table.tasks) for table in tables]
 
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
-    axes.axhline(100, label="individual", linewidth=1.5, **REFERENCE_STYLE["individual"])
-    axes.plot(counts, [100 * t.row("pretrained").normalized_accuracy for t in tables], marker="s",
-              label="pretrained", **REFERENCE_STYLE["pretrained"])
+    axes.axhline(100, label=INDIVIDUAL, linewidth=1.5, **REFERENCE_STYLE[INDIVIDUAL])
+    axes.plot(counts, [100 * t.row(PRETRAINED).normalized_accuracy for t in tables], marker="s",
+              label=PRETRAINED, **REFERENCE_STYLE[PRETRAINED])
     for method in _merged_methods(tables):
         points = [(len(t.tasks), 100 * t.row(method).normalized_accuracy) for t in tables if _has(t, method)]
         axes.plot(*zip(*points), marker="o", linewidth=2, label=method)
@@ -48,7 +48,7 @@ def plot_task_count(store: ResultStore, suites: list[str], model: str | None, pa
 
 def plot_per_task(table: ResultTable, path: str | Path) -> Path:
     """Grouped bars of each method's test accuracy (%) per task, the individual expert as a black line."""
-    bar_rows = [row for row in table.rows if row.method != "individual"]
+    bar_rows = [row for row in table.rows if row.method != INDIVIDUAL]
     positions = range(len(table.tasks))
     group_width = 0.8
     bar_width = group_width / len(bar_rows)
@@ -59,11 +59,11 @@ def plot_per_task(table: ResultTable, path: str | Path) -> Path:
         heights = [100 * row.accuracies[task] for task in table.tasks]
         color = REFERENCE_STYLE.get(row.method, {}).get("color")
         axes.bar(offsets, heights, width=bar_width, label=row.method, color=color)
-    individual = table.row("individual")
+    individual = table.row(INDIVIDUAL)
     axes.hlines(
         [100 * individual.accuracies[task] for task in table.tasks],
         [p - group_width / 2 for p in positions], [p + group_width / 2 for p in positions],
-        colors="black", linewidth=2.5, label="individual",
+        colors="black", linewidth=2.5, label=INDIVIDUAL,
     )
     axes.set_xticks(list(positions))
     crowded = max(len(task) for task in table.tasks) > MAX_UPRIGHT_LABEL

@@ -17,9 +17,8 @@ from typing import Any, Callable, Mapping
 
 from mergebench.errors import MergebenchError
 from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
-from mergebench.store.database import ResultStore
+from mergebench.store.database import INDIVIDUAL, REFERENCE_METHODS, ResultStore
 
-REFERENCE_METHODS = ("pretrained", "individual")
 REFERENCE_SEED = 0
 SPLIT = "test"
 
@@ -75,7 +74,7 @@ def load_table(store: ResultStore, suite: str, model: str | None = None, seed: i
     model = _resolve_model(store, suite, model)
     context_key = _latest_context(store, suite, model)
     tasks = _suite_tasks(store, context_key)
-    individual = _test_rows(store, context_key, "individual", "{}", REFERENCE_SEED, "none", tasks)
+    individual = _test_rows(store, context_key, INDIVIDUAL, "{}", REFERENCE_SEED, "none", tasks)
     rows = [
         _method_row(store, context_key, method, "{}", REFERENCE_SEED, "none", tasks, individual)
         for method in REFERENCE_METHODS

@@ -30,10 +30,9 @@ from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
 from mergebench.methods.registry import MergeMethod, get_method
 from mergebench.runner.access import GrantedAccess
 from mergebench.runner.experts import PreparedSuite, cache_directory, prepare_suite
-from mergebench.store.database import Cell, ResultStore, canonical_json
+from mergebench.store.database import INDIVIDUAL, PRETRAINED, Cell, ResultStore, canonical_json
 from mergebench.suites.registry import get_suite
 
-REFERENCE_METHODS = ("pretrained", "individual")
 SELECTION_CRITERION = "mean normalized validation accuracy"
 RECORDED_PACKAGES = ("torch", "numpy", "safetensors", "efficientnet-lite-pytorch", "scikit-learn", "mlxtend")
 
@@ -155,16 +154,16 @@ class SuiteSweep:
     def references(self) -> None:
         """Pretrained backbone with fine-tuned heads, and each expert on its own task."""
         for split in ("validation", "test"):
-            cell = self.cell("pretrained", {}, split, seed=0)
+            cell = self.cell(PRETRAINED, {}, split, seed=0)
             if self.store.finished_tasks(cell, self.tasks) != set(self.tasks):
                 self._store(cell, self.prepared.evaluate(self.prepared.pretrained, split))
-            cell = self.cell("individual", {}, split, seed=0)
+            cell = self.cell(INDIVIDUAL, {}, split, seed=0)
             done = self.store.finished_tasks(cell, self.tasks)
             for task in tqdm([t for t in self.tasks if t not in done], desc=f"experts {split}", unit="task", leave=False):
                 self._store(cell, self.prepared.evaluate(self.prepared.finetuned[task], split, (task,)))
 
     def finetuned_accuracy(self, split: str) -> dict[str, float]:
-        return next(iter(self.store.accuracies(self.context_key, "individual", split, seed=0).values()))
+        return next(iter(self.store.accuracies(self.context_key, INDIVIDUAL, split, seed=0).values()))
 
     def _evaluate_setting(self, cell: Cell, merged_flat, layout, merge_seconds) -> None:
         started = time.perf_counter()

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping
 from mergebench.errors import MergebenchError
 
 DATABASE_NAME = "mergebench.sqlite"
+PRETRAINED, INDIVIDUAL = "pretrained", "individual"
+REFERENCE_METHODS = (PRETRAINED, INDIVIDUAL)  # the rows every run stores beside the merged methods
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
