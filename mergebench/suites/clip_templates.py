@@ -43,6 +43,31 @@ def _lookup(table: dict[str, tuple[str, ...]], task: str, what: str) -> tuple[st
     return table[task]
 
 
+# template lists that two datasets share in the authors' templates.py
+CIFAR_TEMPLATES = (
+    "a photo of a {c}.",
+    "a blurry photo of a {c}.",
+    "a black and white photo of a {c}.",
+    "a low contrast photo of a {c}.",
+    "a high contrast photo of a {c}.",
+    "a bad photo of a {c}.",
+    "a good photo of a {c}.",
+    "a photo of a small {c}.",
+    "a photo of a big {c}.",
+    "a photo of the {c}.",
+    "a blurry photo of the {c}.",
+    "a black and white photo of the {c}.",
+    "a low contrast photo of the {c}.",
+    "a high contrast photo of the {c}.",
+    "a bad photo of the {c}.",
+    "a good photo of the {c}.",
+    "a photo of the small {c}.",
+    "a photo of the big {c}.",
+)
+DIGIT_TEMPLATES = (
+    "a photo of the number: \"{c}\".",
+)
+
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "Cars": (
         "a photo of a {c}.",
@@ -74,9 +99,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a centered photo of a \"{c}\" traffic sign.",
         "a close up photo of a \"{c}\" traffic sign.",
     ),
-    "MNIST": (
-        "a photo of the number: \"{c}\".",
-    ),
+    "MNIST": DIGIT_TEMPLATES,
     "RESISC45": (
         "satellite imagery of {c}.",
         "aerial imagery of {c}.",
@@ -97,9 +120,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "satellite view of the {c}.",
         "aerial view of the {c}.",
     ),
-    "SVHN": (
-        "a photo of the number: \"{c}\".",
-    ),
+    "SVHN": DIGIT_TEMPLATES,
     "SUN397": (
         "a photo of a {c}.",
         "a photo of the {c}.",
@@ -114,26 +135,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "Flowers102": (
         "a photo of a {c}, a type of flower.",
     ),
-    "CIFAR100": (
-        "a photo of a {c}.",
-        "a blurry photo of a {c}.",
-        "a black and white photo of a {c}.",
-        "a low contrast photo of a {c}.",
-        "a high contrast photo of a {c}.",
-        "a bad photo of a {c}.",
-        "a good photo of a {c}.",
-        "a photo of a small {c}.",
-        "a photo of a big {c}.",
-        "a photo of the {c}.",
-        "a blurry photo of the {c}.",
-        "a black and white photo of the {c}.",
-        "a low contrast photo of the {c}.",
-        "a high contrast photo of the {c}.",
-        "a bad photo of the {c}.",
-        "a good photo of the {c}.",
-        "a photo of the small {c}.",
-        "a photo of the big {c}.",
-    ),
+    "CIFAR100": CIFAR_TEMPLATES,
     "PCAM": (
         "this is a photo of {c}",
     ),
@@ -145,26 +147,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "they look {c}.",
         "look at how {c} they are.",
     ),
-    "CIFAR10": (
-        "a photo of a {c}.",
-        "a blurry photo of a {c}.",
-        "a black and white photo of a {c}.",
-        "a low contrast photo of a {c}.",
-        "a high contrast photo of a {c}.",
-        "a bad photo of a {c}.",
-        "a good photo of a {c}.",
-        "a photo of a small {c}.",
-        "a photo of a big {c}.",
-        "a photo of the {c}.",
-        "a blurry photo of the {c}.",
-        "a black and white photo of the {c}.",
-        "a low contrast photo of the {c}.",
-        "a high contrast photo of the {c}.",
-        "a bad photo of the {c}.",
-        "a good photo of the {c}.",
-        "a photo of the small {c}.",
-        "a photo of the big {c}.",
-    ),
+    "CIFAR10": CIFAR_TEMPLATES,
     "Food101": (
         "a photo of {c}, a type of food.",
     ),
