@@ -68,7 +68,7 @@ def main() -> None:
     names = [n for n in args.methods.split(",") if n] or [n for n, m in all_methods().items() if m.data == "none"]
     for name in names:
         method = get_method(name)
-        setting = {n: h.default for n, h in method.hparams.items()}
+        setting = method.defaults()
         try:
             seconds = timed(lambda: method.merge(task_vectors, setting, seed=0), args.repeats, device)
         except (MergebenchError, torch.OutOfMemoryError) as error:  # e.g. slerp needs exactly two models

@@ -2,6 +2,8 @@
 
 import math
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -15,25 +17,17 @@ from mergebench.errors import MergebenchError
 from mergebench.methods import get_method
 from mergebench.methods.consensus import tall_mask, ties_disjoint_sum
 from mergebench.methods.spherical import karcher_mean
+import method_helpers
+from method_helpers import merge
 
 ROOT_HALF = math.sqrt(0.5)
 
 
-def stack(rows, pretrained=None, shapes=None, names=None):
-    vectors = torch.tensor(rows, dtype=torch.float64)
-    n = vectors.shape[1]
-    shapes = shapes or [(n,)]
-    names = names or [f"p{i}" for i in range(len(shapes))]
-    state = {name: torch.zeros(shape) for name, shape in zip(names, shapes)}
-    layout = ParamLayout.of(state, names)
-    theta0 = torch.zeros(n, dtype=torch.float64) if pretrained is None else torch.tensor(pretrained, dtype=torch.float64)
-    return TaskVectors(theta0, vectors, layout, tuple(f"t{i}" for i in range(len(rows))))
 
 
-def merge(name, tv, **setting):
-    method = get_method(name)
-    full = {n: h.default for n, h in method.hparams.items()} | setting
-    return method.merge(tv, full)
+
+
+stack = partial(method_helpers.stack, dtype=torch.float64)
 
 
 def layout_of(names):

@@ -15,6 +15,7 @@ from mergebench.methods import get_method
 from mergebench.methods.adamerging import coefficient_merge, disjoint_ties_vectors, layer_coefficients, softmax_entropy
 from mergebench.methods.fisher import fisher_weighted_average
 from mergebench.methods.regmean import scale_off_diagonal
+from method_helpers import merge
 
 
 class FakeAccess:
@@ -67,9 +68,7 @@ def perturbed(module, scale, seed):
 
 
 def run(name, tv, model, seed=0, **setting):
-    method = get_method(name)
-    full = {n: h.default for n, h in method.hparams.items()} | setting
-    return method.merge(tv, full, seed=seed, model=model)
+    return merge(name, tv, seed=seed, model=model, **setting)
 
 
 def mlp():

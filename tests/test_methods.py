@@ -3,27 +3,15 @@
 import pytest
 import torch
 
-from mergebench.core.task_vectors import ParamLayout, TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods import HParam, get_method
 from mergebench.methods.dare import drop_and_rescale
 from mergebench.methods.ties import disjoint_mean, elect_signs, keep_top_magnitudes
+from method_helpers import merge, stack
 
 
-def stack(rows, pretrained=None, shapes=None):
-    vectors = torch.tensor(rows, dtype=torch.float32)
-    n = vectors.shape[1]
-    shapes = shapes or [(n,)]
-    state = {f"p{i}": torch.zeros(shape) for i, shape in enumerate(shapes)}
-    layout = ParamLayout.of(state, list(state))
-    theta0 = torch.zeros(n) if pretrained is None else torch.tensor(pretrained, dtype=torch.float32)
-    return TaskVectors(theta0, vectors, layout, tuple(f"t{i}" for i in range(len(rows))))
 
 
-def merge(name, tv, seed=0, **setting):
-    method = get_method(name)
-    full = {n: h.default for n, h in method.hparams.items()} | setting
-    return method.merge(tv, full, seed=seed)
 
 
 # --- averaging and task arithmetic -------------------------------------------------------------

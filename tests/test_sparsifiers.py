@@ -8,27 +8,15 @@ import mergebench.methods.breadcrumbs  # noqa: F401
 import mergebench.methods.cabs  # noqa: F401
 import mergebench.methods.della  # noqa: F401
 import mergebench.methods.pcb  # noqa: F401
-from mergebench.core.task_vectors import ParamLayout, TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods import get_method
 from mergebench.methods.cabs import cabs_masks
 from mergebench.methods.della import magprune, magprune_drop_probabilities
+from method_helpers import merge, stack
 
 
-def stack(rows, pretrained=None, shapes=None):
-    vectors = torch.tensor(rows, dtype=torch.float32)
-    n = vectors.shape[1]
-    shapes = shapes or [(n,)]
-    state = {f"p{i}": torch.zeros(shape) for i, shape in enumerate(shapes)}
-    layout = ParamLayout.of(state, list(state))
-    theta0 = torch.zeros(n) if pretrained is None else torch.tensor(pretrained, dtype=torch.float32)
-    return TaskVectors(theta0, vectors, layout, tuple(f"t{i}" for i in range(len(rows))))
 
 
-def merge(name, tv, seed=0, **setting):
-    method = get_method(name)
-    full = {n: h.default for n, h in method.hparams.items()} | setting
-    return method.merge(tv, full, seed=seed)
 
 
 # --- Breadcrumbs -----------------------------------------------------------------------------

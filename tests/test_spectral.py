@@ -9,6 +9,7 @@ from mergebench.core.task_vectors import ParamLayout, TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods import get_method
 from mergebench.methods.spectral import iso_cts_sizes
+from method_helpers import merge
 
 METHODS = ("tsv", "iso_c", "iso_cts")
 
@@ -22,10 +23,6 @@ def stack(params, pretrained=None):
     return TaskVectors(theta0, vectors, layout, tuple(f"t{i}" for i in range(vectors.shape[0])))
 
 
-def merge(name, tv, **setting):
-    method = get_method(name)
-    full = {n: h.default for n, h in method.hparams.items()} | setting
-    return method.merge(tv, full)
 
 
 # --- independent numpy re-derivations of the authors' code ---------------------------------------

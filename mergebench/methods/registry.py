@@ -72,6 +72,10 @@ class MergeMethod:
     def uses_data(self) -> bool:
         return self.data != "none"
 
+    def defaults(self) -> dict[str, Any]:
+        """Every hyperparameter at its declared default."""
+        return {name: hparam.default for name, hparam in self.hparams.items()}
+
     def settings(self, overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """Every hyperparameter setting of the sweep, λ varying fastest; overrides fix values."""
         overrides = self.check_overrides(overrides or {})
