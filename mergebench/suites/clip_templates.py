@@ -166,6 +166,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+DIGITS = tuple(str(digit) for digit in range(10))
+
 CLASSNAMES: dict[str, tuple[str, ...]] = {
     # fusion_bench/tasks/clip_classification/stanford_cars.py
     "Cars": (
@@ -476,18 +478,7 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
         "white circle with gray strike bar indicating no passing for trucks has ended",
     ),
     # fusion_bench/tasks/clip_classification/mnist.py
-    "MNIST": (
-        "0",
-        "1",
-        "2",
-        "3",
-        "4",
-        "5",
-        "6",
-        "7",
-        "8",
-        "9",
-    ),
+    "MNIST": DIGITS,
     # fusion_bench/tasks/clip_classification/resisc45.py
     "RESISC45": (
         "airplane",
@@ -537,18 +528,7 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
         "wetland",
     ),
     # fusion_bench/tasks/clip_classification/svhn.py
-    "SVHN": (
-        "0",
-        "1",
-        "2",
-        "3",
-        "4",
-        "5",
-        "6",
-        "7",
-        "8",
-        "9",
-    ),
+    "SVHN": DIGITS,
     # fusion_bench/tasks/clip_classification/sun397.py
     "SUN397": (
         "abbey",
@@ -1361,18 +1341,7 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
         "positive",
     ),
     # fusion_bench/tasks/clip_classification/emnist_mnist.py
-    "EMNIST": (
-        "0",
-        "1",
-        "2",
-        "3",
-        "4",
-        "5",
-        "6",
-        "7",
-        "8",
-        "9",
-    ),
+    "EMNIST": DIGITS,
     # fusion_bench/tasks/clip_classification/kmnist.py
     "KMNIST": (
         "お",
