@@ -67,11 +67,3 @@ def setup(backbone, finetuned_states, heads, data, access="train-samples"):
     tv = build_task_vectors(model.pretrained, dict(zip(data, finetuned_states)))
     model.layout = tv.layout
     return tv, model
-
-
-def setup(backbone, finetuned_states, heads, data, access="train-samples"):
-    """Task vectors of ``finetuned_states`` over ``backbone``'s state and a FakeAccess bound to them."""
-    model = FakeAccess(backbone, heads, data, access)
-    tv = build_task_vectors(model.pretrained, dict(zip(data, finetuned_states)))
-    model.layout = tv.layout
-    return tv, model

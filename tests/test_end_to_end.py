@@ -194,3 +194,19 @@ def test_continual_scores_each_arrival_over_orders_and_resumes(tiny_suites, caps
     before = store.query("SELECT COUNT(*) AS n FROM results")[0]["n"]
     assert cli.main(argv) == 0
     assert store.query("SELECT COUNT(*) AS n FROM results")[0]["n"] == before
+
+
+def test_upscaled_model_is_evaluated_as_it_is_and_reports_its_size(tiny_suites, capsys):
+    out = tiny_suites / "results"
+    argv = ["run", "--suite", "tiny-2", "--methods", "task_arithmetic,wemoe", "--out", str(out),
+            "--hparams", "task_arithmetic.lam=0.3,wemoe.steps=2,wemoe.batch_size=4"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    wemoe_row = next(line for line in printed.splitlines() if line.startswith("| wemoe"))
+    assert "unlabeled-test" in wemoe_row
+    sizes = {
+        row["method"]: row["parameters"]
+        for row in ResultStore(out).query("SELECT DISTINCT method, parameters FROM results WHERE method IN ('task_arithmetic', 'wemoe')")
+    }
+    # θ₀ and two task vectors of every MBConv block, plus the routers: about 2.7× EfficientNet-Lite0
+    assert 2.5 * sizes["task_arithmetic"] < sizes["wemoe"] < 3 * sizes["task_arithmetic"]

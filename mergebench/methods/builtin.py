@@ -19,4 +19,5 @@ from mergebench.methods import (  # noqa: F401
     spectral,
     spherical,
     ties,
+    wemoe,
 )

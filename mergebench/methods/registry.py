@@ -2,7 +2,10 @@
 
 A registered function receives the stacked :class:`~mergebench.core.task_vectors.TaskVectors` and its
 hyperparameters as keyword arguments and returns the merged task vector τ_m (``[N]``); the merged model
-is θ = θ₀ + λ·τ_m. The scaling coefficient λ is the common *post-scaler* of the literature: a method
+is θ = θ₀ + λ·τ_m. A method registered with ``returns_model=True`` (one that upscales the model, as
+WEMoE does) returns the whole merged backbone as an ``nn.Module`` instead, evaluated as it is.
+
+The scaling coefficient λ is the common *post-scaler* of the literature: a method
 declares its default and sweep grid under the name ``lam`` and the registry applies it, so a sweep
 computes τ_m once for every setting of the other hyperparameters and only rescales it across λ.
 """
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from torch import nn
 
 from mergebench.core.data_access import DATA_ACCESS, ModelAccess
 from mergebench.core.task_vectors import TaskVectors
@@ -67,6 +71,8 @@ class MergeMethod:
     randomized: bool = False
     summary: str = field(default="")
     examples: int = 0
+    returns_model: bool = False
+    """The function returns the merged backbone (``nn.Module``), larger than the base model, not τ_m."""
 
     @property
     def uses_data(self) -> bool:
@@ -92,8 +98,9 @@ class MergeMethod:
 
     def merged_vector(
         self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0, model: ModelAccess | None = None
-    ) -> torch.Tensor:
-        """τ_m for ``setting`` without the λ post-scaling; data-using methods also get ``model``."""
+    ) -> torch.Tensor | nn.Module:
+        """τ_m for ``setting`` without the λ post-scaling (or the merged backbone of a ``returns_model``
+        method); data-using methods also get ``model``."""
         kwargs = {name: value for name, value in setting.items() if name != SCALE}
         if self.randomized:
             kwargs["seed"] = seed
@@ -105,21 +112,22 @@ class MergeMethod:
 
     def merge(
         self, task_vectors: TaskVectors, setting: Mapping[str, Any], *, seed: int = 0, model: ModelAccess | None = None
-    ) -> torch.Tensor:
-        """Merged flat weights θ₀ + λ·τ_m."""
+    ) -> torch.Tensor | nn.Module:
+        """Merged flat weights θ₀ + λ·τ_m, or the merged backbone of a ``returns_model`` method."""
         merged_vector = self.merged_vector(task_vectors, setting, seed=seed, model=model)
-        return scale_onto(task_vectors.pretrained, merged_vector, setting)
+        return merged_vector if self.returns_model else scale_onto(task_vectors.pretrained, merged_vector, setting)
 
     def sweep(
         self, task_vectors: TaskVectors, settings: list[dict[str, Any]], *, seed: int = 0, model: ModelAccess | None = None
-    ) -> Iterator[tuple[dict, torch.Tensor]]:
-        """Yield ``(setting, merged flat weights)`` for ``settings``, computing τ_m once per non-λ setting."""
+    ) -> Iterator[tuple[dict, torch.Tensor | nn.Module]]:
+        """Yield ``(setting, merged flat weights)`` for ``settings``, computing τ_m once per non-λ setting
+        (``(setting, merged backbone)`` for a ``returns_model`` method)."""
         cached_key, cached_vector = None, None
         for setting in settings:
             key = tuple((n, v) for n, v in setting.items() if n != SCALE)
             if key != cached_key:
                 cached_key, cached_vector = key, self.merged_vector(task_vectors, setting, seed=seed, model=model)
-            yield setting, scale_onto(task_vectors.pretrained, cached_vector, setting)
+            yield setting, cached_vector if self.returns_model else scale_onto(task_vectors.pretrained, cached_vector, setting)
 
 
 def scale_onto(pretrained: torch.Tensor, merged_vector: torch.Tensor, setting: Mapping[str, Any]) -> torch.Tensor:
@@ -139,11 +147,13 @@ def register(
     data: str = "none",
     examples: int = 0,
     randomized: bool = False,
+    returns_model: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``function`` as merging method ``name`` with its hyperparameters declared once.
 
     ``data`` is the access the method needs (see :mod:`mergebench.core.data_access`); ``examples`` is
-    how many examples per task it takes under ``train-samples`` (its paper's default).
+    how many examples per task it takes under ``train-samples`` (its paper's default);
+    ``returns_model`` says the function returns the merged backbone rather than τ_m.
     """
     if data not in DATA_ACCESS:
         raise ValueError(f"unknown data access {data!r}")
@@ -152,7 +162,9 @@ def register(
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
-        METHODS[name] = MergeMethod(name, function, dict(hparams or {}), citation, data, randomized, summary, examples)
+        METHODS[name] = MergeMethod(
+            name, function, dict(hparams or {}), citation, data, randomized, summary, examples, returns_model
+        )
         return function
 
     return decorate
@@ -178,6 +190,8 @@ def register_post_scaler(
 
 def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
     """``base`` without its λ, followed by the post-scaler ``scaler``."""
+    if base.returns_model:
+        raise MergebenchError(f"cannot compose {base.name} and {scaler.name}: {base.name} returns a model, not a task vector")
     clash = [n for n in scaler.hparams if n in base.hparams and n != SCALE]
     if clash:
         raise MergebenchError(f"cannot compose {base.name} and {scaler.name}: both have hyperparameter {clash[0]!r}")

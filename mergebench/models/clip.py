@@ -279,6 +279,10 @@ class ClipImageEncoder(nn.Module):
         embeddings = self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
         return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
+    def feed_forward_modules(self) -> tuple[str, ...]:
+        """The MLP of every transformer layer (``fc1``, GELU, ``fc2``)."""
+        return tuple(f"vision_model.encoder.layers.{i}.mlp" for i in range(len(self.vision_model.encoder.layers)))
+
 
 # ---------------------------------------------------------------------------------- preprocessing
 

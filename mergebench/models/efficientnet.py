@@ -40,6 +40,10 @@ class EfficientNetBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(images).mean(dim=(2, 3))
 
+    def feed_forward_modules(self) -> tuple[str, ...]:
+        """The MBConv blocks: the inverted bottleneck is the CNN counterpart of a transformer's MLP."""
+        return tuple(f"net._blocks.{i}" for i in range(len(self.net._blocks)))
+
 
 def _weights_path(name: str) -> str:
     if name not in WEIGHT_PACKAGES:

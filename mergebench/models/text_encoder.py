@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +146,14 @@ class TextEncoderBackbone(nn.Module):
         hidden = self.encoder(input_ids=token_ids, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+    def feed_forward_modules(self) -> tuple[str, ...]:
+        """Each layer's MLP, which BERT-style models split in two modules: ``intermediate`` (dense, GELU)
+        and ``output`` (dense, then LayerNorm of the residual sum)."""
+        return tuple(
+            name for name, _ in self.named_modules()
+            if re.fullmatch(r"(.*\.)?layer\.\d+\.(intermediate|output)", name)
+        )
 
 
 def pretrained_backbone_state(name_or_path: str | os.PathLike = DEFAULT_TEXT_ENCODER) -> StateDict:

@@ -64,16 +64,27 @@ class PreparedSuite:
     def examples_per_second(self) -> float | None:
         return self.examples_evaluated / self.seconds_evaluating if self.seconds_evaluating else None
 
-    def evaluate(self, backbone_state: StateDict, split: str, tasks: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
-        """``{task: (correct, total)}`` of the backbone with each task's own head."""
-        self.backbone.load_state_dict(backbone_state)
-        if self.after_load is not None:
-            self.after_load(self)
+    def evaluate(self, backbone: StateDict | nn.Module, split: str, tasks: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
+        """``{task: (correct, total)}`` of the backbone with each task's own head.
+
+        ``backbone`` is a state dict loaded into the suite's backbone, or a whole merged backbone
+        (from a method that upscales the model), evaluated as it is.
+        """
+        if isinstance(backbone, nn.Module):
+            if self.after_load is not None:
+                raise MergebenchError(
+                    f"suite {self.suite.name} re-estimates BatchNorm statistics after merging, which an upscaled merged model does not support"
+                )
+        else:
+            self.backbone.load_state_dict(backbone)
+            if self.after_load is not None:
+                self.after_load(self)
+            backbone = self.backbone
         outcomes = {}
         started = time.perf_counter()
         for task in tasks or self.suite.task_names:
             data = self.data[split][task]
-            correct = count_correct(self.backbone, self.heads[task], data.inputs, data.labels, self.suite.eval_batch_size)
+            correct = count_correct(backbone, self.heads[task], data.inputs, data.labels, self.suite.eval_batch_size)
             outcomes[task] = (correct, len(data.labels))
         self.examples_evaluated += sum(total for _, total in outcomes.values())
         self.seconds_evaluating += time.perf_counter() - started

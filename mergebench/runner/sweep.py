@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 import mergebench
@@ -68,10 +69,24 @@ class Merge:
     """One merged model of a sweep and what producing it cost."""
 
     setting: dict
-    weights: torch.Tensor
+    weights: torch.Tensor | nn.Module
+    """Flat merged weights in ``layout``, or the whole merged backbone of a method that upscales it."""
     layout: ParamLayout
     seconds: float
     peak_mb: float | None
+
+    @property
+    def parameters(self) -> int:
+        """Parameters of the merged model (base model's if flat; every tensor the module holds if upscaled)."""
+        if isinstance(self.weights, nn.Module):
+            return sum(p.numel() for p in self.weights.parameters())
+        return self.layout.numel
+
+    def backbone(self, pretrained) -> dict | nn.Module:
+        """What :meth:`PreparedSuite.evaluate` takes: the merged state dict, or the merged module itself."""
+        if isinstance(self.weights, nn.Module):
+            return self.weights
+        return merged_state_dict(pretrained, self.layout, self.weights)
 
 
 @dataclass(frozen=True)
@@ -209,11 +224,10 @@ class SuiteSweep:
     def evaluate_merge(self, cell: Cell, merge: Merge, tasks: tuple[str, ...] | None = None) -> None:
         """Evaluate a merged model on ``tasks`` (all of the suite's by default) and store the scores and costs."""
         started = time.perf_counter()
-        state = merged_state_dict(self.prepared.pretrained, merge.layout, merge.weights)
-        outcomes = self.prepared.evaluate(state, cell.split, tasks)
+        outcomes = self.prepared.evaluate(merge.backbone(self.prepared.pretrained), cell.split, tasks)
         self._store(
             cell, outcomes, merge.seconds, time.perf_counter() - started,
-            merge_peak_mb=merge.peak_mb, parameters=merge.layout.numel,
+            merge_peak_mb=merge.peak_mb, parameters=merge.parameters,
         )
 
     def _timed(self, merges: Iterator[tuple[dict, torch.Tensor]], layout) -> Iterator["Merge"]:
