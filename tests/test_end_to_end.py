@@ -126,6 +126,7 @@ def test_batchnorm_recalibration_policy_runs(tmp_path, monkeypatch, expert_cache
         (["run", "--suite", "tiny-2", "--methods", "ties+nope"], "unknown post-scaler 'nope'"),
         (["run", "--suite", "tiny-2", "--methods", "ties", "--model", "resnet"], "has no model 'resnet'"),
         (["report", "--suite", "tiny-2"], "no results"),
+        (["continual", "--suite", "tiny-2", "--methods", "opcm", "--hparams", "opcm.order=shuffled"], "leave opcm.order at 'given'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_suites, capsys, argv, message):

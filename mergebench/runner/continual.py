@@ -24,6 +24,7 @@ from mergebench.runner.families import prepare_suite
 from mergebench.runner.sweep import SuiteSweep, SweepRequest, checked, start_run
 from mergebench.store.database import ARRIVAL_ORDER, ARRIVED
 
+
 def task_order(tasks: tuple[str, ...], order: int) -> tuple[str, ...]:
     """Order 0: the suite's own; order k: a permutation drawn from ``torch.Generator().manual_seed(k)``."""
     if order == 0:
@@ -45,8 +46,9 @@ def run_continual(request: ContinualRequest, report: Callable[[str], None] = tqd
         raise MergebenchError("--orders must be at least 1")
     methods, suites = checked(sweep_request)
     settings = {m.name: m.defaults() | m.check_overrides(sweep_request.overrides.get(m.name, {})) for m in methods}
-    if "order" in settings.get("opcm", {}) and settings["opcm"]["order"] != "given":
-        raise MergebenchError("continual runs set the order themselves (--orders); leave opcm.order at 'given'")
+    for name, setting in settings.items():  # a method's own order of arrival (opcm.order) would undo --orders
+        if setting.get("order", "given") != "given":
+            raise MergebenchError(f"continual runs set the order themselves (--orders); leave {name}.order at 'given'")
     store, run_id, device = start_run(sweep_request)
     for suite in suites:
         prepared = prepare_suite(suite, sweep_request.model, device, cache_directory(sweep_request.cache), **sweep_request.options)
