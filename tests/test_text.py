@@ -325,6 +325,34 @@ def test_finetune_trains_the_text_backbone_unchanged(tiny_encoder):
                            backbone.state_dict()["encoder.encoder.layer.0.attention.self.query.weight"])
 
 
+def test_wemoe_upscales_both_halves_of_every_bert_mlp(tiny_encoder):
+    from tests.method_helpers import merge, setup
+    from mergebench.core.task_vectors import merged_state_dict
+    from mergebench.methods.wemoe import routers, upscale
+
+    backbone = load_pretrained_backbone(tiny_encoder).eval()
+    assert backbone.feed_forward_modules() == (
+        "encoder.encoder.layer.0.intermediate", "encoder.encoder.layer.0.output",
+        "encoder.encoder.layer.1.intermediate", "encoder.encoder.layer.1.output",
+    )
+    generator = torch.Generator().manual_seed(0)
+    state = backbone.state_dict()
+    finetuned = [{k: v + 0.1 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v for k, v in state.items()}
+                 for _ in range(2)]
+    ids = tokenize(["good movie", "the plot is great fun", "bad"], load_tokenizer(tiny_encoder), max_length=8)
+    data = {"a": (ids, torch.zeros(3, dtype=torch.long)), "b": (ids, torch.zeros(3, dtype=torch.long))}
+    heads = {task: torch.nn.Linear(16, 2) for task in data}
+    tv, model = setup(backbone, finetuned, heads, data, access="unlabeled-test")
+    merged = upscale(tv, model, init_lambda=0.3, probe=ids, generator=generator)
+    with torch.no_grad():
+        for mixture in routers(merged):  # r(x) = 0.3 for every input: task arithmetic with λ = 0.3
+            mixture.router.hidden.weight.zero_()
+            mixture.router.out.weight.zero_()
+        reference = load_pretrained_backbone(tiny_encoder).eval()
+        reference.load_state_dict(merged_state_dict(model.pretrained, tv.layout, merge("task_arithmetic", tv, lam=0.3)))
+        assert torch.allclose(merged(ids), reference(ids), atol=1e-5)
+
+
 def test_encoder_errors_are_one_line(tiny_encoder, tmp_path, monkeypatch):
     from transformers import GPT2Config
 

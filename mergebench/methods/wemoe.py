@@ -19,7 +19,8 @@ Adam with lr 10⁻⁴, 1000 steps, 16 inputs per task per step, the tasks' entro
 the routing weights are averaged over the batch (one merged block per batch, their ``batch_reduce``);
 the returned model routes every sample on its own.
 
-Tokens are a sequence's positions (``[B, n, h]``) or a feature map's pixels (``[B, h, H, W]``).
+Tokens are a sequence's positions (``[B, n, h]``) or a feature map's pixels (``[B, h, H, W]``); as in
+the authors' code, the router's mean runs over every position, padding included.
 Which modules are feed-forward blocks is the backbone's ``feed_forward_modules()``; BatchNorm running
 statistics inside a block stay those of the pretrained model. The merged model holds θ₀ and T task
 vectors of every block, so it is larger than the base model (the table's ``Params`` column).
