@@ -1,4 +1,4 @@
-"""Accuracy of a backbone with a task's linear head, and BatchNorm re-estimation for merged models."""
+"""Accuracy (or the raw outputs) of a backbone with a task's head, and BatchNorm re-estimation for merged models."""
 
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ def count_correct(backbone: nn.Module, head: nn.Module, inputs: torch.Tensor, la
             logits = head(backbone(batch))
             correct += (logits.argmax(dim=1) == labels[start : start + batch_size].to(device)).sum()
     return int(correct)
+
+
+@torch.inference_mode()
+def head_outputs(backbone: nn.Module, head: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The head's outputs ``[N, outputs]`` on every input, in float32 on the CPU (for metrics other than accuracy)."""
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    outputs = []
+    with _autocast(device):
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size].to(device, non_blocking=True)
+            outputs.append(head(backbone(batch)).float().cpu())
+    return torch.cat(outputs)
 
 
 @torch.no_grad()

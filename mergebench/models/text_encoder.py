@@ -86,18 +86,23 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TEXT_ENCODER):
     return tokenizer
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+def tokenize(
+    texts: Sequence[str], tokenizer: Any, max_length: int, pairs: Sequence[str] | None = None, width: int | None = None
+) -> torch.Tensor:
     """Token ids ``[N, L]`` (int64) with special tokens, truncated to ``max_length``, right-padded with the pad id.
 
-    ``L`` is the longest tokenized text (at most ``max_length``); padding is added here, not by the
-    tokenizer, so it is on the right whatever the tokenizer's ``padding_side``.
+    ``pairs`` makes each example the pair ``(texts[i], pairs[i])``, truncated longest-first as the
+    GLUE fine-tuning scripts do. ``L`` is the longest tokenized text (at most ``max_length``), or
+    ``width`` when given; padding is added here, not by the tokenizer, so it is on the right whatever
+    the tokenizer's ``padding_side``.
     """
     if isinstance(texts, str) or len(texts) == 0:
         raise MergebenchError("tokenize needs a non-empty sequence of texts")
     if max_length < 2:
         raise MergebenchError(f"max_length must be at least 2, got {max_length}")
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
-    width = max(len(row) for row in ids)
+    second = None if pairs is None else list(pairs)
+    ids = tokenizer(list(texts), second, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    width = width or max(len(row) for row in ids)
     tokens = torch.full((len(ids), width), int(tokenizer.pad_token_id), dtype=torch.long)
     for row, row_ids in enumerate(ids):
         tokens[row, : len(row_ids)] = torch.as_tensor(row_ids, dtype=torch.long)
@@ -139,21 +144,32 @@ class TextEncoderBackbone(nn.Module):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if token_ids.dim() != 2 or token_ids.dtype not in (torch.int64, torch.int32):
             raise MergebenchError(f"expected integer token ids of shape [N, L], got {token_ids.dtype} {tuple(token_ids.shape)}")
-        mask = token_ids != self.pad_token_id
-        used = mask.any(dim=0).nonzero()
-        width = int(used[-1]) + 1 if len(used) else token_ids.shape[1]
-        token_ids, mask = token_ids[:, :width], mask[:, :width]
+        token_ids, mask = without_padding_columns(token_ids, self.pad_token_id)
         hidden = self.encoder(input_ids=token_ids, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
     def feed_forward_modules(self) -> tuple[str, ...]:
-        """Each layer's MLP, which BERT-style models split in two modules: ``intermediate`` (dense, GELU)
-        and ``output`` (dense, then LayerNorm of the residual sum)."""
-        return tuple(
-            name for name, _ in self.named_modules()
-            if re.fullmatch(r"(.*\.)?layer\.\d+\.(intermediate|output)", name)
-        )
+        return feed_forward_module_names(self)
+
+
+def without_padding_columns(token_ids: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask (``ids != pad``) with the trailing columns that are padding in every
+    row cut; they are masked anyway, so cutting them only saves time."""
+    mask = token_ids != pad_token_id
+    used = mask.any(dim=0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else token_ids.shape[1]
+    return token_ids[:, :width], mask[:, :width]
+
+
+def feed_forward_module_names(module: nn.Module) -> tuple[str, ...]:
+    """The MLP of every transformer layer of a Hugging Face encoder inside ``module``: GPT-2's ``h.N.mlp``,
+    or both modules BERT-style models split it into, ``layer.N.intermediate`` (dense, GELU) and
+    ``layer.N.output`` (dense, then LayerNorm of the residual sum)."""
+    return tuple(
+        name for name, _ in module.named_modules()
+        if re.fullmatch(r"(.*\.)?(layer\.\d+\.(intermediate|output)|h\.\d+\.mlp)", name)
+    )
 
 
 def pretrained_backbone_state(name_or_path: str | os.PathLike = DEFAULT_TEXT_ENCODER) -> StateDict:

@@ -39,12 +39,12 @@ def load_arrivals(store: ResultStore, suite: str, model: str | None = None) -> l
     table = load_table(store, suite, model)
     individual = table.row(INDIVIDUAL).accuracies
     rows = store.query(
-        "SELECT method, hparams, seed, data_access, task, accuracy FROM results WHERE context_key=? AND split='test' "
+        "SELECT method, hparams, seed, data_access, task, score FROM results WHERE context_key=? AND split='test' "
         "AND hparams LIKE ?", (table.context_key, f'%"{ARRIVED}"%'),
     )
     cells: dict[tuple, dict[str, float]] = {}
     for row in rows:
-        cells.setdefault((row["method"], row["hparams"], row["seed"], row["data_access"]), {})[row["task"]] = row["accuracy"]
+        cells.setdefault((row["method"], row["hparams"], row["seed"], row["data_access"]), {})[row["task"]] = row["score"]
     points = []
     for (method, hparams_json, _, _), accuracies in cells.items():
         hparams = json.loads(hparams_json)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mergebench.errors import MergebenchError
+from mergebench.core.scores import ACCURACY, METRIC_LABELS
 from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
 from mergebench.store.database import INDIVIDUAL, REFERENCE_METHODS, ResultStore
 
@@ -25,7 +26,7 @@ SPLIT = "test"
 
 @dataclass(frozen=True)
 class MethodRow:
-    """One method's test accuracies (fractions in [0, 1]) on the tasks of a suite."""
+    """One method's test scores (fractions: accuracy, or the task's correlation metric) on the tasks of a suite."""
 
     method: str
     accuracies: Mapping[str, float]
@@ -50,6 +51,8 @@ class ResultTable:
     context_key: str
     tasks: tuple[str, ...]
     rows: tuple[MethodRow, ...]
+    metrics: Mapping[str, str] = field(default_factory=dict)
+    """``{task: metric}`` where a task is not scored by accuracy."""
 
     @property
     def merged(self) -> tuple[MethodRow, ...]:
@@ -87,7 +90,8 @@ def load_table(store: ResultStore, suite: str, model: str | None = None, seed: i
                 store, context_key, selection["method"], selection["hparams"], seed, selection["data_access"], tasks, individual
             )
         )
-    return ResultTable(suite, model, context_key, tasks, tuple(rows))
+    metrics = {task: metric for task, metric in store.metrics(context_key).items() if metric != ACCURACY}
+    return ResultTable(suite, model, context_key, tasks, tuple(rows), metrics)
 
 
 def _resolve_model(store: ResultStore, suite: str, model: str | None) -> str:
@@ -131,13 +135,13 @@ def _selections(store: ResultStore, context_key: str, seed: int) -> list[Any]:
 def _test_rows(
     store: ResultStore, context_key: str, method: str, hparams_json: str, seed: int, data_access: str, tasks: tuple[str, ...]
 ) -> dict[str, float]:
-    """``{task: accuracy}`` of one method's test rows for one setting and data access, in task order."""
+    """``{task: score}`` of one method's test rows for one setting and data access, in task order."""
     rows = store.query(
-        "SELECT task, accuracy FROM results "
+        "SELECT task, score FROM results "
         "WHERE context_key=? AND method=? AND hparams=? AND seed=? AND split=? AND data_access=?",
         (context_key, method, hparams_json, seed, SPLIT, data_access),
     )
-    measured = {row["task"]: row["accuracy"] for row in rows}
+    measured = {row["task"]: row["score"] for row in rows}
     missing = [task for task in tasks if task not in measured]
     if missing:
         raise MergebenchError(
@@ -178,7 +182,9 @@ def format_setting(setting: Mapping[str, Any]) -> str:
 
 
 def _columns(table: ResultTable) -> list[str]:
-    return [*table.tasks, "Avg.", "Norm."]
+    """Task names, each followed by its metric's label where that is not accuracy (``cola (MCC)``)."""
+    tasks = [f"{task} ({METRIC_LABELS[table.metrics[task]]})" if task in table.metrics else task for task in table.tasks]
+    return [*tasks, "Avg.", "Norm."]
 
 
 def _values(table: ResultTable, row: MethodRow) -> list[str]:
@@ -217,8 +223,12 @@ def _title(table: ResultTable) -> str:
 
 
 def _caption(table: ResultTable) -> str:
+    if table.metrics:
+        scores = "test score (%) per task (accuracy unless a task names its metric), its average and the normalized score"
+    else:
+        scores = "test accuracy (%) per task, its average and the normalized accuracy"
     return (
-        f"{_title(table)}: test accuracy (%) per task, its average and the normalized accuracy "
+        f"{_title(table)}: {scores} "
         f"(merged / individual expert, per task). Merged methods use the setting selected on validation; "
         f"costs are seconds per merge, peak memory of a merge, and the merged model's parameters."
     )

@@ -67,10 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -93,7 +90,16 @@ from mergebench.models.clip import (
     vision_encoder_of,
     zero_shot_head,
 )
-from mergebench.runner.prepared import PreparedSuite, TaskData
+from mergebench.runner.hub import (
+    TaskDataSource,
+    checkpoint_sha256,
+    data_root,
+    folder_sha256,
+    hub_cached,
+    hub_folder,
+    repo_name,
+)
+from mergebench.runner.prepared import LazyInputs, PreparedSuite, TaskData
 from mergebench.store.database import content_key
 from mergebench.suites import clip_templates
 from mergebench.suites.vit_suite import TRAIN_FRACTION, ClipTaskSpec, VitSuite
@@ -102,16 +108,9 @@ HUB = "hub"
 PROJECTION = "visual_projection.weight"
 CPU_EVAL_BATCH = 64
 DECODE_CHUNK = 64
-HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
-DATA_ENV = "MERGEBENCH_DATA"
 
 
 # ----------------------------------------------------------------------------------------- sources
-
-
-def repo_name(repo_id: str) -> str:
-    """The folder name of a Hub repository under ``--checkpoints PATH``: ``tanganke/x`` → ``x``."""
-    return repo_id.rsplit("/", 1)[-1]
 
 
 class CheckpointSource:
@@ -193,70 +192,6 @@ class CheckpointSource:
         return "encoder ready (Hugging Face cache)" if hub_cached(repo) else f"encoder missing (hf download {repo})"
 
 
-def hub_download_hint(repo_id: str, root: Path | None) -> str:
-    from huggingface_hub import constants
-
-    if root is not None:
-        return f"hf download {repo_id} --local-dir {root / repo_name(repo_id)}"
-    return f"hf download {repo_id} (into the Hugging Face cache {constants.HF_HUB_CACHE})"
-
-
-def hub_cached(repo_id: str) -> Path | None:
-    """The cached snapshot folder of a Hub model if its ``config.json`` is cached (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repository id
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def hub_folder(repo_id: str, what: str, root: Path | None) -> Path:
-    """A Hub model's snapshot folder, downloaded if needed; one-line error when neither cache nor Hub has it."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES + ["*.bin"]))
-    except (OSError, ValueError) as error:
-        where = f" nor in {root}" if root is not None else ""
-        raise MergebenchError(
-            f"{what} {repo_id} is not in the Hugging Face cache{where} and could not be fetched "
-            f"({type(error).__name__}): {hub_download_hint(repo_id, root)}"
-        ) from None
-    weight_files(folder, f"{what} {repo_id}")
-    return folder
-
-
-def weight_files(folder: Path, what: str) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
-        raise MergebenchError(f"{folder} holds no *.safetensors or *.bin weights of {what}: download them (hf download)")
-    return files
-
-
-_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
-
-
-def checkpoint_sha256(path: Path) -> str:
-    """sha256 of a file; a Hugging Face cache blob is named by it already (Git LFS)."""
-    resolved = path.resolve()
-    if resolved.parent.name == "blobs" and _SHA256_NAME.fullmatch(resolved.name):
-        return resolved.name
-    return file_sha256(resolved)
-
-
-def folder_sha256(folder: Path, what: str) -> str:
-    """sha256 of a model folder's weight files: the file's own, or that of the ``name:sha256`` lines of several."""
-    files = weight_files(folder, what)
-    if len(files) == 1:
-        return checkpoint_sha256(files[0])
-    lines = "".join(f"{path.name}:{checkpoint_sha256(path)}\n" for path in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def open_clip_file_status(path: Path, allow_pickle: bool) -> str:
     converted = path.with_suffix(".safetensors")
     if converted.is_file():
@@ -300,80 +235,6 @@ def read_converted(path: Path, allow_pickle: bool) -> tuple[StateDict, Path]:
 
 
 # -------------------------------------------------------------------------------------------- data
-
-
-def data_root(data: str | os.PathLike | None) -> Path | None:
-    given = data or os.environ.get(DATA_ENV)
-    return Path(given) if given else None
-
-
-class TaskDataSource:
-    """One task's dataset: a local ``save_to_disk`` folder or a Hub id through ``datasets.load_dataset``."""
-
-    def __init__(self, task: ClipTaskSpec, root: Path | None):
-        self.task = task
-        self.root = root
-        candidate = root / task.name if root is not None else None
-        self.folder = candidate if candidate is not None and candidate.is_dir() else None
-
-    def describe(self) -> str:
-        if self.folder is not None:
-            return str(self.folder)
-        return self.task.dataset + (f" ({self.task.config})" if self.task.config else "")
-
-    def fingerprint(self, split: str) -> str | None:
-        """A local split's ``datasets`` fingerprint (``state.json``), part of the cache key."""
-        if self.folder is None:
-            return None
-        try:
-            return json.loads((self.folder / split / "state.json").read_text()).get("_fingerprint")
-        except (OSError, ValueError):
-            return None
-
-    def missing_hint(self) -> str:
-        where = f"{self.root / self.task.name}" if self.root is not None else f"${DATA_ENV}/{self.task.name}"
-        return f"hf download --repo-type dataset {self.task.dataset}, or a DatasetDict.save_to_disk folder at {where}"
-
-    def status(self) -> str:
-        if self.folder is not None:
-            return f"data local ({self.folder})"
-        if Path(self.task.dataset).is_dir():  # a local dataset folder that load_dataset reads
-            return f"data local ({self.task.dataset})"
-        import datasets
-        from huggingface_hub import constants
-
-        org_name = self.task.dataset.split("/")
-        if (Path(datasets.config.HF_DATASETS_CACHE) / "___".join(org_name)).is_dir() or (
-            Path(constants.HF_HUB_CACHE) / ("datasets--" + "--".join(org_name))
-        ).is_dir():
-            return "data in the Hugging Face cache"
-        return f"data missing ({self.missing_hint()})"
-
-    def open(self, split: str):
-        """The ``datasets.Dataset`` of one split, its image and label columns checked."""
-        import datasets
-
-        task = self.task
-        if self.folder is not None:
-            try:
-                loaded = datasets.load_from_disk(str(self.folder))
-            except (OSError, ValueError) as error:
-                raise MergebenchError(f"cannot read the dataset folder {self.folder} of task {task.name}: {error}") from None
-            if not isinstance(loaded, datasets.DatasetDict) or split not in loaded:
-                raise MergebenchError(f"{self.folder} must be a DatasetDict.save_to_disk folder with split {split!r} (task {task.name})")
-            dataset = loaded[split]
-        else:
-            try:
-                dataset = datasets.load_dataset(task.dataset, task.config, split=split)
-            except (OSError, ValueError) as error:  # ConnectionError, DatasetNotFoundError, unknown split
-                raise MergebenchError(
-                    f"dataset {self.describe()} split {split!r} of task {task.name} is not available "
-                    f"({type(error).__name__}): {self.missing_hint()}"
-                ) from None
-        for column in (task.image_column, task.label_column):
-            if column not in dataset.column_names:
-                raise MergebenchError(f"dataset {self.describe()} of task {task.name} has no column {column!r} (columns: {dataset.column_names})")
-        return dataset
 
 
 def carve_validation(train_examples: int, policy) -> tuple[list[int], list[int]]:
@@ -425,28 +286,6 @@ def decode_images(dataset, column: str, indices: Sequence[int], resize_crop: Cal
             start += len(batch)
             bar.update(len(batch))
     return out
-
-
-class LazyInputs:
-    """Training inputs decoded on first use: a prefix that grows to the end of the largest slice read."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], torch.Tensor], indices: Sequence[int]):
-        self._decode = decode
-        self._indices = list(indices)
-        self._decoded: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, key: slice) -> torch.Tensor:
-        if not isinstance(key, slice):
-            raise TypeError("training inputs are read by slices")
-        _, stop, _ = key.indices(len(self))
-        have = 0 if self._decoded is None else len(self._decoded)
-        if stop > have:
-            more = self._decode(self._indices[have:stop])
-            self._decoded = more if self._decoded is None else torch.cat([self._decoded, more])
-        return self._decoded[key]
 
 
 class ClipData:

@@ -25,9 +25,26 @@ def clip_suite_status(*args, **options) -> list[tuple[str, str, str]]:
     return clip_suite_status(*args, **options)
 
 
-PREPARERS = {"trained": prepare_trained_suite, "clip": prepare_clip_suite}
-STATUS = {"trained": trained_suite_status, "clip": clip_suite_status}
-OPTIONS = {"trained": frozenset(), "clip": frozenset({"checkpoints", "allow_pickle", "data"})}
+def prepare_glue_suite(*args, **options) -> PreparedSuite:
+    """:func:`mergebench.runner.glue_experts.prepare_glue_suite`, imported (with transformers) on first use."""
+    from mergebench.runner.glue_experts import prepare_glue_suite
+
+    return prepare_glue_suite(*args, **options)
+
+
+def glue_suite_status(*args, **options) -> list[tuple[str, str, str]]:
+    """:func:`mergebench.runner.glue_experts.glue_suite_status`, imported on first use."""
+    from mergebench.runner.glue_experts import glue_suite_status
+
+    return glue_suite_status(*args, **options)
+
+
+PREPARERS = {"trained": prepare_trained_suite, "clip": prepare_clip_suite, "glue": prepare_glue_suite}
+STATUS = {"trained": trained_suite_status, "clip": clip_suite_status, "glue": glue_suite_status}
+OPTIONS = {
+    "trained": frozenset(), "clip": frozenset({"checkpoints", "allow_pickle", "data"}),
+    "glue": frozenset({"checkpoints", "data"}),
+}
 """The options (``--checkpoints``, ``--allow-pickle``, ``--data``) each kind takes; a trained suite builds its own experts."""
 
 
@@ -41,7 +58,7 @@ def suite_options(suite, options: dict, *, strict: bool = True) -> dict:
     unused = sorted(set(given) - accepted)
     if strict and unused:
         flag = "--" + unused[0].replace("_", "-")
-        raise MergebenchError(f"{flag} does not apply to suite {suite.name}: it is of kind {suite.kind!r}, whose experts mergebench builds itself")
+        raise MergebenchError(f"{flag} does not apply to suite {suite.name}: it is of kind {suite.kind!r}")
     return {name: value for name, value in given.items() if name in accepted}
 
 

@@ -10,24 +10,50 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from mergebench.core.checkpoints import StateDict
+from mergebench.core.scores import ACCURACY, TaskScore
 from mergebench.errors import MergebenchError
-from mergebench.evaluation.classification import count_correct
+from mergebench.evaluation.classification import count_correct, head_outputs
+from mergebench.evaluation.metrics import score_outputs
 from mergebench.store.database import content_key
 
 
 @dataclass
 class TaskData:
-    """One split of one task: model-ready inputs, integer labels, class names."""
+    """One split of one task: model-ready inputs, labels (integer classes, or float targets), class names."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
     classes: tuple[str, ...]
+    metric: str = ACCURACY
+    """How the task is scored (:mod:`mergebench.evaluation.metrics`)."""
+
+
+class LazyInputs:
+    """Training inputs decoded on first use: a prefix that grows to the end of the largest slice read."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], torch.Tensor], indices: Sequence[int]):
+        self._decode = decode
+        self._indices = list(indices)
+        self._decoded: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        if not isinstance(key, slice):
+            raise TypeError("training inputs are read by slices")
+        _, stop, _ = key.indices(len(self))
+        have = 0 if self._decoded is None else len(self._decoded)
+        if stop > have:
+            more = self._decode(self._indices[have:stop])
+            self._decoded = more if self._decoded is None else torch.cat([self._decoded, more])
+        return self._decoded[key]
 
 
 @dataclass
@@ -64,8 +90,8 @@ class PreparedSuite:
     def examples_per_second(self) -> float | None:
         return self.examples_evaluated / self.seconds_evaluating if self.seconds_evaluating else None
 
-    def evaluate(self, backbone: StateDict | nn.Module, split: str, tasks: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
-        """``{task: (correct, total)}`` of the backbone with each task's own head.
+    def evaluate(self, backbone: StateDict | nn.Module, split: str, tasks: tuple[str, ...] | None = None) -> dict[str, TaskScore]:
+        """``{task: TaskScore}`` of the backbone with each task's own head, by the task's metric.
 
         ``backbone`` is a state dict loaded into the suite's backbone, or a whole merged backbone
         (from a method that upscales the model), evaluated as it is.
@@ -84,9 +110,13 @@ class PreparedSuite:
         started = time.perf_counter()
         for task in tasks or self.suite.task_names:
             data = self.data[split][task]
-            correct = count_correct(backbone, self.heads[task], data.inputs, data.labels, self.suite.eval_batch_size)
-            outcomes[task] = (correct, len(data.labels))
-        self.examples_evaluated += sum(total for _, total in outcomes.values())
+            if data.metric == ACCURACY:
+                correct = count_correct(backbone, self.heads[task], data.inputs, data.labels, self.suite.eval_batch_size)
+                outcomes[task] = TaskScore.of((correct, len(data.labels)))
+            else:
+                outputs = head_outputs(backbone, self.heads[task], data.inputs, self.suite.eval_batch_size)
+                outcomes[task] = score_outputs(data.metric, outputs, data.labels)
+        self.examples_evaluated += sum(outcome.total for outcome in outcomes.values())
         self.seconds_evaluating += time.perf_counter() - started
         return outcomes
 

@@ -5,6 +5,11 @@ A *cell* is one (suite, model, method, hyperparameter setting, seed, split, task
 versions, the git commit and the checkpoint hashes. Rows are keyed by a hash of their identity and
 inserted with ``INSERT OR IGNORE`` inside one transaction per merged model, so a killed sweep loses at
 most the model being evaluated, and re-running skips finished cells without duplicating any.
+
+Each row holds the arg-max ``accuracy`` (``correct`` of ``total``; 0 for a regression task) and the
+task's own ``score`` under its ``metric`` (accuracy, Matthews or Spearman correlation:
+:mod:`mergebench.evaluation.metrics`), which tables, selection and normalization read. A store
+written before ``score`` existed gains the column with ``score = accuracy`` and ``metric = 'accuracy'``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from mergebench.errors import MergebenchError
+from mergebench.core.scores import ACCURACY, TaskScore
 
 DATABASE_NAME = "mergebench.sqlite"
 PRETRAINED, INDIVIDUAL = "pretrained", "individual"
@@ -54,6 +60,8 @@ CREATE TABLE IF NOT EXISTS results (
     config TEXT NOT NULL,
     checkpoints TEXT NOT NULL,
     created_at REAL NOT NULL,
+    score REAL,
+    metric TEXT,
     merge_peak_mb REAL,
     parameters INTEGER
 );
@@ -73,11 +81,11 @@ CREATE TABLE IF NOT EXISTS selections (
     PRIMARY KEY (context_key, method, seed)
 );
 """
-ADDED_COLUMNS = {"merge_peak_mb": "REAL", "parameters": "INTEGER"}
+ADDED_COLUMNS = {"merge_peak_mb": "REAL", "parameters": "INTEGER", "score": "REAL", "metric": "TEXT"}
 RESULT_COLUMNS = (
     "cell_key", "context_key", "run_id", "suite", "model", "method", "hparams", "seed", "split", "task", "data_access",
     "accuracy", "correct", "total", "merge_seconds", "eval_seconds", "config", "checkpoints", "created_at",
-    "merge_peak_mb", "parameters",
+    "merge_peak_mb", "parameters", "score", "metric",
 )
 
 
@@ -120,8 +128,10 @@ class ResultStore:
                 connection.executescript(SCHEMA)
                 present = {row["name"] for row in connection.execute("PRAGMA table_info(results)")}
                 for column, kind in ADDED_COLUMNS.items():
-                    if column not in present:  # a store written before these cost columns existed
+                    if column not in present:  # a store written before these cost and score columns existed
                         connection.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
+                if "score" not in present:  # its rows are all accuracies
+                    connection.execute("UPDATE results SET score = accuracy, metric = ?", (ACCURACY,))
         except sqlite3.DatabaseError as error:
             raise MergebenchError(f"cannot open results database {self.path}: {error}") from error
 
@@ -154,7 +164,7 @@ class ResultStore:
         self,
         cell: Cell,
         run_id: str,
-        outcomes: Mapping[str, tuple[int, int]],
+        outcomes: Mapping[str, TaskScore | tuple[int, int]],
         *,
         config: Mapping[str, Any],
         checkpoints: Mapping[str, str],
@@ -163,16 +173,19 @@ class ResultStore:
         merge_peak_mb: float | None = None,
         parameters: int | None = None,
     ) -> None:
-        """Store ``{task: (correct, total)}`` for one cell in a single transaction, with the merge's costs."""
+        """Store ``{task: TaskScore}`` (or an accuracy's ``(correct, total)``) for one cell in a single
+        transaction, with the merge's costs."""
         now = time.time()
+        scores = {task: TaskScore.of(outcome) for task, outcome in outcomes.items()}
         rows = [
             (
                 cell.key(task), cell.context_key, run_id, cell.suite, cell.model, cell.method,
-                canonical_json(dict(cell.hparams)), cell.seed, cell.split, task, cell.data_access, correct / total, correct, total,
+                canonical_json(dict(cell.hparams)), cell.seed, cell.split, task, cell.data_access,
+                score.correct / score.total, score.correct, score.total,
                 merge_seconds, eval_seconds, canonical_json(config), canonical_json(checkpoints), now,
-                merge_peak_mb, parameters,
+                merge_peak_mb, parameters, score.score, score.metric,
             )
-            for task, (correct, total) in outcomes.items()
+            for task, score in scores.items()
         ]
         with closing(self._connect()) as connection, connection:
             connection.executemany(
@@ -182,16 +195,21 @@ class ResultStore:
     def accuracies(
         self, context_key: str, method: str, split: str, seed: int | None = None, data_access: str = "none"
     ) -> dict[str, dict[str, float]]:
-        """``{hparams_json: {task: accuracy}}`` for one method, split and data access."""
-        sql = "SELECT hparams, task, accuracy FROM results WHERE context_key=? AND method=? AND split=? AND data_access=?"
+        """``{hparams_json: {task: score}}`` for one method, split and data access (the task's metric; accuracy mostly)."""
+        sql = "SELECT hparams, task, score FROM results WHERE context_key=? AND method=? AND split=? AND data_access=?"
         parameters: list[Any] = [context_key, method, split, data_access]
         if seed is not None:
             sql += " AND seed=?"
             parameters.append(seed)
         table: dict[str, dict[str, float]] = {}
         for row in self.query(sql, parameters):
-            table.setdefault(row["hparams"], {})[row["task"]] = row["accuracy"]
+            table.setdefault(row["hparams"], {})[row["task"]] = row["score"]
         return table
+
+    def metrics(self, context_key: str) -> dict[str, str]:
+        """``{task: metric}`` of the tasks stored under one context."""
+        rows = self.query("SELECT DISTINCT task, metric FROM results WHERE context_key=?", (context_key,))
+        return {row["task"]: row["metric"] for row in rows}
 
     def merge_costs(self, context_key: str, method: str, data_access: str = "none") -> dict[str, float | None]:
         """A method's costs over its stored merges: mean seconds, largest peak MiB, parameter count."""

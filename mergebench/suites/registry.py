@@ -17,6 +17,7 @@ import yaml
 
 from mergebench.errors import MergebenchError
 from mergebench.core.recipe import Recipe
+from mergebench.suites.glue_suite import glue_suites_from
 from mergebench.suites.vit_suite import vit_suites_from
 
 SPLITS = ("train", "validation", "test")
@@ -126,8 +127,10 @@ def _parse_family(path: Path) -> list[Suite]:
     kind = data.get("kind", "trained")
     if kind == "clip":
         return list(vit_suites_from(data, path).values())
+    if kind == "glue":
+        return list(glue_suites_from(data, path).values())
     if kind != "trained":
-        raise MergebenchError(f"{path}: unknown suite kind {kind!r}; kinds are trained, clip")
+        raise MergebenchError(f"{path}: unknown suite kind {kind!r}; kinds are trained, clip, glue")
     try:
         return _suites_from(data, path)
     except (KeyError, TypeError, ValueError) as error:

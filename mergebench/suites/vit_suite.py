@@ -59,6 +59,10 @@ class ClipTaskSpec:
     image_column: str
     label_column: str
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.image_column, self.label_column)
+
 
 @dataclass(frozen=True)
 class VitSuite:
