@@ -35,6 +35,7 @@ from mergebench.models.clip import (
 from mergebench.runner import clip_experts
 from mergebench.store.database import ResultStore
 from mergebench.suites import clip_templates
+from tests.byte_level import byte_symbols
 from test_clip import module_holding, tiny_clip as tiny_reference_clip, to_open_clip
 
 TASKS = {"MNIST": "mnist", "EuroSAT": "eurosat", "DTD": "dtd"}
@@ -62,13 +63,7 @@ suites:
 
 def byte_level_tokenizer() -> CLIPTokenizer:
     """CLIP's byte-level BPE with no merges: every byte a token (``vocab.json``/``merges.txt`` of 514 entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    symbols = [chr(code) for code in codes]
+    symbols = byte_symbols()
     vocab = {symbol: i for i, symbol in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1  # end of text: the largest id
     return CLIPTokenizer(vocab=vocab, merges=[])

@@ -23,6 +23,7 @@ from sklearn.metrics import matthews_corrcoef
 from mergebench import cli
 from mergebench.errors import MergebenchError
 from mergebench.core.scores import TaskScore
+from tests.byte_level import byte_symbols
 from mergebench.evaluation.metrics import matthews_correlation, score_outputs, spearman_correlation
 from mergebench.reports.tables import load_table, to_markdown
 from mergebench.store.database import ResultStore
@@ -60,17 +61,6 @@ suites:
   tinyglue-3: [cola, stsb, mrpc]
   tinyglue-2: [cola, mrpc]
 """
-
-
-def byte_symbols() -> list[str]:
-    """The 256 symbols of byte-level BPE (GPT-2's ``bytes_to_unicode``)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(code) for code in codes]
 
 
 def tiny_family(kind: str):
