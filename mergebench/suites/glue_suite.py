@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mergebench.errors import MergebenchError
+from mergebench.suites.published import PublishedSuite
 from mergebench.core.scores import METRIC_LABELS
 from mergebench.suites.vit_suite import ValidationPolicy, _list, _mapping, _require, _string, _validation
 
@@ -56,7 +57,7 @@ class GlueModelSpec:
 
 
 @dataclass(frozen=True)
-class GlueSuite:
+class GlueSuite(PublishedSuite):
     name: str
     family: str
     tasks: tuple[GlueTaskSpec, ...]
@@ -66,27 +67,6 @@ class GlueSuite:
     eval_batch_size: int
     source_file: Path
     kind: str = "glue"
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return tuple(task.name for task in self.tasks)
-
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        return tuple(self.models)
-
-    def resolve_model(self, model: str | None) -> str:
-        """``model`` if the suite offers it, the suite's default when ``None``."""
-        return self.model(model or self.model_default).name
-
-    def model(self, name: str) -> GlueModelSpec:
-        if name not in self.models:
-            raise MergebenchError(f"suite {self.name} has no model {name!r}; choose from {', '.join(self.models)}")
-        return self.models[name]
-
-    def context(self) -> tuple:
-        """What evaluation data depends on, besides tasks, model and checkpoints."""
-        return (self.validation,)
 
     def describe(self) -> dict[str, Any]:
         """The suite's settings as recorded with every result."""

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import yaml
 
 from mergebench.errors import MergebenchError
+from mergebench.suites.published import PublishedSuite
 
 TALL_MASKS_TASKS = (
     "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
@@ -65,7 +66,7 @@ class ClipTaskSpec:
 
 
 @dataclass(frozen=True)
-class VitSuite:
+class VitSuite(PublishedSuite):
     name: str
     family: str
     tasks: tuple[ClipTaskSpec, ...]
@@ -78,33 +79,12 @@ class VitSuite:
     source_file: Path
     kind: str = "clip"
 
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return tuple(task.name for task in self.tasks)
-
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        return tuple(self.models)
-
-    def resolve_model(self, model: str | None) -> str:
-        """``model`` if the suite offers it, the suite's default when ``None``."""
-        return self.model(model or self.model_default).name
-
-    def context(self) -> tuple:
-        """What evaluation data and heads depend on, besides tasks, model and checkpoints."""
-        return (self.validation,)
-
     def describe(self) -> dict[str, Any]:
         """The suite's settings as recorded with every result."""
         return {
             "datasets": {t.name: [t.dataset, t.config, t.train_split, t.test_split, t.validation] for t in self.tasks},
             "validation": self.validation.__dict__, "suite_file": self.source_file.name,
         }
-
-    def model(self, name: str) -> ClipModelSpec:
-        if name not in self.models:
-            raise MergebenchError(f"suite {self.name} has no model {name!r}; choose from {', '.join(self.models)}")
-        return self.models[name]
 
     def finetuned_hub_id(self, model: str, task: ClipTaskSpec) -> str:
         """FusionBench's fine-tuned vision encoder, e.g. ``tanganke/clip-vit-base-patch32_stanford-cars``."""
