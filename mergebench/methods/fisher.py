@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from mergebench.core.data_access import ModelAccess
 from mergebench.core.task_vectors import ParamLayout, TaskVectors
@@ -49,22 +50,25 @@ def summed_squared_gradients(
     log_probs: LogProbs, params: Mapping[str, torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor,
     weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Σ_n w_n (∇_θ log p(y_n | x_n))² over a chunk of examples, per parameter tensor.
+    """Σ_n Σ_k w_nk (∇_θ log p(y_nk | x_n))² over a chunk of examples, per parameter tensor.
 
-    ``log_probs(params, inputs)`` maps a batch ``[B, …]`` to log-probabilities ``[B, C]``; the gradients
-    are per example (one backward pass each, which keeps memory at one model's gradients — ``vmap``
-    over a CNN materializes every example's activations and gradients at once), squared, weighted by
-    ``weights`` (1 if None) and summed.
+    ``log_probs(params, inputs)`` maps a batch ``[B, …]`` to log-probabilities ``[B, C]``; ``labels`` is
+    ``[B]`` (one label per example) or ``[B, K]`` (K labels per example, e.g. every class), ``weights``
+    the same shape (1 if None). The gradients are per example and label (one forward pass per example,
+    one backward pass per label, which keeps memory at one model's gradients — ``vmap`` over a CNN
+    materializes every example's activations and gradients at once), squared, weighted and summed.
     """
     names = list(params)
     leaves = [params[name].detach().requires_grad_(True) for name in names]
     totals = [torch.zeros_like(leaf) for leaf in leaves]
+    labels = labels if labels.dim() == 2 else labels[:, None]
+    weights = torch.ones(labels.shape, device=labels.device) if weights is None else weights.reshape(labels.shape)
     for n in range(len(inputs)):
-        log_likelihood = log_probs(dict(zip(names, leaves)), inputs[n : n + 1])[0, labels[n]]
-        gradients = torch.autograd.grad(log_likelihood, leaves)
-        weight = 1.0 if weights is None else float(weights[n])
-        for total, gradient in zip(totals, gradients):
-            total.add_(gradient.square(), alpha=weight)
+        row = log_probs(dict(zip(names, leaves)), inputs[n : n + 1])[0]
+        for k in range(labels.shape[1]):
+            gradients = torch.autograd.grad(row[labels[n, k]], leaves, retain_graph=k + 1 < labels.shape[1])
+            for total, gradient in zip(totals, gradients):
+                total.add_(gradient.square(), alpha=float(weights[n, k]))
     return dict(zip(names, totals))
 
 
@@ -81,21 +85,18 @@ def fisher_diagonal(
     generator = torch.Generator(device=model.device).manual_seed(seed)
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     count = 0
-    for inputs, true_labels in model.batches(task, EXAMPLE_CHUNK):
+    for inputs, true_labels in tqdm(model.batches(task, EXAMPLE_CHUNK), desc=f"Fisher {task}", unit="batch", leave=False):
         with torch.no_grad():
             probs = log_probs(params, inputs).exp()
-        if labels == "exact":
-            chunks = [
-                summed_squared_gradients(log_probs, params, inputs, torch.full_like(probs[:, 0], c, dtype=torch.long), probs[:, c])
-                for c in range(probs.shape[1])
-            ]
+        if labels == "exact":  # every class c, weighted by p(c | x)
+            every_class = torch.arange(probs.shape[1], device=probs.device).expand(len(inputs), -1)
+            chunk = summed_squared_gradients(log_probs, params, inputs, every_class, probs)
         elif labels == "sampled":
-            chunks = [summed_squared_gradients(log_probs, params, inputs, torch.multinomial(probs, 1, generator=generator)[:, 0])]
+            chunk = summed_squared_gradients(log_probs, params, inputs, torch.multinomial(probs, 1, generator=generator)[:, 0])
         else:
-            chunks = [summed_squared_gradients(log_probs, params, inputs, true_labels)]
-        for chunk in chunks:
-            for name, value in chunk.items():
-                total[name] += value
+            chunk = summed_squared_gradients(log_probs, params, inputs, true_labels)
+        for name, value in chunk.items():
+            total[name] += value
         count += len(inputs)
     return layout.flatten(total).div_(max(count, 1)).to(theta.device)
 
