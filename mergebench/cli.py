@@ -51,6 +51,7 @@ def _sweep_request(args: argparse.Namespace):
         suites=_suite_names(args), methods=methods, overrides=parse_hparams(args.hparams, methods), device=args.device,
         out=args.out, cache=args.cache, model=args.model, seed=args.seed, examples=args.examples,
         checkpoints=args.checkpoints, allow_pickle=args.allow_pickle, data=args.data,
+        limit=args.limit, allow_code_execution=args.allow_code_execution,
     )
 
 
@@ -85,7 +86,7 @@ def _report(out: Path, suites: Sequence[str], model: str | None, seed: int, *, t
     """Print and write the tables (unless ``tables`` is False) and the plots of ``suites``."""
     from mergebench.reports.plots import plot_per_task, plot_task_count
     from mergebench.reports.tables import available, load_table, to_markdown, write_reports
-    from mergebench.store.database import ResultStore
+    from mergebench.store.database import PRETRAINED, ResultStore
 
     store = ResultStore(out)
     suites = list(suites) or sorted({suite for suite, _ in available(store)})
@@ -93,14 +94,15 @@ def _report(out: Path, suites: Sequence[str], model: str | None, seed: int, *, t
         raise MergebenchError(f"no results in {store.path}: run `mergebench run` first")
     written = []
     for family, members in _families(suites).items():
-        for suite in members:
-            table = load_table(store, suite, model, seed)
+        family_tables = [load_table(store, suite, model, seed) for suite in members]
+        for table in family_tables:
             if tables:
                 print(to_markdown(table))
                 written += write_reports(table, out / "reports")
             written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
-        if len(members) > 1:
-            written.append(plot_task_count(store, members, model, out / "plots" / f"{family}-task-count.png"))
+        normalizable = [table.suite for table in family_tables if table.row(PRETRAINED).normalized_accuracy is not None]
+        if len(normalizable) > 1:  # a suite whose expert scores 0 on its task has no normalized score to plot
+            written.append(plot_task_count(store, normalizable, model, out / "plots" / f"{family}-task-count.png"))
     print("wrote " + ", ".join(str(path) for path in written))
 
 
@@ -150,6 +152,12 @@ def command_build(args: argparse.Namespace) -> None:
     for name in _suite_names(args):
         suite = get_suite(name)
         model = suite.resolve_model(args.model)
+        if suite.kind == "llm":
+            from mergebench.runner.llm_experts import expert_folders
+
+            folders = expert_folders(suite, model, cache_directory(args.cache), resolve_device(args.device))
+            print(f"{name}: experts in {', '.join(str(folder) for folder in folders.values())}")
+            continue
         folder = expert_folder(suite, model, cache_directory(args.cache))
         build_missing_experts(suite, model, folder, resolve_device(args.device))
         print(f"{name}: experts in {folder}")
@@ -187,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
         sub.add_argument("--examples", type=_positive, default=None, help="examples per task for train-samples methods (default: each paper's)")
         sub.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
+        sub.add_argument("--limit", type=_positive, default=None,
+                         help="kind: llm suites: documents per lm-eval task, for quick runs (stored apart from full runs)")
+        sub.add_argument("--allow-code-execution", action="store_true",
+                         help="kind: llm suites: run tasks that execute model-generated code (HumanEval, MBPP); needs HF_ALLOW_CODE_EVAL=1 too")
         return _with_clip_options(sub)
 
     with_merging(commands.add_parser("run", help="sweep methods on suites, store and report")).set_defaults(handler=command_run)

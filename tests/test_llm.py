@@ -19,6 +19,7 @@ from mergebench.errors import MergebenchError
 from mergebench.evaluation import lm_harness
 from mergebench.models import llm
 from mergebench.suites import llm_sources
+from mergebench.suites.registry import get_suite
 
 transformers = pytest.importorskip("transformers")
 
@@ -369,7 +370,8 @@ def test_primary_scores_and_local_task_resolution():
     assert (other.metric, other.value, other.stderr) == ("acc,none", 0.7, 0.01)
     resolved = lm_harness.resolve_tasks(["gsm8k", lm_harness.MINI_MATH_TASK])
     assert resolved[0] == "gsm8k" and resolved[1]["task"] == lm_harness.MINI_MATH_TASK
-    assert lm_harness.LLM_MATH_CODE.tasks == ("gsm8k", "minerva_math", "humaneval", "mbpp")
-    assert lm_harness.LLM_MATH_CODE.model().experts == {"math": "MergeBench/Llama-3.2-3B_math", "coding": "MergeBench/Llama-3.2-3B_coding"}
+    hub = get_suite("llm-math-code")
+    assert hub.task_names == ("gsm8k", "minerva_math", "humaneval", "mbpp") and not hub.validated
+    assert hub.model(hub.resolve_model(None)).experts == {"math": "MergeBench/Llama-3.2-3B_math", "coding": "MergeBench/Llama-3.2-3B_coding"}
     with pytest.raises(MergebenchError, match="has no model 'gpt-5'"):
-        lm_harness.LLM_MATH_CODE.model("gpt-5")
+        hub.model("gpt-5")

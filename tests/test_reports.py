@@ -155,3 +155,18 @@ def test_bad_input_raises_mergebench_error(store, tmp_path):
     blocker.write_text("")
     with pytest.raises(MergebenchError, match="cannot write"):
         write_reports(load_table(store, "mini-vision-4"), blocker / "reports")
+
+
+def test_an_expert_scoring_zero_leaves_the_normalized_score_undefined(tmp_path):
+    store = ResultStore(tmp_path)
+    writer = Writer(store, "ctx-zero", "zero-2", ["a", "b"])
+    writer.record("pretrained", {}, "test", [20, 0])
+    writer.record("individual", {}, "test", [100, 0])  # the expert of b gets nothing right
+    writer.record("task_arithmetic", TA_SETTING, "test", [50, 10], **MERGE_COSTS["task_arithmetic"])
+    writer.select("task_arithmetic", TA_SETTING)
+    table = load_table(store, "zero-2")
+    assert table.row("task_arithmetic").normalized_accuracy is None
+    assert table.row("task_arithmetic").mean_accuracy == pytest.approx(0.15)
+    markdown = to_markdown(table)
+    assert "| task_arithmetic | **25.0** | **5.0** | **15.0** | — |" in markdown
+    assert "expert of b scores 0 or below" in markdown

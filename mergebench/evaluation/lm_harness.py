@@ -4,8 +4,9 @@ A merged model is evaluated in memory: it is wrapped in ``lm_eval.models.hugging
 tokenizer and handed to ``lm_eval.simple_evaluate``; nothing is written to disk.
 
 Tasks are lm-eval task names (``gsm8k``, ``minerva_math``, ``humaneval``, ``mbpp``, ... from the Hub,
-for the ``llm-math-code`` suite) or the local tasks of the ``mini-llm`` suite, passed to lm-eval as
-inline task configs (Python dicts with Python callables, so no YAML file and no download is needed):
+for the ``llm-math-code`` suite) or the local tasks of the ``mini-llm`` suite (both suites are data in
+``tasks/llm.yaml``, run by :mod:`mergebench.runner.llm_sweep`), passed to lm-eval as inline task configs
+(Python dicts with Python callables, so no YAML file and no download is needed):
 
 * ``mergebench_mini_math`` (:func:`mini_math_task`): math word problems and arithmetic from
   reasoning-gym (:mod:`mergebench.suites.llm_sources`), 0-shot, greedy ``generate_until`` with the
@@ -65,64 +66,6 @@ PRIMARY_METRICS = {
     HUMANEVAL_TASK: "pass@1,none",
 }
 """The metric reported for each task (lm-eval's ``metric,filter`` key); others fall back to the first."""
-
-
-# --------------------------------------------------------------------------- the Hub suite
-
-
-@dataclass(frozen=True)
-class HubModelSet:
-    """A base model on the Hugging Face Hub and its experts, fine-tuned from it (expert task -> Hub id)."""
-
-    name: str
-    base: str
-    experts: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class HubSuite:
-    """An LLM suite: the experts' tasks, the lm-eval tasks that measure each, and the model sets."""
-
-    name: str
-    expert_tasks: Mapping[str, tuple[str, ...]]
-    models: Mapping[str, HubModelSet]
-    default_model: str
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        """Every lm-eval task of the suite, in order."""
-        return tuple(task for tasks in self.expert_tasks.values() for task in tasks)
-
-    def model(self, name: str | None = None) -> HubModelSet:
-        name = name or self.default_model
-        if name not in self.models:
-            raise MergebenchError(f"suite {self.name} has no model {name!r}; choose from {', '.join(self.models)}")
-        return self.models[name]
-
-
-def _mergebench_experts(base: str) -> dict[str, str]:
-    # The MergeBench release (He et al., NeurIPS 2025 D&B; uiuctml/MergeBench) names its experts
-    # MergeBench/<base model name>_<domain>; math and coding are the two domains used here.
-    short = base.split("/")[-1]
-    return {"math": f"MergeBench/{short}_math", "coding": f"MergeBench/{short}_coding"}
-
-
-LLM_MATH_CODE = HubSuite(
-    name="llm-math-code",
-    expert_tasks={"math": ("gsm8k", "minerva_math"), "coding": ("humaneval", "mbpp")},
-    models={
-        name: HubModelSet(name, base, _mergebench_experts(base))
-        for name, base in (
-            ("llama-3.2-3b", "meta-llama/Llama-3.2-3B"),
-            ("llama-3.1-8b", "meta-llama/Llama-3.1-8B"),
-            ("gemma-2-2b", "google/gemma-2-2b"),
-            ("gemma-2-9b", "google/gemma-2-9b"),
-        )
-    },
-    default_model="llama-3.2-3b",
-)
-"""gsm8k (5-shot), minerva_math (4-shot; not the 0-shot ``hendrycks_math``), humaneval (0-shot) and
-mbpp (3-shot), each at lm-eval's own settings, on a base model merged with its math and coding experts."""
 
 
 # --------------------------------------------------------------------------- gates and requirements

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from mergebench.errors import MergebenchError
 from mergebench.core.scores import ACCURACY, METRIC_LABELS
-from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
+from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
 from mergebench.store.database import INDIVIDUAL, REFERENCE_METHODS, ResultStore
 
 REFERENCE_SEED = 0
@@ -31,7 +32,8 @@ class MethodRow:
     method: str
     accuracies: Mapping[str, float]
     mean_accuracy: float
-    normalized_accuracy: float
+    normalized_accuracy: float | None
+    """None where an expert scores 0 or below on its own task, which no ratio can be taken to."""
     setting: Mapping[str, Any]
     data_access: str
     costs: Mapping[str, float | None] = field(default_factory=dict)
@@ -163,8 +165,8 @@ def _method_row(
     accuracies = _test_rows(store, context_key, method, hparams_json, seed, data_access, tasks)
     try:
         normalized = normalized_accuracy(accuracies, individual)
-    except ValueError as error:
-        raise MergebenchError(f"cannot normalize {method}: {error}") from error
+    except NormalizationError:
+        normalized = None  # an expert scores 0 or below: the ratio is undefined (see the caption)
     costs = {} if method in REFERENCE_METHODS else store.merge_costs(context_key, method, data_access)
     return MethodRow(method, accuracies, mean_accuracy(accuracies), normalized, json.loads(hparams_json), data_access, costs)
 
@@ -189,7 +191,7 @@ def _columns(table: ResultTable) -> list[str]:
 
 def _values(table: ResultTable, row: MethodRow) -> list[str]:
     scores = [row.accuracies[task] for task in table.tasks] + [row.mean_accuracy, row.normalized_accuracy]
-    return [percent(score) for score in scores]
+    return ["—" if score is None else percent(score) for score in scores]
 
 
 COST_COLUMNS = ("Merge s", "Peak MiB", "Params")
@@ -207,7 +209,8 @@ def _costs(row: MethodRow) -> list[str]:
 
 def _best_merged(table: ResultTable) -> list[str]:
     """Per column, the best displayed value among the merged methods."""
-    return [max(column, key=float) for column in zip(*(_values(table, row) for row in table.merged))]
+    columns = zip(*(_values(table, row) for row in table.merged))
+    return [max(column, key=lambda value: -math.inf if value == "—" else float(value)) for column in columns]
 
 
 def _cells(table: ResultTable, row: MethodRow, emphasize: Callable[[str], str]) -> list[str]:
@@ -215,7 +218,7 @@ def _cells(table: ResultTable, row: MethodRow, emphasize: Callable[[str], str]) 
     values = _values(table, row)
     if row.is_reference:
         return values
-    return [emphasize(value) if value == best else value for value, best in zip(values, _best_merged(table))]
+    return [emphasize(value) if value == best != "—" else value for value, best in zip(values, _best_merged(table))]
 
 
 def _title(table: ResultTable) -> str:
@@ -227,10 +230,12 @@ def _caption(table: ResultTable) -> str:
         scores = "test score (%) per task (accuracy unless a task names its metric), its average and the normalized score"
     else:
         scores = "test accuracy (%) per task, its average and the normalized accuracy"
+    unscaled = [task for task in table.tasks if table.row(INDIVIDUAL).accuracies[task] <= 0]
+    undefined = f" Norm. is — because the expert of {', '.join(unscaled)} scores 0 or below on its own task." if unscaled else ""
     return (
         f"{_title(table)}: {scores} "
         f"(merged / individual expert, per task). Merged methods use the setting selected on validation; "
-        f"costs are seconds per merge, peak memory of a merge, and the merged model's parameters."
+        f"costs are seconds per merge, peak memory of a merge, and the merged model's parameters.{undefined}"
     )
 
 

@@ -25,6 +25,13 @@ def clip_suite_status(*args, **options) -> list[tuple[str, str, str]]:
     return clip_suite_status(*args, **options)
 
 
+def llm_suite_status(*args, **options) -> list[tuple[str, str, str]]:
+    """:func:`mergebench.runner.llm_experts.llm_suite_status`, imported on first use."""
+    from mergebench.runner.llm_experts import llm_suite_status
+
+    return llm_suite_status(*args, **options)
+
+
 def prepare_glue_suite(*args, **options) -> PreparedSuite:
     """:func:`mergebench.runner.glue_experts.prepare_glue_suite`, imported (with transformers) on first use."""
     from mergebench.runner.glue_experts import prepare_glue_suite
@@ -40,12 +47,14 @@ def glue_suite_status(*args, **options) -> list[tuple[str, str, str]]:
 
 
 PREPARERS = {"trained": prepare_trained_suite, "clip": prepare_clip_suite, "glue": prepare_glue_suite}
-STATUS = {"trained": trained_suite_status, "clip": clip_suite_status, "glue": glue_suite_status}
+"""``kind: llm`` suites are not prepared into a :class:`PreparedSuite`: :mod:`mergebench.runner.llm_sweep` runs them."""
+STATUS = {"trained": trained_suite_status, "clip": clip_suite_status, "llm": llm_suite_status, "glue": glue_suite_status}
 OPTIONS = {
     "trained": frozenset(), "clip": frozenset({"checkpoints", "allow_pickle", "data"}),
-    "glue": frozenset({"checkpoints", "data"}),
+    "llm": frozenset({"limit", "allow_code_execution"}), "glue": frozenset({"checkpoints", "data"}),
 }
-"""The options (``--checkpoints``, ``--allow-pickle``, ``--data``) each kind takes; a trained suite builds its own experts."""
+"""The options (``--checkpoints``, ``--allow-pickle``, ``--data``, ``--limit``, ``--allow-code-execution``) each
+kind takes; a trained suite builds its own experts."""
 
 
 def suite_options(suite, options: dict, *, strict: bool = True) -> dict:

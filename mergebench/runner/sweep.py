@@ -57,11 +57,16 @@ class SweepRequest:
     allow_pickle: bool = False
     data: Path | None = None
     """``kind: clip`` suites: a folder of local datasets, ``<data>/<Task>`` (default ``$MERGEBENCH_DATA``)."""
+    limit: int | None = None
+    """``kind: llm`` suites: documents per lm-eval task (part of the results' context)."""
+    allow_code_execution: bool = False
+    """``kind: llm`` suites: run tasks that execute model-generated code (``HF_ALLOW_CODE_EVAL=1`` too)."""
 
     @property
     def options(self) -> dict[str, Any]:
         """The options handed to each suite's preparer."""
-        return {"checkpoints": self.checkpoints, "allow_pickle": self.allow_pickle, "data": self.data}
+        return {"checkpoints": self.checkpoints, "allow_pickle": self.allow_pickle, "data": self.data,
+                "limit": self.limit, "allow_code_execution": self.allow_code_execution}
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,10 @@ def checked(request: SweepRequest) -> tuple[list[MergeMethod], list]:
     for suite in suites:
         suite.resolve_model(request.model)
         suite_options(suite, request.options)
+        if suite.kind == "llm":
+            from mergebench.runner.llm_sweep import check_llm_request
+
+            check_llm_request(suite, methods, request.allow_code_execution)
     return methods, suites
 
 
@@ -154,6 +163,11 @@ def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write)
     store, run_id, device = start_run(request)
     summaries = []
     for suite in suites:
+        if suite.kind == "llm":
+            from mergebench.runner.llm_sweep import run_llm_suite
+
+            summaries += run_llm_suite(suite, methods, request, store, run_id, device, cache_directory(request.cache), report)
+            continue
         prepared = prepare_suite(suite, request.model, device, cache_directory(request.cache), **request.options)
         sweep = SuiteSweep(prepared, store, run_id, request.seed, request.examples)
         sweep.references()

@@ -18,6 +18,7 @@ import yaml
 from mergebench.errors import MergebenchError
 from mergebench.core.recipe import Recipe
 from mergebench.suites.glue_suite import glue_suites_from
+from mergebench.suites.llm_suite import llm_suites_from
 from mergebench.suites.vit_suite import vit_suites_from
 
 SPLITS = ("train", "validation", "test")
@@ -127,10 +128,12 @@ def _parse_family(path: Path) -> list[Suite]:
     kind = data.get("kind", "trained")
     if kind == "clip":
         return list(vit_suites_from(data, path).values())
+    if kind == "llm":
+        return list(llm_suites_from(data, path).values())
     if kind == "glue":
         return list(glue_suites_from(data, path).values())
     if kind != "trained":
-        raise MergebenchError(f"{path}: unknown suite kind {kind!r}; kinds are trained, clip, glue")
+        raise MergebenchError(f"{path}: unknown suite kind {kind!r}; kinds are trained, clip, llm, glue")
     try:
         return _suites_from(data, path)
     except (KeyError, TypeError, ValueError) as error:

@@ -1,0 +1,184 @@
+"""The LLM suites (``llm-math-code``, ``mini-llm``): ``kind: llm`` files such as ``tasks/llm.yaml``.
+
+A suite names, per model, a base causal LM and one expert per expert task (math, code…); each expert
+task lists the lm-eval tasks that measure it (the columns of the result table). A model source is an
+embedded base name, a local Hugging Face folder or a Hub id (:mod:`mergebench.models.llm`). A suite
+whose models list no experts carries a fine-tuning ``recipe`` and per-task training data, and its
+experts are built by :mod:`mergebench.runner.llm_experts`. An expert task with a ``validation`` size
+has a validation split (the local math task); hyperparameters are chosen on it over ``lam_grid``.
+Suites without one run each method at its defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from mergebench.errors import MergebenchError
+from mergebench.suites.published import PublishedSuite
+from mergebench.suites.vit_suite import _list, _mapping, _require, _string
+
+TRAIN_SOURCES = ("math", "code")
+
+
+@dataclass(frozen=True)
+class LlmRecipe:
+    """Supervised fine-tuning of one expert (:func:`mergebench.models.llm.finetune_causal_lm`)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LlmTask:
+    """One expert task: the lm-eval tasks that score it and, for built experts, its training data."""
+
+    name: str
+    eval: tuple[str, ...]
+    train: Mapping[str, Any] | None = None
+    """``{"source": "math"|"code", "examples": N, "sources": [...]}`` (reasoning-gym source specs for math)."""
+    recipe: LlmRecipe | None = None
+    validation: int | None = None
+    test: int | None = None
+    max_gen_toks: int | None = None
+
+
+@dataclass(frozen=True)
+class LlmModel:
+    """A base model source and its experts' sources (empty when the suite builds them)."""
+
+    name: str
+    base: str
+    experts: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class LlmSuite(PublishedSuite):
+    """An LLM suite; model lookup as for the other suites over published checkpoints."""
+
+    name: str
+    family: str
+    tasks: tuple[LlmTask, ...]
+    models: Mapping[str, LlmModel]
+    model_default: str
+    data_seed: int
+    lam_grid: tuple[float, ...] | None
+    eval_batch_size: int
+    source_file: Path
+    kind: str = "llm"
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The lm-eval tasks of every expert, in order: the columns of the result table."""
+        return tuple(name for task in self.tasks for name in task.eval)
+
+    @property
+    def validated(self) -> tuple[LlmTask, ...]:
+        """The expert tasks that have a validation split."""
+        return tuple(task for task in self.tasks if task.validation)
+
+    def describe(self) -> dict[str, Any]:
+        """The suite's settings as recorded with every result."""
+        return {
+            "tasks_by_expert": {t.name: list(t.eval) for t in self.tasks},
+            "splits": {t.name: {"validation": t.validation, "test": t.test} for t in self.tasks},
+            "max_gen_toks": {t.name: t.max_gen_toks for t in self.tasks},
+            "recipes": {t.name: t.recipe.__dict__ for t in self.tasks if t.recipe},
+            "train": {t.name: dict(t.train) for t in self.tasks if t.train},
+            "data_seed": self.data_seed, "lam_grid": self.lam_grid, "suite_file": self.source_file.name,
+        }
+
+
+def llm_suites_from(raw: Any, path: Path) -> dict[str, LlmSuite]:
+    """The suites of an already parsed ``kind: llm`` file; every error names the file and the entry."""
+    where = str(path)
+    raw = _mapping(raw, where)
+    family = _string(_require(raw, "family", where), f"{where}: family")
+    suites = {}
+    for name, spec in _mapping(_require(raw, "suites", where), f"{where}: suites").items():
+        suites[name] = _suite(name, family, _mapping(spec, f"{where}: suites.{name}"), path, f"{where}: suites.{name}")
+    return suites
+
+
+def _suite(name: str, family: str, spec: Mapping[str, Any], path: Path, where: str) -> LlmSuite:
+    recipe = spec.get("recipe")
+    models = {}
+    for model, entry in _mapping(_require(spec, "models", where), f"{where}.models").items():
+        entry = _mapping(entry, f"{where}.models.{model}")
+        experts = {task: _string(source, f"{where}.models.{model}.experts.{task}")
+                   for task, source in _mapping(entry.get("experts", {}), f"{where}.models.{model}.experts").items()}
+        models[model] = LlmModel(model, _string(_require(entry, "base", f"{where}.models.{model}"), f"{where}.models.{model}.base"), experts)
+    if not models:
+        raise MergebenchError(f"{where}: 'models' is empty")
+    tasks = tuple(
+        _task(task, _mapping(entry, f"{where}.tasks.{task}"), recipe, f"{where}.tasks.{task}")
+        for task, entry in _mapping(_require(spec, "tasks", where), f"{where}.tasks").items()
+    )
+    if not tasks:
+        raise MergebenchError(f"{where}: 'tasks' is empty")
+    for model in models.values():
+        if model.experts and set(model.experts) != {task.name for task in tasks}:
+            raise MergebenchError(f"{where}.models.{model.name}: experts {sorted(model.experts)} do not match tasks {[t.name for t in tasks]}")
+        if not model.experts and any(task.recipe is None for task in tasks):
+            raise MergebenchError(f"{where}.models.{model.name}: no experts listed and no recipe to build them")
+    default = spec.get("default_model", next(iter(models)))
+    if default not in models:
+        raise MergebenchError(f"{where}: default_model {default!r} is not one of models")
+    lam_grid = spec.get("lam_grid")
+    if lam_grid is not None:
+        lam_grid = tuple(_number(value, f"{where}.lam_grid") for value in _list(lam_grid, f"{where}.lam_grid"))
+    return LlmSuite(
+        name=name, family=family, tasks=tasks, models=models, model_default=default,
+        data_seed=_count(spec.get("data_seed", 0), f"{where}.data_seed", minimum=0), lam_grid=lam_grid,
+        eval_batch_size=_count(spec.get("eval_batch_size", 1), f"{where}.eval_batch_size"), source_file=path,
+    )
+
+
+def _task(name: str, spec: Mapping[str, Any], recipe: Any, where: str) -> LlmTask:
+    evals = tuple(_string(task, f"{where}.eval") for task in _list(_require(spec, "eval", where), f"{where}.eval"))
+    train = spec.get("train")
+    task_recipe = None
+    if train is not None:
+        train = dict(_mapping(train, f"{where}.train"))
+        if train.get("source") not in TRAIN_SOURCES:
+            raise MergebenchError(f"{where}.train.source must be one of {', '.join(TRAIN_SOURCES)}, got {train.get('source')!r}")
+        _count(_require(train, "examples", f"{where}.train"), f"{where}.train.examples")
+        if "sources" in train:
+            train["sources"] = [_string(s, f"{where}.train.sources") for s in _list(train["sources"], f"{where}.train.sources")]
+        if recipe is None:
+            raise MergebenchError(f"{where}: training data given but the suite has no 'recipe'")
+        task_recipe = _recipe({**_mapping(recipe, f"{where}: recipe"), **_mapping(spec.get("recipe", {}), f"{where}.recipe")}, where)
+    optional = {key: None if spec.get(key) is None else _count(spec[key], f"{where}.{key}") for key in ("validation", "test", "max_gen_toks")}
+    return LlmTask(name, evals, train, task_recipe, **optional)
+
+
+def _recipe(spec: Mapping[str, Any], where: str) -> LlmRecipe:
+    known = {f.name for f in fields(LlmRecipe)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise MergebenchError(f"{where}: unknown recipe key {unknown[0]!r}; keys are {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(LlmRecipe) if f.name not in spec and f.default is MISSING]
+    if missing:
+        raise MergebenchError(f"{where}: recipe lacks {missing[0]!r}")
+    recipe = LlmRecipe(**spec)
+    for key in ("steps", "batch_size", "max_length"):
+        _count(getattr(recipe, key), f"{where}: recipe.{key}")
+    return replace(recipe, lr=_number(recipe.lr, f"{where}: recipe.lr"), weight_decay=_number(recipe.weight_decay, f"{where}: recipe.weight_decay"))
+
+
+def _count(value: Any, where: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise MergebenchError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise MergebenchError(f"{where} must be a non-negative number, got {value!r}")
+    return float(value)
