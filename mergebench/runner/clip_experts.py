@@ -47,7 +47,7 @@ Data (``data=``, ``--data``, default ``$MERGEBENCH_DATA``)
     ``DatasetDict.save_to_disk`` folder holding the task's split names. Otherwise
     ``datasets.load_dataset(dataset, config, split=...)`` with the suite file's Hub id (the datasets cache
     only, under ``HF_DATASETS_OFFLINE=1``). Validation is carved from the train split as
-    :class:`~mergebench.suites.vit_suite.ValidationPolicy` says (tall_masks: ``min(int(0.1·n), 5000)``
+    :class:`~mergebench.suites.published.ValidationPolicy` says (tall_masks: ``min(int(0.1·n), 5000)``
     examples, ``torch.utils.data.random_split`` with ``Generator().manual_seed(0)``), unless a task
     names its own validation split. Each validation and test split is decoded, resized and
     center-cropped once, exactly as the base model's ``preprocessor_config.json`` says, and cached as

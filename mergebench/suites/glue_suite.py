@@ -17,9 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from mergebench.errors import MergebenchError
-from mergebench.suites.published import PublishedSuite
+from mergebench.suites.published import PublishedSuite, ValidationPolicy, listed, mapping, require, string, validation_policy
 from mergebench.core.scores import METRIC_LABELS
-from mergebench.suites.vit_suite import ValidationPolicy, _list, _mapping, _require, _string, _validation
 
 
 @dataclass(frozen=True)
@@ -88,18 +87,18 @@ class GlueSuite(PublishedSuite):
 def glue_suites_from(raw: Any, path: Path) -> dict[str, GlueSuite]:
     """The suites of an already parsed ``kind: glue`` file; every error names the file and the entry."""
     where = str(path)
-    raw = _mapping(raw, where)
-    family = _string(_require(raw, "family", where), f"{where}: family")
-    dataset = _string(_require(raw, "dataset", where), f"{where}: dataset")
+    raw = mapping(raw, where)
+    family = string(require(raw, "family", where), f"{where}: family")
+    dataset = string(require(raw, "dataset", where), f"{where}: dataset")
     tasks: dict[str, GlueTaskSpec] = {}
-    for index, entry in enumerate(_list(_require(raw, "tasks", where), f"{where}: tasks")):
-        task = _task(_mapping(entry, f"{where}: tasks[{index}]"), dataset, f"{where}: tasks[{index}]")
+    for index, entry in enumerate(listed(require(raw, "tasks", where), f"{where}: tasks")):
+        task = _task(mapping(entry, f"{where}: tasks[{index}]"), dataset, f"{where}: tasks[{index}]")
         if task.name in tasks:
             raise MergebenchError(f"{where}: task {task.name!r} defined twice")
         tasks[task.name] = task
     models = {
-        name: _model(name, _mapping(spec, f"{where}: models.{name}"), tasks, f"{where}: models.{name}")
-        for name, spec in _mapping(_require(raw, "models", where), f"{where}: models").items()
+        name: _model(name, mapping(spec, f"{where}: models.{name}"), tasks, f"{where}: models.{name}")
+        for name, spec in mapping(require(raw, "models", where), f"{where}: models").items()
     }
     if not models:
         raise MergebenchError(f"{where}: 'models' is empty")
@@ -109,10 +108,10 @@ def glue_suites_from(raw: Any, path: Path) -> dict[str, GlueSuite]:
     eval_batch_size = raw.get("eval_batch_size", 64)
     if not isinstance(eval_batch_size, int) or isinstance(eval_batch_size, bool) or eval_batch_size <= 0:
         raise MergebenchError(f"{where}: eval_batch_size must be a positive integer, got {eval_batch_size!r}")
-    validation = _validation(_mapping(_require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
+    validation = validation_policy(mapping(require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
     suites = {}
-    for suite_name, names in _mapping(_require(raw, "suites", where), f"{where}: suites").items():
-        names = _list(names, f"{where}: suites.{suite_name}")
+    for suite_name, names in mapping(require(raw, "suites", where), f"{where}: suites").items():
+        names = listed(names, f"{where}: suites.{suite_name}")
         unknown = [name for name in names if name not in tasks]
         if unknown or len(set(names)) != len(names):
             raise MergebenchError(f"{where}: suite {suite_name} names unknown tasks {unknown}" if unknown else f"{where}: suite {suite_name} lists a task twice")
@@ -123,39 +122,39 @@ def glue_suites_from(raw: Any, path: Path) -> dict[str, GlueSuite]:
 
 
 def _task(spec: Mapping[str, Any], dataset: str, where: str) -> GlueTaskSpec:
-    name = _string(_require(spec, "name", where), f"{where}.name")
+    name = string(require(spec, "name", where), f"{where}.name")
     where = f"{where} ({name})"
-    text = [_string(column, f"{where}.text") for column in _list(_require(spec, "text", where), f"{where}.text")]
+    text = [string(column, f"{where}.text") for column in listed(require(spec, "text", where), f"{where}.text")]
     if len(text) not in (1, 2):
         raise MergebenchError(f"{where}.text: one column or a pair of columns, got {len(text)}")
-    outputs = _require(spec, "outputs", where)
+    outputs = require(spec, "outputs", where)
     if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs <= 0:
         raise MergebenchError(f"{where}.outputs must be a positive integer, got {outputs!r}")
-    metric = _string(_require(spec, "metric", where), f"{where}.metric")
+    metric = string(require(spec, "metric", where), f"{where}.metric")
     if metric not in METRIC_LABELS:
         raise MergebenchError(f"{where}.metric: unknown metric {metric!r}; metrics are {', '.join(METRIC_LABELS)}")
     if (outputs == 1) != (metric == "spearman"):
         raise MergebenchError(f"{where}: a regression task (outputs: 1) is scored by spearman, and only it")
     return GlueTaskSpec(
         name=name,
-        dataset=_string(spec.get("dataset", dataset), f"{where}.dataset"),
-        config=_string(spec.get("config", name), f"{where}.config"),
+        dataset=string(spec.get("dataset", dataset), f"{where}.dataset"),
+        config=string(spec.get("config", name), f"{where}.config"),
         text_columns=tuple(text),
-        label_column=_string(spec.get("label", "label"), f"{where}.label"),
-        test_split=_string(_require(spec, "test_split", where), f"{where}.test_split"),
+        label_column=string(spec.get("label", "label"), f"{where}.label"),
+        test_split=string(require(spec, "test_split", where), f"{where}.test_split"),
         outputs=outputs,
         metric=metric,
     )
 
 
 def _model(name: str, spec: Mapping[str, Any], tasks: Mapping[str, GlueTaskSpec], where: str) -> GlueModelSpec:
-    max_length = _require(spec, "max_length", where)
+    max_length = require(spec, "max_length", where)
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
         raise MergebenchError(f"{where}.max_length must be an integer of at least 2, got {max_length!r}")
-    experts = dict(_mapping(_require(spec, "experts", where), f"{where}.experts"))
+    experts = dict(mapping(require(spec, "experts", where), f"{where}.experts"))
     for task, location in experts.items():
         if task not in tasks:
             raise MergebenchError(f"{where}.experts: unknown task {task!r}")
-        if location is not None and len(_string(location, f"{where}.experts.{task}").split("/")) < 2:
+        if location is not None and len(string(location, f"{where}.experts.{task}").split("/")) < 2:
             raise MergebenchError(f"{where}.experts.{task}: expected owner/repo[/subfolder], got {location!r}")
-    return GlueModelSpec(name, _string(_require(spec, "base", where), f"{where}.base"), max_length, experts)
+    return GlueModelSpec(name, string(require(spec, "base", where), f"{where}.base"), max_length, experts)

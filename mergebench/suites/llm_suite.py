@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mergebench.errors import MergebenchError
-from mergebench.suites.published import PublishedSuite
-from mergebench.suites.vit_suite import _list, _mapping, _require, _string
+from mergebench.suites.published import PublishedSuite, listed, mapping, require, string
 
 TRAIN_SOURCES = ("math", "code")
 
@@ -98,27 +97,27 @@ class LlmSuite(PublishedSuite):
 def llm_suites_from(raw: Any, path: Path) -> dict[str, LlmSuite]:
     """The suites of an already parsed ``kind: llm`` file; every error names the file and the entry."""
     where = str(path)
-    raw = _mapping(raw, where)
-    family = _string(_require(raw, "family", where), f"{where}: family")
+    raw = mapping(raw, where)
+    family = string(require(raw, "family", where), f"{where}: family")
     suites = {}
-    for name, spec in _mapping(_require(raw, "suites", where), f"{where}: suites").items():
-        suites[name] = _suite(name, family, _mapping(spec, f"{where}: suites.{name}"), path, f"{where}: suites.{name}")
+    for name, spec in mapping(require(raw, "suites", where), f"{where}: suites").items():
+        suites[name] = _suite(name, family, mapping(spec, f"{where}: suites.{name}"), path, f"{where}: suites.{name}")
     return suites
 
 
 def _suite(name: str, family: str, spec: Mapping[str, Any], path: Path, where: str) -> LlmSuite:
     recipe = spec.get("recipe")
     models = {}
-    for model, entry in _mapping(_require(spec, "models", where), f"{where}.models").items():
-        entry = _mapping(entry, f"{where}.models.{model}")
-        experts = {task: _string(source, f"{where}.models.{model}.experts.{task}")
-                   for task, source in _mapping(entry.get("experts", {}), f"{where}.models.{model}.experts").items()}
-        models[model] = LlmModel(model, _string(_require(entry, "base", f"{where}.models.{model}"), f"{where}.models.{model}.base"), experts)
+    for model, entry in mapping(require(spec, "models", where), f"{where}.models").items():
+        entry = mapping(entry, f"{where}.models.{model}")
+        experts = {task: string(source, f"{where}.models.{model}.experts.{task}")
+                   for task, source in mapping(entry.get("experts", {}), f"{where}.models.{model}.experts").items()}
+        models[model] = LlmModel(model, string(require(entry, "base", f"{where}.models.{model}"), f"{where}.models.{model}.base"), experts)
     if not models:
         raise MergebenchError(f"{where}: 'models' is empty")
     tasks = tuple(
-        _task(task, _mapping(entry, f"{where}.tasks.{task}"), recipe, f"{where}.tasks.{task}")
-        for task, entry in _mapping(_require(spec, "tasks", where), f"{where}.tasks").items()
+        _task(task, mapping(entry, f"{where}.tasks.{task}"), recipe, f"{where}.tasks.{task}")
+        for task, entry in mapping(require(spec, "tasks", where), f"{where}.tasks").items()
     )
     if not tasks:
         raise MergebenchError(f"{where}: 'tasks' is empty")
@@ -132,7 +131,7 @@ def _suite(name: str, family: str, spec: Mapping[str, Any], path: Path, where: s
         raise MergebenchError(f"{where}: default_model {default!r} is not one of models")
     lam_grid = spec.get("lam_grid")
     if lam_grid is not None:
-        lam_grid = tuple(_number(value, f"{where}.lam_grid") for value in _list(lam_grid, f"{where}.lam_grid"))
+        lam_grid = tuple(_number(value, f"{where}.lam_grid") for value in listed(lam_grid, f"{where}.lam_grid"))
     return LlmSuite(
         name=name, family=family, tasks=tasks, models=models, model_default=default,
         data_seed=_count(spec.get("data_seed", 0), f"{where}.data_seed", minimum=0), lam_grid=lam_grid,
@@ -141,19 +140,19 @@ def _suite(name: str, family: str, spec: Mapping[str, Any], path: Path, where: s
 
 
 def _task(name: str, spec: Mapping[str, Any], recipe: Any, where: str) -> LlmTask:
-    evals = tuple(_string(task, f"{where}.eval") for task in _list(_require(spec, "eval", where), f"{where}.eval"))
+    evals = tuple(string(task, f"{where}.eval") for task in listed(require(spec, "eval", where), f"{where}.eval"))
     train = spec.get("train")
     task_recipe = None
     if train is not None:
-        train = dict(_mapping(train, f"{where}.train"))
+        train = dict(mapping(train, f"{where}.train"))
         if train.get("source") not in TRAIN_SOURCES:
             raise MergebenchError(f"{where}.train.source must be one of {', '.join(TRAIN_SOURCES)}, got {train.get('source')!r}")
-        _count(_require(train, "examples", f"{where}.train"), f"{where}.train.examples")
+        _count(require(train, "examples", f"{where}.train"), f"{where}.train.examples")
         if "sources" in train:
-            train["sources"] = [_string(s, f"{where}.train.sources") for s in _list(train["sources"], f"{where}.train.sources")]
+            train["sources"] = [string(s, f"{where}.train.sources") for s in listed(train["sources"], f"{where}.train.sources")]
         if recipe is None:
             raise MergebenchError(f"{where}: training data given but the suite has no 'recipe'")
-        task_recipe = _recipe({**_mapping(recipe, f"{where}: recipe"), **_mapping(spec.get("recipe", {}), f"{where}.recipe")}, where)
+        task_recipe = _recipe({**mapping(recipe, f"{where}: recipe"), **mapping(spec.get("recipe", {}), f"{where}.recipe")}, where)
     optional = {key: None if spec.get(key) is None else _count(spec[key], f"{where}.{key}") for key in ("validation", "test", "max_gen_toks")}
     return LlmTask(name, evals, train, task_recipe, **optional)
 

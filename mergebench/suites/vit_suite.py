@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import yaml
 
 from mergebench.errors import MergebenchError
-from mergebench.suites.published import PublishedSuite
+from mergebench.suites.published import PublishedSuite, ValidationPolicy, listed, mapping, require, string, validation_policy
 
 TALL_MASKS_TASKS = (
     "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
@@ -25,18 +25,6 @@ TALL_MASKS_TASKS = (
 """tall_masks ``ALL_DATASETS``; vit-N is its first N tasks."""
 
 TRAIN_FRACTION = "train_fraction"
-
-
-@dataclass(frozen=True)
-class ValidationPolicy:
-    """Validation carved from train: ``min(int(fraction·n), max_examples)`` examples, seeded split."""
-
-    fraction: float
-    max_examples: int
-    seed: int
-
-    def size(self, train_examples: int) -> int:
-        return min(int(train_examples * self.fraction), self.max_examples)
 
 
 @dataclass(frozen=True)
@@ -113,11 +101,11 @@ def load_vit_suites(path: str | Path) -> dict[str, VitSuite]:
 def vit_suites_from(raw: Any, path: Path) -> dict[str, VitSuite]:
     """The suites of an already parsed ``kind: clip`` file."""
     where = str(path)
-    raw = _mapping(raw, where)
+    raw = mapping(raw, where)
     if raw.get("kind") != "clip":
         raise MergebenchError(f"{where}: expected 'kind: clip', found {raw.get('kind')!r}")
-    family = _string(_require(raw, "family", where), f"{where}: family")
-    models = {name: _model(name, spec, f"{where}: models.{name}") for name, spec in _mapping(_require(raw, "models", where), f"{where}: models").items()}
+    family = string(require(raw, "family", where), f"{where}: family")
+    models = {name: _model(name, spec, f"{where}: models.{name}") for name, spec in mapping(require(raw, "models", where), f"{where}: models").items()}
     if not models:
         raise MergebenchError(f"{where}: 'models' is empty")
     model_default = raw.get("default_model", next(iter(models)))
@@ -126,19 +114,19 @@ def vit_suites_from(raw: Any, path: Path) -> dict[str, VitSuite]:
     eval_batch_size = raw.get("eval_batch_size", 256)
     if not isinstance(eval_batch_size, int) or isinstance(eval_batch_size, bool) or eval_batch_size <= 0:
         raise MergebenchError(f"{where}: eval_batch_size must be a positive integer, got {eval_batch_size!r}")
-    validation = _validation(_mapping(_require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
-    layout = _mapping(_require(raw, "open_clip_checkpoints", where), f"{where}: open_clip_checkpoints")
-    finetuned = _string(_require(layout, "finetuned", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.finetuned")
-    zeroshot = _string(_require(layout, "zeroshot", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.zeroshot")
+    validation = validation_policy(mapping(require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
+    layout = mapping(require(raw, "open_clip_checkpoints", where), f"{where}: open_clip_checkpoints")
+    finetuned = string(require(layout, "finetuned", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.finetuned")
+    zeroshot = string(require(layout, "zeroshot", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.zeroshot")
     tasks: dict[str, ClipTaskSpec] = {}
-    for index, entry in enumerate(_list(_require(raw, "tasks", where), f"{where}: tasks")):
-        task = _task(_mapping(entry, f"{where}: tasks[{index}]"), f"{where}: tasks[{index}]")
+    for index, entry in enumerate(listed(require(raw, "tasks", where), f"{where}: tasks")):
+        task = _task(mapping(entry, f"{where}: tasks[{index}]"), f"{where}: tasks[{index}]")
         if task.name in tasks:
             raise MergebenchError(f"{where}: task {task.name!r} defined twice")
         tasks[task.name] = task
     suites = {}
-    for suite_name, names in _mapping(_require(raw, "suites", where), f"{where}: suites").items():
-        names = _list(names, f"{where}: suites.{suite_name}")
+    for suite_name, names in mapping(require(raw, "suites", where), f"{where}: suites").items():
+        names = listed(names, f"{where}: suites.{suite_name}")
         unknown = [name for name in names if name not in tasks]
         if unknown:
             raise MergebenchError(f"{where}: suite {suite_name} names unknown tasks {unknown}")
@@ -160,64 +148,28 @@ def vit_suites_from(raw: Any, path: Path) -> dict[str, VitSuite]:
 
 
 def _model(name: str, spec: Any, where: str) -> ClipModelSpec:
-    spec = _mapping(spec, where)
-    fields = {key: _string(_require(spec, key, where), f"{where}.{key}") for key in ("hf", "open_clip", "finetuned_hub_prefix")}
+    spec = mapping(spec, where)
+    fields = {key: string(require(spec, key, where), f"{where}.{key}") for key in ("hf", "open_clip", "finetuned_hub_prefix")}
     return ClipModelSpec(name=name, **fields)
 
 
-def _validation(spec: Mapping[str, Any], where: str) -> ValidationPolicy:
-    fraction = _require(spec, "fraction", where)
-    max_examples = _require(spec, "max_examples", where)
-    seed = _require(spec, "seed", where)
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
-        raise MergebenchError(f"{where}.fraction must be a number in (0, 1), got {fraction!r}")
-    for key, value in (("max_examples", max_examples), ("seed", seed)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise MergebenchError(f"{where}.{key} must be a non-negative integer, got {value!r}")
-    return ValidationPolicy(fraction=float(fraction), max_examples=max_examples, seed=seed)
-
-
 def _task(spec: Mapping[str, Any], where: str) -> ClipTaskSpec:
-    name = _string(_require(spec, "name", where), f"{where}.name")
+    name = string(require(spec, "name", where), f"{where}.name")
     where = f"{where} ({name})"
     if name not in TALL_MASKS_TASKS:
         raise MergebenchError(f"{where}: unknown task {name!r}; expected one of {', '.join(TALL_MASKS_TASKS)}")
-    fusion_bench = _require(spec, "fusion_bench", where)
+    fusion_bench = require(spec, "fusion_bench", where)
     config = spec.get("config")
-    splits = _mapping(_require(spec, "splits", where), f"{where}.splits")
-    columns = _mapping(_require(spec, "columns", where), f"{where}.columns")
+    splits = mapping(require(spec, "splits", where), f"{where}.splits")
+    columns = mapping(require(spec, "columns", where), f"{where}.columns")
     return ClipTaskSpec(
         name=name,
-        fusion_bench=None if fusion_bench is None else _string(fusion_bench, f"{where}.fusion_bench"),
-        dataset=_string(_require(spec, "dataset", where), f"{where}.dataset"),
-        config=None if config is None else _string(config, f"{where}.config"),
-        train_split=_string(_require(splits, "train", f"{where}.splits"), f"{where}.splits.train"),
-        test_split=_string(_require(splits, "test", f"{where}.splits"), f"{where}.splits.test"),
-        validation=_string(_require(spec, "validation", where), f"{where}.validation"),
-        image_column=_string(_require(columns, "image", f"{where}.columns"), f"{where}.columns.image"),
-        label_column=_string(_require(columns, "label", f"{where}.columns"), f"{where}.columns.label"),
+        fusion_bench=None if fusion_bench is None else string(fusion_bench, f"{where}.fusion_bench"),
+        dataset=string(require(spec, "dataset", where), f"{where}.dataset"),
+        config=None if config is None else string(config, f"{where}.config"),
+        train_split=string(require(splits, "train", f"{where}.splits"), f"{where}.splits.train"),
+        test_split=string(require(splits, "test", f"{where}.splits"), f"{where}.splits.test"),
+        validation=string(require(spec, "validation", where), f"{where}.validation"),
+        image_column=string(require(columns, "image", f"{where}.columns"), f"{where}.columns.image"),
+        label_column=string(require(columns, "label", f"{where}.columns"), f"{where}.columns.label"),
     )
-
-
-def _require(spec: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in spec:
-        raise MergebenchError(f"{where}: missing key {key!r}")
-    return spec[key]
-
-
-def _mapping(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise MergebenchError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, where: str) -> list:
-    if not isinstance(value, list):
-        raise MergebenchError(f"{where}: expected a list, got {type(value).__name__}")
-    return value
-
-
-def _string(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise MergebenchError(f"{where}: expected a non-empty string, got {value!r}")
-    return value
