@@ -114,7 +114,7 @@ class MethodSummary:
         speed = "-" if self.examples_per_second is None else f"{self.examples_per_second:.0f} examples/s"
         return (
             f"{self.suite:<16} {self.method:<16} {setting:<32} val norm {100 * self.validation_normalized:5.1f}%  "
-            f"test acc {100 * self.test_accuracy:5.1f}%  test norm {100 * self.test_normalized:5.1f}%  merge {merge}  eval {speed}"
+            f"test avg {100 * self.test_accuracy:5.1f}%  test norm {100 * self.test_normalized:5.1f}%  merge {merge}  eval {speed}"
         )
 
 
