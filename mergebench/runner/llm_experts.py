@@ -12,8 +12,8 @@ A suite with a recipe fine-tunes one expert per task from the base (prompt-maske
 :func:`mergebench.models.llm.finetune_causal_lm`) on the task's training data
 (:mod:`mergebench.suites.llm_sources`) and caches it under
 ``<cache>/checkpoints/<family>/<model>/<task>-<key>/``, ``key`` a hash of the base, the recipe, the
-training data and the data seed; the folder is written atomically, so an interrupted build resumes with
-the next missing expert.
+training data (:func:`training_spec`) and the data seed; the folder is written atomically, so an
+interrupted build resumes with the next missing expert.
 """
 
 from __future__ import annotations
@@ -59,16 +59,21 @@ def checkpoint_hash(folder: Path) -> str:
 def expert_folder(suite: LlmSuite, model: str, task: LlmTask, cache: Path) -> Path:
     """Where a built expert of ``task`` is cached."""
     base = suite.model(model).base
-    key = content_key(base, task.recipe, dict(task.train or {}), suite.data_seed)[:12]
+    key = content_key(base, task.recipe, training_spec(task), suite.data_seed)[:12]
     return cache / "checkpoints" / suite.family / model / f"{task.name}-{key}"
+
+
+def training_spec(task: LlmTask) -> dict:
+    """What an expert of ``task`` is trained on: the task's ``train`` entry and, when given, its math sources."""
+    spec = dict(task.train or {})
+    return {**spec, "sources": list(task.sources)} if task.sources else spec
 
 
 def training_pairs(task: LlmTask, seed: int) -> list[tuple[str, str]]:
     """The ``(prompt, completion)`` pairs an expert of ``task`` is fine-tuned on."""
     spec = dict(task.train or {})
     if spec.get("source") == "math":
-        sources = tuple(spec.get("sources") or llm_sources.MATH_SOURCES)
-        examples = llm_sources.math_examples("train", spec["examples"], seed=seed, sources=sources)
+        examples = llm_sources.math_examples("train", spec["examples"], seed=seed, sources=task.math_sources)
         return [(llm_sources.math_prompt(e["question"]), llm_sources.math_target(e)) for e in examples]
     if spec.get("source") == "code":
         return [(e["prompt"], e["completion"]) for e in llm_sources.code_examples("train", spec["examples"], seed=seed)]

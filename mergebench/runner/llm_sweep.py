@@ -63,7 +63,8 @@ def task_configs(suite: LlmSuite, task: LlmTask, split: str) -> list[str | dict[
         generation = {"max_gen_toks": task.max_gen_toks} if task.max_gen_toks else {}
         if name == lm_harness.MINI_MATH_TASK:
             size = task.validation if split == "validation" else task.test
-            configs.append(lm_harness.mini_math_task(split=split, size=size or 200, seed=suite.data_seed, **generation))
+            configs.append(lm_harness.mini_math_task(
+                split=split, size=size or 200, seed=suite.data_seed, sources=task.math_sources, **generation))
         elif split == "validation":
             raise MergebenchError(f"suite {suite.name}: task {name} has no validation split")
         elif name == lm_harness.HUMANEVAL_TASK:
@@ -86,7 +87,8 @@ class LlmSweep:
         self.hashes = {"pretrained": checkpoint_hash(self.base), **{t: checkpoint_hash(f) for t, f in self.experts.items()}}
         described = suite.describe()
         self.context_key = content_key(
-            suite.task_names, model, self.hashes, described["splits"], described["max_gen_toks"], suite.data_seed, limit
+            suite.task_names, model, self.hashes, described["splits"], described["sources"], described["max_gen_toks"],
+            suite.data_seed, limit,
         )
         self.splits = ("validation", "test") if suite.validated else ("test",)
         self.selection = VALIDATION_CRITERION if suite.validated else FIXED_DEFAULTS

@@ -6,7 +6,9 @@ embedded base name, a local Hugging Face folder or a Hub id (:mod:`mergebench.mo
 whose models list no experts carries a fine-tuning ``recipe`` and per-task training data, and its
 experts are built by :mod:`mergebench.runner.llm_experts`. An expert task with a ``validation`` size
 has a validation split (the local math task); hyperparameters are chosen on it over ``lam_grid``.
-Suites without one run each method at its defaults.
+Suites without one run each method at its defaults. A math task's ``sources`` (reasoning-gym generators,
+:func:`mergebench.suites.llm_sources.math_examples`) feed all of its splits, so its expert is scored on
+held-out questions of the distribution it is trained on.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mergebench.errors import MergebenchError
+from mergebench.evaluation.lm_harness import MINI_MATH_TASK
+from mergebench.suites.llm_sources import MATH_SOURCES
 from mergebench.suites.published import PublishedSuite, listed, mapping, require, string
 
 TRAIN_SOURCES = ("math", "code")
+TRAIN_KEYS = ("source", "examples")
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,18 @@ class LlmTask:
     name: str
     eval: tuple[str, ...]
     train: Mapping[str, Any] | None = None
-    """``{"source": "math"|"code", "examples": N, "sources": [...]}`` (reasoning-gym source specs for math)."""
+    """``{"source": "math"|"code", "examples": N}``."""
+    sources: tuple[str, ...] | None = None
+    """reasoning-gym source specs of the math splits (train, validation, test); None: the default mix."""
     recipe: LlmRecipe | None = None
     validation: int | None = None
     test: int | None = None
     max_gen_toks: int | None = None
+
+    @property
+    def math_sources(self) -> tuple[str, ...]:
+        """The reasoning-gym generators every math split draws from (:data:`MATH_SOURCES` unless given)."""
+        return self.sources or MATH_SOURCES
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,7 @@ class LlmSuite(PublishedSuite):
             "max_gen_toks": {t.name: t.max_gen_toks for t in self.tasks},
             "recipes": {t.name: t.recipe.__dict__ for t in self.tasks if t.recipe},
             "train": {t.name: dict(t.train) for t in self.tasks if t.train},
+            "sources": {t.name: list(t.sources) for t in self.tasks if t.sources},
             "data_seed": self.data_seed, "lam_grid": self.lam_grid, "suite_file": self.source_file.name,
         }
 
@@ -148,13 +161,27 @@ def _task(name: str, spec: Mapping[str, Any], recipe: Any, where: str) -> LlmTas
         if train.get("source") not in TRAIN_SOURCES:
             raise MergebenchError(f"{where}.train.source must be one of {', '.join(TRAIN_SOURCES)}, got {train.get('source')!r}")
         _count(require(train, "examples", f"{where}.train"), f"{where}.train.examples")
-        if "sources" in train:
-            train["sources"] = [string(s, f"{where}.train.sources") for s in listed(train["sources"], f"{where}.train.sources")]
+        unknown = sorted(set(train) - set(TRAIN_KEYS))
+        if unknown:
+            raise MergebenchError(f"{where}.train: unknown key {unknown[0]!r}; keys are {', '.join(TRAIN_KEYS)} "
+                                  "(a math task's sources belong to the task)")
         if recipe is None:
             raise MergebenchError(f"{where}: training data given but the suite has no 'recipe'")
         task_recipe = _recipe({**mapping(recipe, f"{where}: recipe"), **mapping(spec.get("recipe", {}), f"{where}.recipe")}, where)
     optional = {key: None if spec.get(key) is None else _count(spec[key], f"{where}.{key}") for key in ("validation", "test", "max_gen_toks")}
-    return LlmTask(name, evals, train, task_recipe, **optional)
+    return LlmTask(name, evals, train, recipe=task_recipe, sources=_sources(spec, evals, train, where), **optional)
+
+
+def _sources(spec: Mapping[str, Any], evals: tuple[str, ...], train: Mapping[str, Any] | None, where: str) -> tuple[str, ...] | None:
+    """A math task's reasoning-gym source specs, or None when it gives none."""
+    if spec.get("sources") is None:
+        return None
+    if MINI_MATH_TASK not in evals and (train or {}).get("source") != "math":
+        raise MergebenchError(f"{where}.sources: only a math task (trained on math or scored on {MINI_MATH_TASK}) has sources")
+    sources = tuple(string(source, f"{where}.sources") for source in listed(spec["sources"], f"{where}.sources"))
+    if not sources:
+        raise MergebenchError(f"{where}.sources is empty")
+    return sources
 
 
 def _recipe(spec: Mapping[str, Any], where: str) -> LlmRecipe:
