@@ -42,8 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from mergebench.errors import MergebenchError
 from mergebench.suites import llm_sources
 
-MINI_MATH_TASK = "mergebench_mini_math"
-HUMANEVAL_TASK = "mergebench_humaneval"
+MINI_MATH_TASK, HUMANEVAL_TASK = llm_sources.MINI_MATH_TASK, llm_sources.HUMANEVAL_TASK
 LOCAL_TASKS = (MINI_MATH_TASK, HUMANEVAL_TASK)
 
 CODE_EXECUTION_FLAG = "--allow-code-execution"

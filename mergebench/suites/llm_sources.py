@@ -47,6 +47,9 @@ MATH_SOURCES = ("gsm_symbolic", "basic_arithmetic:max_terms=3,max_digits=2")
 terms of up to 4 digits, answers such as 215073565325) is beyond a 135M model; 2–3 terms of up to two
 digits (``Calculate -( 20 + 67 + -59 ).``) is not."""
 
+MINI_MATH_TASK = "mergebench_mini_math"
+HUMANEVAL_TASK = "mergebench_humaneval"
+"""The lm-eval names of the local tasks over these data (:mod:`mergebench.evaluation.lm_harness`)."""
 MATH_SPLITS = ("train", "validation", "test")
 CODE_SPLITS = ("train", "validation")
 _SPLIT_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000, "test": 3_000_000}

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mergebench.errors import MergebenchError
-from mergebench.evaluation.lm_harness import MINI_MATH_TASK
-from mergebench.suites.llm_sources import MATH_SOURCES
+from mergebench.suites.llm_sources import MATH_SOURCES, MINI_MATH_TASK
 from mergebench.suites.published import PublishedSuite, listed, mapping, require, string
 
 TRAIN_SOURCES = ("math", "code")
