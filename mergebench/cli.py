@@ -134,7 +134,10 @@ def command_suites(args: argparse.Namespace) -> None:
     from mergebench.core.checkpoints import cache_directory
     from mergebench.suites.registry import all_suites
 
-    for suite in all_suites().values():
+    suites = [suite for suite in all_suites().values() if args.model is None or args.model in suite.model_names]
+    if not suites:
+        raise MergebenchError(f"no suite offers model {args.model!r}")
+    for suite in suites:  # with --model, only the suites that offer it
         default = suite.resolve_model(args.model)
         others = ", ".join(name for name in suite.model_names if name != default) or "-"
         print(f"{suite.name:<16} {len(suite.tasks)} tasks, model {default} (also {others}), {suite.source_file.name}")
