@@ -361,11 +361,7 @@ class StreamMergeReport:
 
 def streaming_support(method) -> str | None:
     """None if ``method`` can be merged tensor by tensor, else why not."""
-    from mergebench.methods.registry import POST_SCALERS
-
-    if method.uses_data or "+" in method.name or method.name in POST_SCALERS or getattr(method, "returns_model", False):
-        return f"method {method.name} {REFUSED_REASON}"
-    return None
+    return None if method.tensorwise else f"method {method.name} {REFUSED_REASON}"
 
 
 def stream_merge(

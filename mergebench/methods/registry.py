@@ -73,6 +73,14 @@ class MergeMethod:
     examples: int = 0
     returns_model: bool = False
     """The function returns the merged backbone (``nn.Module``), larger than the base model, not τ_m."""
+    post_scaled: bool = False
+    """λ is replaced by a post-scaler, which reads the whole merged task vector (LiNeS's layer depths)."""
+
+    @property
+    def tensorwise(self) -> bool:
+        """Whether each tensor merges from the same tensor of every checkpoint alone (streamable): no data,
+        no post-scaler over the whole vector, no upscaled model."""
+        return not (self.uses_data or self.post_scaled or self.returns_model)
 
     @property
     def uses_data(self) -> bool:
@@ -207,7 +215,7 @@ def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
     return MergeMethod(
         f"{base.name}+{scaler.name}", composed, hparams, f"{base.citation}; {scaler.citation}",
         base.data, base.randomized, f"{base.summary} Then {scaler.summary[:1].lower()}{scaler.summary[1:]}",
-        base.examples,
+        base.examples, post_scaled=True,
     )
 
 
