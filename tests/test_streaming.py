@@ -206,7 +206,7 @@ def test_broken_index_is_reported(family, tmp_path):
 
 def test_methods_needing_the_whole_model_are_refused(family, tmp_path):
     base_dir, experts = family
-    for name in ("regmean", "lines", "ties+lines"):
+    for name in ("regmean", "lines", "ties+lines", "wemoe"):
         with pytest.raises(MergebenchError, match="needs the whole model"):
             stream_merge(base_dir, experts, name, tmp_path / "out")
     with pytest.raises(MergebenchError, match="hyperparameter scope='diagonal' of ties"):
