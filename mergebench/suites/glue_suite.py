@@ -17,7 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from mergebench.errors import MergebenchError
-from mergebench.suites.published import PublishedSuite, ValidationPolicy, listed, mapping, require, string, validation_policy
+from mergebench.suites.published import (
+    PublishedSuite, ValidationPolicy, default_model, eval_batch_size, keyed_tasks, listed, mapping, require, string,
+    suite_tasks, validation_policy,
+)
 from mergebench.core.scores import METRIC_LABELS
 
 
@@ -90,33 +93,18 @@ def glue_suites_from(raw: Any, path: Path) -> dict[str, GlueSuite]:
     raw = mapping(raw, where)
     family = string(require(raw, "family", where), f"{where}: family")
     dataset = string(require(raw, "dataset", where), f"{where}: dataset")
-    tasks: dict[str, GlueTaskSpec] = {}
-    for index, entry in enumerate(listed(require(raw, "tasks", where), f"{where}: tasks")):
-        task = _task(mapping(entry, f"{where}: tasks[{index}]"), dataset, f"{where}: tasks[{index}]")
-        if task.name in tasks:
-            raise MergebenchError(f"{where}: task {task.name!r} defined twice")
-        tasks[task.name] = task
+    tasks = keyed_tasks(require(raw, "tasks", where), lambda entry, at: _task(entry, dataset, at), where)
     models = {
         name: _model(name, mapping(spec, f"{where}: models.{name}"), tasks, f"{where}: models.{name}")
         for name, spec in mapping(require(raw, "models", where), f"{where}: models").items()
     }
-    if not models:
-        raise MergebenchError(f"{where}: 'models' is empty")
-    model_default = raw.get("default_model", next(iter(models)))
-    if model_default not in models:
-        raise MergebenchError(f"{where}: default_model {model_default!r} is not one of models")
-    eval_batch_size = raw.get("eval_batch_size", 64)
-    if not isinstance(eval_batch_size, int) or isinstance(eval_batch_size, bool) or eval_batch_size <= 0:
-        raise MergebenchError(f"{where}: eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+    model_default = default_model(raw, models, where)
+    batch_size = eval_batch_size(raw, 64, where)
     validation = validation_policy(mapping(require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
     suites = {}
     for suite_name, names in mapping(require(raw, "suites", where), f"{where}: suites").items():
-        names = listed(names, f"{where}: suites.{suite_name}")
-        unknown = [name for name in names if name not in tasks]
-        if unknown or len(set(names)) != len(names):
-            raise MergebenchError(f"{where}: suite {suite_name} names unknown tasks {unknown}" if unknown else f"{where}: suite {suite_name} lists a task twice")
         suites[suite_name] = GlueSuite(
-            suite_name, family, tuple(tasks[name] for name in names), models, model_default, validation, eval_batch_size, path
+            suite_name, family, suite_tasks(names, tasks, suite_name, where), models, model_default, validation, batch_size, path
         )
     return suites
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from mergebench.errors import MergebenchError
 from mergebench.suites.llm_sources import MATH_SOURCES, MINI_MATH_TASK
-from mergebench.suites.published import PublishedSuite, listed, mapping, require, string
+from mergebench.suites.published import PublishedSuite, default_model, listed, mapping, require, string
 
 TRAIN_SOURCES = ("math", "code")
 TRAIN_KEYS = ("source", "examples")
@@ -125,8 +125,7 @@ def _suite(name: str, family: str, spec: Mapping[str, Any], path: Path, where: s
         experts = {task: string(source, f"{where}.models.{model}.experts.{task}")
                    for task, source in mapping(entry.get("experts", {}), f"{where}.models.{model}.experts").items()}
         models[model] = LlmModel(model, string(require(entry, "base", f"{where}.models.{model}"), f"{where}.models.{model}.base"), experts)
-    if not models:
-        raise MergebenchError(f"{where}: 'models' is empty")
+    default = default_model(spec, models, where)
     tasks = tuple(
         _task(task, mapping(entry, f"{where}.tasks.{task}"), recipe, f"{where}.tasks.{task}")
         for task, entry in mapping(require(spec, "tasks", where), f"{where}.tasks").items()
@@ -138,9 +137,6 @@ def _suite(name: str, family: str, spec: Mapping[str, Any], path: Path, where: s
             raise MergebenchError(f"{where}.models.{model.name}: experts {sorted(model.experts)} do not match tasks {[t.name for t in tasks]}")
         if not model.experts and any(task.recipe is None for task in tasks):
             raise MergebenchError(f"{where}.models.{model.name}: no experts listed and no recipe to build them")
-    default = spec.get("default_model", next(iter(models)))
-    if default not in models:
-        raise MergebenchError(f"{where}: default_model {default!r} is not one of models")
     lam_grid = spec.get("lam_grid")
     if lam_grid is not None:
         lam_grid = tuple(_number(value, f"{where}.lam_grid") for value in listed(lam_grid, f"{where}.lam_grid"))

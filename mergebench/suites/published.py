@@ -5,7 +5,7 @@ that name the file and the key)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mergebench.errors import MergebenchError
 
@@ -81,4 +81,43 @@ def listed(value: Any, where: str) -> list:
 def string(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise MergebenchError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def keyed_tasks(entries: Any, parse: Callable[[Mapping[str, Any], str], Any], where: str) -> dict[str, Any]:
+    """``{name: spec}`` of a file's task list, each entry read by ``parse(entry, where)``; a name used twice is an error."""
+    tasks: dict[str, Any] = {}
+    for index, entry in enumerate(listed(entries, f"{where}: tasks")):
+        task = parse(mapping(entry, f"{where}: tasks[{index}]"), f"{where}: tasks[{index}]")
+        if task.name in tasks:
+            raise MergebenchError(f"{where}: task {task.name!r} defined twice")
+        tasks[task.name] = task
+    return tasks
+
+
+def suite_tasks(names: Any, tasks: Mapping[str, Any], suite_name: str, where: str) -> tuple:
+    """The specs of the tasks suite ``suite_name`` lists, each known and listed once."""
+    names = listed(names, f"{where}: suites.{suite_name}")
+    unknown = [name for name in names if name not in tasks]
+    if unknown:
+        raise MergebenchError(f"{where}: suite {suite_name} names unknown tasks {unknown}")
+    if len(set(names)) != len(names):
+        raise MergebenchError(f"{where}: suite {suite_name} lists a task twice")
+    return tuple(tasks[name] for name in names)
+
+
+def default_model(spec: Mapping[str, Any], models: Mapping[str, Any], where: str) -> str:
+    """``default_model`` of ``spec`` (the first model if absent), one of a non-empty ``models``."""
+    if not models:
+        raise MergebenchError(f"{where}: 'models' is empty")
+    default = spec.get("default_model", next(iter(models)))
+    if default not in models:
+        raise MergebenchError(f"{where}: default_model {default!r} is not one of models")
+    return default
+
+
+def eval_batch_size(spec: Mapping[str, Any], default: int, where: str) -> int:
+    value = spec.get("eval_batch_size", default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise MergebenchError(f"{where}: eval_batch_size must be a positive integer, got {value!r}")
     return value

@@ -15,7 +15,10 @@ from typing import Any, Mapping
 import yaml
 
 from mergebench.errors import MergebenchError
-from mergebench.suites.published import PublishedSuite, ValidationPolicy, listed, mapping, require, string, validation_policy
+from mergebench.suites.published import (
+    PublishedSuite, ValidationPolicy, default_model, eval_batch_size, keyed_tasks, mapping, require, string,
+    suite_tasks, validation_policy,
+)
 
 TALL_MASKS_TASKS = (
     "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
@@ -106,42 +109,25 @@ def vit_suites_from(raw: Any, path: Path) -> dict[str, VitSuite]:
         raise MergebenchError(f"{where}: expected 'kind: clip', found {raw.get('kind')!r}")
     family = string(require(raw, "family", where), f"{where}: family")
     models = {name: _model(name, spec, f"{where}: models.{name}") for name, spec in mapping(require(raw, "models", where), f"{where}: models").items()}
-    if not models:
-        raise MergebenchError(f"{where}: 'models' is empty")
-    model_default = raw.get("default_model", next(iter(models)))
-    if model_default not in models:
-        raise MergebenchError(f"{where}: default_model {model_default!r} is not one of models")
-    eval_batch_size = raw.get("eval_batch_size", 256)
-    if not isinstance(eval_batch_size, int) or isinstance(eval_batch_size, bool) or eval_batch_size <= 0:
-        raise MergebenchError(f"{where}: eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+    model_default = default_model(raw, models, where)
+    batch_size = eval_batch_size(raw, 256, where)
     validation = validation_policy(mapping(require(raw, "validation", where), f"{where}: validation"), f"{where}: validation")
     layout = mapping(require(raw, "open_clip_checkpoints", where), f"{where}: open_clip_checkpoints")
     finetuned = string(require(layout, "finetuned", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.finetuned")
     zeroshot = string(require(layout, "zeroshot", f"{where}: open_clip_checkpoints"), f"{where}: open_clip_checkpoints.zeroshot")
-    tasks: dict[str, ClipTaskSpec] = {}
-    for index, entry in enumerate(listed(require(raw, "tasks", where), f"{where}: tasks")):
-        task = _task(mapping(entry, f"{where}: tasks[{index}]"), f"{where}: tasks[{index}]")
-        if task.name in tasks:
-            raise MergebenchError(f"{where}: task {task.name!r} defined twice")
-        tasks[task.name] = task
+    tasks = keyed_tasks(require(raw, "tasks", where), _task, where)
     suites = {}
     for suite_name, names in mapping(require(raw, "suites", where), f"{where}: suites").items():
-        names = listed(names, f"{where}: suites.{suite_name}")
-        unknown = [name for name in names if name not in tasks]
-        if unknown:
-            raise MergebenchError(f"{where}: suite {suite_name} names unknown tasks {unknown}")
-        if len(set(names)) != len(names):
-            raise MergebenchError(f"{where}: suite {suite_name} lists a task twice")
         suites[suite_name] = VitSuite(
             name=suite_name,
             family=family,
-            tasks=tuple(tasks[name] for name in names),
+            tasks=suite_tasks(names, tasks, suite_name, where),
             models=models,
             model_default=model_default,
             validation=validation,
             open_clip_finetuned=finetuned,
             open_clip_zeroshot=zeroshot,
-            eval_batch_size=eval_batch_size,
+            eval_batch_size=batch_size,
             source_file=path,
         )
     return suites
