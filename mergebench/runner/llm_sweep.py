@@ -36,7 +36,7 @@ from mergebench.core.memory import PeakMemory
 from mergebench.core.streaming import stream_merge, streaming_support
 from mergebench.errors import MergebenchError
 from mergebench.evaluation import lm_harness
-from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
+from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
 from mergebench.methods.registry import SCALE, MergeMethod
 from mergebench.runner.llm_experts import checkpoint_folder, checkpoint_hash, expert_folders
 from mergebench.store.database import INDIVIDUAL, PRETRAINED, Cell, ResultStore, canonical_json, content_key
@@ -201,14 +201,20 @@ class LlmSweep:
         self.store.select(test_cell, best_score, self.selection, self.run_id)
         test = self.store.accuracies(self.context_key, method.name, "test", self.seed)[canonical_json(best)]
         costs = self.store.merge_costs(self.context_key, method.name)
-        validation = _normalized(self.store, self.context_key, method.name, best) if self.suite.validated else math.nan
+        validation = self._normalized(method.name, best, "validation") if self.suite.validated else math.nan
         return MethodSummary(
             self.suite.name, method.name, best, validation, mean_accuracy(test),
-            _safe_normalized(test, self._individual("test")), costs["seconds"], costs["peak_mb"],
+            self._normalized(method.name, best, "test"), costs["seconds"], costs["peak_mb"],
         )
 
-    def _individual(self, split: str) -> dict[str, float]:
-        return next(iter(self.store.accuracies(self.context_key, INDIVIDUAL, split, seed=0).values()))
+    def _normalized(self, method: str, setting: Mapping[str, Any], split: str) -> float:
+        """Normalized score of ``setting`` on ``split``, NaN when an expert scored 0 on one of its tasks
+        (the ratio is undefined)."""
+        merged = self.store.accuracies(self.context_key, method, split, self.seed)[canonical_json(dict(setting))]
+        try:
+            return normalized_accuracy(merged, self.store.individual_scores(self.context_key, split))
+        except NormalizationError:
+            return math.nan
 
     def _select(self, method: MergeMethod, settings: list[dict]) -> tuple[dict, float]:
         """The setting with the best mean validation score (the first one on ties)."""
@@ -216,20 +222,6 @@ class LlmSweep:
         scored = [(mean_accuracy(validation[canonical_json(s)]), -i, s) for i, s in enumerate(settings)]
         score, _, best = max(scored, key=lambda item: item[:2])
         return best, score
-
-
-def _safe_normalized(merged: Mapping[str, float], individual: Mapping[str, float]) -> float:
-    """Normalized score, NaN when an expert scored 0 on one of its tasks (the ratio is undefined)."""
-    try:
-        return normalized_accuracy(merged, individual)
-    except ValueError:
-        return math.nan
-
-
-def _normalized(store: ResultStore, context_key: str, method: str, setting: Mapping[str, Any]) -> float:
-    merged = store.accuracies(context_key, method, "validation")[canonical_json(dict(setting))]
-    individual = next(iter(store.accuracies(context_key, INDIVIDUAL, "validation", seed=0).values()))
-    return _safe_normalized(merged, individual)
 
 
 def run_llm_suite(suite: LlmSuite, methods: Sequence[MergeMethod], request, store: ResultStore, run_id: str,

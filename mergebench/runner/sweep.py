@@ -233,7 +233,7 @@ class SuiteSweep:
                 self._store(cell, self.prepared.evaluate(self.prepared.finetuned[task], split, (task,)))
 
     def finetuned_accuracy(self, split: str) -> dict[str, float]:
-        return next(iter(self.store.accuracies(self.context_key, INDIVIDUAL, split, seed=0).values()))
+        return self.store.individual_scores(self.context_key, split)
 
     def evaluate_merge(self, cell: Cell, merge: Merge, tasks: tuple[str, ...] | None = None) -> None:
         """Evaluate a merged model on ``tasks`` (all of the suite's by default) and store the scores and costs."""

@@ -211,6 +211,10 @@ class ResultStore:
         rows = self.query("SELECT DISTINCT task, metric FROM results WHERE context_key=?", (context_key,))
         return {row["task"]: row["metric"] for row in rows}
 
+    def individual_scores(self, context_key: str, split: str) -> dict[str, float]:
+        """``{task: score}`` of each task's own expert (the ``individual`` reference row) on ``split``."""
+        return next(iter(self.accuracies(context_key, INDIVIDUAL, split, seed=0).values()))
+
     def merge_costs(self, context_key: str, method: str, data_access: str = "none") -> dict[str, float | None]:
         """A method's costs over its stored merges: mean seconds, largest peak MiB, parameter count."""
         rows = self.query(
