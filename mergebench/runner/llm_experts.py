@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mergebench.core.checkpoints import file_sha256
 from mergebench.errors import MergebenchError
 from mergebench.models import llm
+from mergebench.runner.hub import folder_sha256
 from mergebench.store.database import content_key
 from mergebench.suites import llm_sources
 from mergebench.suites.llm_suite import LlmSuite, LlmTask
@@ -49,11 +49,11 @@ def checkpoint_folder(source: str, cache: Path) -> Path:
 
 
 def checkpoint_hash(folder: Path) -> str:
-    """A content hash of a checkpoint folder's safetensors files (names and bytes)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    """The sha256 of a checkpoint folder's safetensors weights (:func:`mergebench.runner.hub.folder_sha256`:
+    a Hugging Face cache blob is named by its hash, so Hub checkpoints are not read again)."""
+    if not any(folder.glob("*.safetensors")):
         raise MergebenchError(f"checkpoint {folder} has no safetensors weights")
-    return content_key(*[(path.name, file_sha256(path)) for path in files])
+    return folder_sha256(folder, f"checkpoint {folder}")
 
 
 def expert_folder(suite: LlmSuite, model: str, task: LlmTask, cache: Path) -> Path:
