@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -120,13 +121,36 @@ def command_plot(args: argparse.Namespace) -> None:
 
 
 def command_methods(args: argparse.Namespace) -> None:
-    from mergebench.methods.registry import all_methods
+    from mergebench.core.data_access import DATA_ACCESS
+    from mergebench.methods.registry import BUILTIN, all_methods
 
-    for method in all_methods().values():
-        print(f"{method.name:<18} {method.summary}  [{method.citation}; data: {method.data}]")
-        for name, hparam in method.hparams.items():
-            grid = ", ".join(map(str, hparam.sweep_values()))
-            print(f"    {name:<8} default {hparam.default!s:<8} sweep {{{grid}}}  {hparam.doc}")
+    methods = sorted(all_methods().values(), key=lambda method: (DATA_ACCESS.index(method.data), method.name))
+    if args.json:
+        print(json.dumps([_method_json(method) for method in methods], indent=2, default=str))
+        return
+    for access in DATA_ACCESS:
+        group = [method for method in methods if method.data == access]
+        if group:
+            print(f"data: {access} ({len(group)} methods)")
+        for method in group:
+            plugin = "" if method.origin == BUILTIN else f"  (plugin: {method.origin})"
+            print(f"  {method.name:<18} {method.summary}  [{method.citation}]{plugin}")
+            for name, hparam in method.hparams.items():
+                grid = ", ".join(map(str, hparam.sweep_values()))
+                print(f"      {name:<14} default {hparam.default!s:<10} sweep {{{grid}}}  {hparam.doc}")
+
+
+def _method_json(method) -> dict:
+    """A method as ``mergebench methods --json`` prints it."""
+    return {
+        "name": method.name, "summary": method.summary, "citation": method.citation, "data": method.data,
+        "randomized": method.randomized, "streamable": method.tensorwise, "origin": method.origin,
+        "hparams": {
+            name: {"default": h.default, "grid": list(h.sweep_values()), "doc": h.doc, "low": h.low, "high": h.high,
+                   "high_inclusive": h.high_inclusive, "choices": None if h.choices is None else list(h.choices)}
+            for name, h in method.hparams.items()
+        },
+    }
 
 
 def command_suites(args: argparse.Namespace) -> None:
@@ -213,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_common(commands.add_parser("report", help="print and write the results tables"), False).set_defaults(handler=command_report)
     with_common(commands.add_parser("plot", help="write PNG plots of the stored results"), False).set_defaults(handler=command_plot)
-    commands.add_parser("methods", help="list registered methods").set_defaults(handler=command_methods)
+    methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
+    methods.add_argument("--json", action="store_true", help="print the methods as JSON")
+    methods.set_defaults(handler=command_methods)
     suites = commands.add_parser("suites", help="list suites, their tasks, and whether data and checkpoints are here")
     suites.add_argument("--model", default=None, help="backbone whose checkpoints to look for (default: each suite's)")
     suites.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
@@ -232,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergebenchError as error:
         print(f"mergebench: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("mergebench: interrupted; finished cells are stored — run the same command again to resume", file=sys.stderr)
         return 130

@@ -1,5 +1,7 @@
 """Each method's math on tiny hand-made task vectors, with expected values worked out by hand."""
 
+from typing import Annotated
+
 import pytest
 import torch
 
@@ -186,14 +188,14 @@ def test_sweep_reuses_the_merged_vector_across_lambda():
 def test_post_scaler_composes_with_any_method(monkeypatch):
     from mergebench.methods import registry
 
-    def halve_second(task_vectors, merged_vector, *, factor):
+    def halve_second(task_vectors, merged_vector, *, factor: Annotated[float, HParam("factor", (0.5, 0.25))] = 0.5):
         """Multiply the second entry by factor."""
         out = merged_vector.clone()
         out[1] *= factor
         return out
 
     monkeypatch.setattr(registry, "POST_SCALERS", {})
-    registry.register_post_scaler("halve", citation="test", hparams={"factor": HParam(0.5, (0.5, 0.25))})(halve_second)
+    registry.register_post_scaler("halve", citation="test")(halve_second)
     tv = stack([[1.0, 2.0], [3.0, 4.0]], pretrained=[1.0, 1.0])
     alone = get_method("halve")
     assert set(alone.hparams) == {"factor"} and len(alone.settings()) == 2

@@ -233,7 +233,7 @@ def test_cabs_one_task_full_density_recovers_the_expert():
         ("breadcrumbs_ties", {"density": "1.5"}, r"density=1.5 of breadcrumbs_ties: must be in \[0.0, 1.0\]"),
         ("della", {"p": "1.0"}, r"p=1.0 of della: must be in \[0.0, 1.0\)"),
         ("pcb", {"variant": "nlp"}, "must be one of reference, vision"),
-        ("cabs", {"n": "0"}, r"n=0 of cabs: must be in \[1"),
+        ("cabs", {"n": "0"}, r"n=0 of cabs: must be >= 1"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(method, overrides, message):

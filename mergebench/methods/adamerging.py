@@ -25,6 +25,8 @@ elected sign (their ``ties_merging_split``, "dis-sum") — the disjoint-masked v
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from tqdm.auto import trange
 
@@ -36,14 +38,11 @@ from mergebench.methods.ties import elect_signs, trim
 BATCHES_PER_STEP = 2  # authors' loop breaks after the second batch of every task
 
 
-def adamerging_hparams() -> dict[str, HParam]:
-    """The authors' defaults; ``steps`` is small-able for CPU runs."""
-    return {
-        "steps": HParam(500, doc="Adam steps on the entropy (authors: 500)", low=0),
-        "lr": HParam(1e-3, doc="Adam learning rate (authors: 1e-3)", low=0.0),
-        "init": HParam(0.3, doc="initial value of every coefficient λ_{t,l} (authors: 0.3)", low=0.0, high=1.0),
-        "batch_size": HParam(16, doc="unlabeled test inputs per batch (authors: 16)", low=1),
-    }
+# The authors' defaults; ``steps`` is small-able for CPU runs.
+Steps = Annotated[int, HParam("Adam steps on the entropy (authors: 500)", low=0)]
+LearningRate = Annotated[float, HParam("Adam learning rate (authors: 1e-3)", low=0.0)]
+Init = Annotated[float, HParam("initial value of every coefficient λ_{t,l} (authors: 0.3)", low=0.0, high=1.0)]
+BatchSize = Annotated[int, HParam("unlabeled test inputs per batch (authors: 16)", low=1)]
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -101,22 +100,38 @@ def adaptive_merge(task_vectors: TaskVectors, vectors: torch.Tensor, model: Mode
 @register(
     "adamerging",
     citation="Yang et al., 2024 (AdaMerging: Adaptive Model Merging for Multi-Task Learning)",
-    hparams=adamerging_hparams(),
     data="unlabeled-test",
-    randomized=True,
 )
-def adamerging(task_vectors: TaskVectors, *, model: ModelAccess, seed: int, **options) -> torch.Tensor:
+def adamerging(
+    task_vectors: TaskVectors,
+    *,
+    steps: Steps = 500,
+    lr: LearningRate = 1e-3,
+    init: Init = 0.3,
+    batch_size: BatchSize = 16,
+    model: ModelAccess,
+    seed: int,
+) -> torch.Tensor:
     """Layer-wise coefficients learned by entropy minimization on unlabeled test inputs."""
-    return adaptive_merge(task_vectors, task_vectors.vectors, model, seed=seed, **options)
+    return adaptive_merge(task_vectors, task_vectors.vectors, model, steps=steps, lr=lr, init=init, batch_size=batch_size, seed=seed)
 
 
 @register(
     "adamerging_ties",
     citation="Yang et al., 2024 (AdaMerging++) with Yadav et al., 2023 (TIES)",
-    hparams=adamerging_hparams() | {"k": HParam(20.0, doc="percent of each task vector kept by the TIES trim (authors: 20)", low=0.0, high=100.0)},
     data="unlabeled-test",
-    randomized=True,
 )
-def adamerging_ties(task_vectors: TaskVectors, *, k: float, model: ModelAccess, seed: int, **options) -> torch.Tensor:
+def adamerging_ties(
+    task_vectors: TaskVectors,
+    *,
+    steps: Steps = 500,
+    lr: LearningRate = 1e-3,
+    init: Init = 0.3,
+    batch_size: BatchSize = 16,
+    k: Annotated[float, HParam("percent of each task vector kept by the TIES trim (authors: 20)", low=0.0, high=100.0)] = 20.0,
+    model: ModelAccess,
+    seed: int,
+) -> torch.Tensor:
     """AdaMerging++: layer-wise coefficients over TIES-trimmed, sign-elected, disjoint task vectors."""
-    return adaptive_merge(task_vectors, disjoint_ties_vectors(task_vectors, k), model, seed=seed, **options)
+    vectors = disjoint_ties_vectors(task_vectors, k)
+    return adaptive_merge(task_vectors, vectors, model, steps=steps, lr=lr, init=init, batch_size=batch_size, seed=seed)

@@ -27,7 +27,7 @@ def average(task_vectors: TaskVectors) -> torch.Tensor:
 @register(
     "task_arithmetic",
     citation="Ilharco et al., 2023 (Editing Models with Task Arithmetic)",
-    hparams={"lam": lam_grid(0.3, LAMBDA_TENTHS)},
+    lam=lam_grid(0.3, LAMBDA_TENTHS),
 )
 def task_arithmetic(task_vectors: TaskVectors) -> torch.Tensor:
     """Sum of task vectors: θ = θ₀ + λ Σ_t τ_t."""

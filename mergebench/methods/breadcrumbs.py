@@ -34,6 +34,8 @@ Choices, following the authors' code:
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors, TensorSlot
@@ -78,23 +80,21 @@ def breadcrumb_masked(task_vectors: TaskVectors, density: float, top_masked: flo
     return masked
 
 
-def breadcrumb_hparams(lam: HParam) -> dict[str, HParam]:
-    return {
-        # β = 0.1, γ = 0.01: the authors' ViT-B/32 8-task setting; β grid within their tuning range
-        "density": HParam(0.1, (0.1, 0.15, 0.2), "fraction β of each row kept (after the top γ)", low=0.0, high=1.0),
-        "top_masked": HParam(0.01, doc="fraction γ of largest magnitudes masked", low=0.0, high=1.0),
-        "scope": HParam("per_row", doc="band along each tensor's last dimension or over the tensor", choices=SCOPES),
-        "lam": lam,
-    }
+# β = 0.1, γ = 0.01: the authors' ViT-B/32 8-task setting; β grid within their tuning range
+Density = Annotated[float, HParam("fraction β of each row kept (after the top γ)", (0.1, 0.15, 0.2), low=0.0, high=1.0)]
+TopMasked = Annotated[float, HParam("fraction γ of largest magnitudes masked", low=0.0, high=1.0)]
+Scope = Annotated[str, HParam("band along each tensor's last dimension or over the tensor", choices=SCOPES)]
 
 
 @register(
     "breadcrumbs",
     citation=BREADCRUMBS_CITATION,
     # α ∈ [0.01, 1] in the authors' search; α = 1 reported for ViT-B/32 on 8 tasks
-    hparams=breadcrumb_hparams(lam_grid(1.0, (0.4, 0.6, 0.8, 1.0))),
+    lam=lam_grid(1.0, (0.4, 0.6, 0.8, 1.0)),
 )
-def breadcrumbs(task_vectors: TaskVectors, *, density: float, top_masked: float, scope: str) -> torch.Tensor:
+def breadcrumbs(
+    task_vectors: TaskVectors, *, density: Density = 0.1, top_masked: TopMasked = 0.01, scope: Scope = "per_row"
+) -> torch.Tensor:
     """Mask each τ_t's largest and smallest magnitudes, then Task Arithmetic."""
     return sum_vectors(breadcrumb_masked(task_vectors, density, top_masked, scope))
 
@@ -102,8 +102,10 @@ def breadcrumbs(task_vectors: TaskVectors, *, density: float, top_masked: float,
 @register(
     "breadcrumbs_ties",
     citation=f"{BREADCRUMBS_CITATION} with Yadav et al., 2023 (TIES); mergekit breadcrumbs_ties",
-    hparams=breadcrumb_hparams(lam_grid(1.0, (0.8, 1.0, 1.2, 1.4))),
+    lam=lam_grid(1.0, (0.8, 1.0, 1.2, 1.4)),
 )
-def breadcrumbs_ties(task_vectors: TaskVectors, *, density: float, top_masked: float, scope: str) -> torch.Tensor:
+def breadcrumbs_ties(
+    task_vectors: TaskVectors, *, density: Density = 0.1, top_masked: TopMasked = 0.01, scope: Scope = "per_row"
+) -> torch.Tensor:
     """Breadcrumbs mask, then TIES sign election and disjoint mean."""
     return elect_and_merge(breadcrumb_masked(task_vectors, density, top_masked, scope))

@@ -35,6 +35,8 @@ their 7B recipe.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -72,12 +74,13 @@ def cabs_masks(task_vectors: TaskVectors, n: int, m: int) -> torch.Tensor:
 @register(
     "cabs",
     citation="Yang et al., 2025 (CABS)",
-    hparams={
-        "n": HParam(3, (2, 3, 4), "entries kept in each block of m", low=1),
-        "m": HParam(32, doc="block length m of n:m pruning", low=1),
-        "lam": lam_grid(1.0, (0.6, 0.8, 1.0, 1.2)),
-    },
+    lam=lam_grid(1.0, (0.6, 0.8, 1.0, 1.2)),
 )
-def cabs(task_vectors: TaskVectors, *, n: int, m: int) -> torch.Tensor:
+def cabs(
+    task_vectors: TaskVectors,
+    *,
+    n: Annotated[int, HParam("entries kept in each block of m", (2, 3, 4), low=1)] = 3,
+    m: Annotated[int, HParam("block length m of n:m pruning", low=1)] = 32,
+) -> torch.Tensor:
     """Sequential disjoint n:m pruning of the task vectors, then Task Arithmetic."""
     return sum_vectors(task_vectors.vectors * cabs_masks(task_vectors, n, m))

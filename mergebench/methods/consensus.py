@@ -34,6 +34,8 @@ fit the single-model ``register`` interface. :func:`tall_mask` is exposed for re
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -67,17 +69,12 @@ def ties_disjoint_sum(vectors: torch.Tensor, trim_percent: float) -> torch.Tenso
     return signs * (trimmed * signs).clamp(min=0).sum(dim=0)
 
 
-def _hparams(**extra: HParam) -> dict[str, HParam]:
-    return {
-        "k": HParam(2, doc="minimum number of TALL masks an entry must be in", low=0),
-        "mask_lambda": HParam(0.4, MASK_LAMBDAS, "λ_t of the TALL masks, shared by all tasks", low=0.0),
-        **extra,
-        "lam": lam_grid(0.6, CONSENSUS_LAMBDAS),
-    }
+MinimumVotes = Annotated[int, HParam("minimum number of TALL masks an entry must be in", low=0)]
+MaskLambda = Annotated[float, HParam("λ_t of the TALL masks, shared by all tasks", MASK_LAMBDAS, low=0.0)]
 
 
-@register("consensus_ta", citation="Wang et al., 2024 (TALL masks / Consensus Merging)", hparams=_hparams())
-def consensus_ta(task_vectors: TaskVectors, *, k: int, mask_lambda: float) -> torch.Tensor:
+@register("consensus_ta", citation="Wang et al., 2024 (TALL masks / Consensus Merging)", lam=lam_grid(0.6, CONSENSUS_LAMBDAS))
+def consensus_ta(task_vectors: TaskVectors, *, k: MinimumVotes = 2, mask_lambda: MaskLambda = 0.4) -> torch.Tensor:
     """Task Arithmetic restricted to the entries at least k tasks' TALL masks agree on."""
     multi_task_vector = sum_vectors(task_vectors.vectors)
     return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)
@@ -86,9 +83,15 @@ def consensus_ta(task_vectors: TaskVectors, *, k: int, mask_lambda: float) -> to
 @register(
     "consensus_ties",
     citation="Wang et al., 2024 (TALL masks / Consensus Merging) with Yadav et al., 2023 (TIES)",
-    hparams=_hparams(trim_percent=HParam(TIES_TRIM_PERCENT, doc="percent of each task vector kept by the TIES trim", low=0.0, high=100.0)),
+    lam=lam_grid(0.6, CONSENSUS_LAMBDAS),
 )
-def consensus_ties(task_vectors: TaskVectors, *, k: int, mask_lambda: float, trim_percent: float) -> torch.Tensor:
+def consensus_ties(
+    task_vectors: TaskVectors,
+    *,
+    k: MinimumVotes = 2,
+    mask_lambda: MaskLambda = 0.4,
+    trim_percent: Annotated[float, HParam("percent of each task vector kept by the TIES trim", low=0.0, high=100.0)] = TIES_TRIM_PERCENT,
+) -> torch.Tensor:
     """TIES (disjoint sum) restricted to the entries at least k tasks' TALL masks agree on."""
     multi_task_vector = ties_disjoint_sum(task_vectors.vectors, trim_percent)
     return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)

@@ -10,6 +10,8 @@ gives bit-identical merged weights.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -29,17 +31,15 @@ def drop_and_rescale(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor
     return vectors * keep / (1.0 - p)
 
 
-def drop_rate() -> HParam:
-    return HParam(0.5, DROP_RATES, "probability p of dropping each task-vector entry", low=0.0, high=1.0, high_inclusive=False)
+DropRate = Annotated[float, HParam("probability p of dropping each task-vector entry", DROP_RATES, low=0.0, high=1.0, high_inclusive=False)]
 
 
 @register(
     "dare",
     citation="Yu et al., 2024 (DARE)",
-    hparams={"p": drop_rate(), "lam": lam_grid(0.3, LAMBDA_TENTHS)},
-    randomized=True,
+    lam=lam_grid(0.3, LAMBDA_TENTHS),
 )
-def dare(task_vectors: TaskVectors, *, p: float, seed: int) -> torch.Tensor:
+def dare(task_vectors: TaskVectors, *, p: DropRate = 0.5, seed: int) -> torch.Tensor:
     """Drop and rescale each τ_t, then Task Arithmetic."""
     return sum_vectors(drop_and_rescale(task_vectors.vectors, p, seed))
 
@@ -47,9 +47,8 @@ def dare(task_vectors: TaskVectors, *, p: float, seed: int) -> torch.Tensor:
 @register(
     "dare_ties",
     citation="Yu et al., 2024 (DARE) with Yadav et al., 2023 (TIES)",
-    hparams={"p": drop_rate(), "lam": lam_grid(1.0, TIES_LAMBDAS)},
-    randomized=True,
+    lam=lam_grid(1.0, TIES_LAMBDAS),
 )
-def dare_ties(task_vectors: TaskVectors, *, p: float, seed: int) -> torch.Tensor:
+def dare_ties(task_vectors: TaskVectors, *, p: DropRate = 0.5, seed: int) -> torch.Tensor:
     """Drop and rescale each τ_t, then TIES sign election and disjoint mean."""
     return elect_and_merge(drop_and_rescale(task_vectors.vectors, p, seed))

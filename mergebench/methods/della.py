@@ -32,6 +32,8 @@ Defaults: p = 0.3, window 0.14 (ε = 0.07), λ = 1.1 are the authors' README exa
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -66,21 +68,16 @@ def magprune(task_vectors: TaskVectors, p: float, epsilon: float, seed: int) -> 
     return vectors * keep / (1.0 - drop)
 
 
-def della_hparams(lam: HParam) -> dict[str, HParam]:
-    return {
-        "p": HParam(0.3, (0.3, 0.5, 0.7), "mean drop probability p", low=0.0, high=1.0, high_inclusive=False),
-        "epsilon": HParam(0.07, doc="half-width ε of the drop-probability window [p − ε, p + ε]", low=0.0, high=0.5),
-        "lam": lam,
-    }
+MeanDropRate = Annotated[float, HParam("mean drop probability p", (0.3, 0.5, 0.7), low=0.0, high=1.0, high_inclusive=False)]
+Epsilon = Annotated[float, HParam("half-width ε of the drop-probability window [p − ε, p + ε]", low=0.0, high=0.5)]
 
 
 @register(
     "della",
     citation=DELLA_CITATION,
-    hparams=della_hparams(lam_grid(1.1, (0.8, 1.0, 1.1, 1.2))),
-    randomized=True,
+    lam=lam_grid(1.1, (0.8, 1.0, 1.1, 1.2)),
 )
-def della(task_vectors: TaskVectors, *, p: float, epsilon: float, seed: int) -> torch.Tensor:
+def della(task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, seed: int) -> torch.Tensor:
     """MagPrune each τ_t, then TIES sign election and disjoint mean."""
     return elect_and_merge(magprune(task_vectors, p, epsilon, seed))
 
@@ -89,9 +86,8 @@ def della(task_vectors: TaskVectors, *, p: float, epsilon: float, seed: int) -> 
     "della_linear",
     citation=f"{DELLA_CITATION}; mergekit della_linear",
     # a sum of unbiased sparsified task vectors: Task Arithmetic's range of λ
-    hparams=della_hparams(lam_grid(0.3, (0.2, 0.3, 0.4, 0.5))),
-    randomized=True,
+    lam=lam_grid(0.3, (0.2, 0.3, 0.4, 0.5)),
 )
-def della_linear(task_vectors: TaskVectors, *, p: float, epsilon: float, seed: int) -> torch.Tensor:
+def della_linear(task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, seed: int) -> torch.Tensor:
     """MagPrune each τ_t, then Task Arithmetic."""
     return sum_vectors(magprune(task_vectors, p, epsilon, seed))

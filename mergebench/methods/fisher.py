@@ -28,7 +28,7 @@ get a Fisher (the heads are not merged); buffers (BatchNorm statistics) are froz
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Annotated, Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -112,15 +112,17 @@ def fisher_weighted_average(vectors: torch.Tensor, fishers: torch.Tensor, *, flo
 @register(
     "fisher",
     citation="Matena & Raffel, 2022 (Merging Models with Fisher-Weighted Averaging)",
-    hparams={
-        "labels": HParam("exact", doc="labels y of the Fisher: model expectation, one sampled, or the true label", choices=LABELS),
-        "normalize": HParam("l2", doc="divide each model's Fisher by its L2 norm (authors' default)", choices=("l2", "none")),
-    },
     data="train-samples",
     examples=FISHER_EXAMPLES,
-    randomized=True,
 )
-def fisher(task_vectors: TaskVectors, *, labels: str, normalize: str, seed: int, model: ModelAccess) -> torch.Tensor:
+def fisher(
+    task_vectors: TaskVectors,
+    *,
+    labels: Annotated[str, HParam("labels y of the Fisher: model expectation, one sampled, or the true label", choices=LABELS)] = "exact",
+    normalize: Annotated[str, HParam("divide each model's Fisher by its L2 norm (authors' default)", choices=("l2", "none"))] = "l2",
+    seed: int,
+    model: ModelAccess,
+) -> torch.Tensor:
     """Fisher-weighted average of the fine-tuned models: θ = Σ_t F_t θ_t / Σ_t F_t."""
     finetuned = task_vectors.finetuned()
     label_seed = seed if labels == "sampled" else None

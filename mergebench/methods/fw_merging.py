@@ -53,6 +53,8 @@ the authors' ViT implementation) and ``config/method/fw_merging/fw_hard.yaml``, 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch.nn import functional as F
 from tqdm.auto import trange
@@ -161,17 +163,22 @@ def frank_wolfe_merge(
 @register(
     "fw_merging",
     citation="Chen et al., 2025 (FW-Merging: Scaling Model Merging with Frank-Wolfe Optimization)",
-    hparams={
-        "iterations": HParam(10, doc="Frank-Wolfe iterations (authors: 10)", low=0),
-        "step_size": HParam(0.1, doc="step size η of γ_k = η·λ·2/(k+2) (authors: 0.1)", low=0.0, high=1.0),
-        "scaling": HParam(0.3, doc="Task Arithmetic coefficient λ of the start and of every step (authors: 0.3)", low=0.0, high=1.0),
-        "oracle": HParam("inner", doc="candidate score: inner product with the gradient (LMO) or the authors' per-tensor cosine sum", choices=ORACLES),
-        "granularity": HParam("task", doc="one candidate for the whole model (task) or one per parameter tensor (layer)", choices=GRANULARITIES),
-        "init": HParam("task_arithmetic", doc="start θ^(0): Task Arithmetic with λ (authors' default) or the pretrained model", choices=INITS),
-    },
     data="train-samples",
     examples=FW_EXAMPLES,
 )
-def fw_merging(task_vectors: TaskVectors, *, model: ModelAccess, **options) -> torch.Tensor:
+def fw_merging(
+    task_vectors: TaskVectors,
+    *,
+    iterations: Annotated[int, HParam("Frank-Wolfe iterations (authors: 10)", low=0)] = 10,
+    step_size: Annotated[float, HParam("step size η of γ_k = η·λ·2/(k+2) (authors: 0.1)", low=0.0, high=1.0)] = 0.1,
+    scaling: Annotated[float, HParam("Task Arithmetic coefficient λ of the start and of every step (authors: 0.3)", low=0.0, high=1.0)] = 0.3,
+    oracle: Annotated[str, HParam("candidate score: inner product with the gradient (LMO) or the authors' per-tensor cosine sum", choices=ORACLES)] = "inner",
+    granularity: Annotated[str, HParam("one candidate for the whole model (task) or one per parameter tensor (layer)", choices=GRANULARITIES)] = "task",
+    init: Annotated[str, HParam("start θ^(0): Task Arithmetic with λ (authors' default) or the pretrained model", choices=INITS)] = "task_arithmetic",
+    model: ModelAccess,
+) -> torch.Tensor:
     """Frank-Wolfe over the fine-tuned models: step toward the candidate the loss gradient favours."""
-    return frank_wolfe_merge(task_vectors, model, **options)
+    return frank_wolfe_merge(
+        task_vectors, model, iterations=iterations, step_size=step_size, scaling=scaling, oracle=oracle,
+        granularity=granularity, init=init,
+    )

@@ -24,6 +24,8 @@ gets α. ``lines`` alone is Task Arithmetic + LiNeS; ``<method>+lines`` rescales
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.layers import TRAILING, layer_depths, num_layers
@@ -67,13 +69,15 @@ def _alpha_value(alpha: float | str, task_vectors: TaskVectors, merged_vector: t
 @register_post_scaler(
     "lines",
     citation="Wang et al., 2025 (LiNeS)",
-    hparams={
-        "alpha": HParam("auto", doc="scale of the shallowest block: 'auto' = ‖Στ_t‖₁/(T‖τ_MTL‖₁), or a number"),
-        "beta": HParam(0.5, BETAS, "increase of the scale from the first to the last block", low=0.0),
-        "trailing_depth": HParam("first", doc="scale of parameters after the last block: α (first) or α+β (last)", choices=TRAILING),
-    },
 )
-def lines(task_vectors: TaskVectors, merged_vector: torch.Tensor, *, alpha: float | str, beta: float, trailing_depth: str) -> torch.Tensor:
+def lines(
+    task_vectors: TaskVectors,
+    merged_vector: torch.Tensor,
+    *,
+    alpha: Annotated[str, HParam("scale of the shallowest block: 'auto' = ‖Στ_t‖₁/(T‖τ_MTL‖₁), or a number")] = "auto",
+    beta: Annotated[float, HParam("increase of the scale from the first to the last block", BETAS, low=0.0)] = 0.5,
+    trailing_depth: Annotated[str, HParam("scale of parameters after the last block: α (first) or α+β (last)", choices=TRAILING)] = "first",
+) -> torch.Tensor:
     """Scale each block of the merged task vector by α + β·ℓ/(L−1)."""
     value = _alpha_value(alpha, task_vectors, merged_vector)
     return merged_vector * depth_scales(task_vectors, value, beta, trailing_depth)

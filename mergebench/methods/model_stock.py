@@ -24,6 +24,8 @@ by zero at cos θ = −1/(N−1), where the paper's geometry (an acute angle) no
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -51,9 +53,12 @@ def stock_ratio(cos_theta: torch.Tensor, n: int) -> torch.Tensor:
 @register(
     "model_stock",
     citation="Jang et al., 2024 (Model Stock)",
-    hparams={"pairwise": HParam("cosine", doc="average pairwise cosines (mergekit) or angles (FusionBench)", choices=("cosine", "angle"))},
 )
-def model_stock(task_vectors: TaskVectors, *, pairwise: str) -> torch.Tensor:
+def model_stock(
+    task_vectors: TaskVectors,
+    *,
+    pairwise: Annotated[str, HParam("average pairwise cosines (mergekit) or angles (FusionBench)", choices=("cosine", "angle"))] = "cosine",
+) -> torch.Tensor:
     """Per tensor, interpolate between θ₀ and the average by t = N cos θ / (1 + (N−1) cos θ)."""
     n = task_vectors.num_tasks
     if n < 2:

@@ -57,6 +57,8 @@ and ``OPCM``; ``config/method/opcm/opcm.yaml``):
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import ParamLayout, TaskVectors
@@ -144,20 +146,21 @@ class OPCMStream:
 @register(
     "opcm",
     citation="Tang et al., 2025 (Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable Continual Model Merging)",
-    hparams={
-        "alpha": HParam(
-            OPCM_ALPHA, OPCM_ALPHAS, "share α of the merged update's singular values whose block is projected out (authors: 0.5)",
-            low=0.0, high=1.0, high_inclusive=False,
-        ),
-        "conv": HParam(
-            "reshape", doc="conv kernels projected as [out, in·kh·kw] matrices (reshape) or added unprojected like the authors' "
-            "non-Linear parameters (plain)", choices=CONV_RULES,
-        ),
-        "order": HParam("given", doc="order of arrival: the suite's task order, or a permutation drawn from the run's seed", choices=ORDERS),
-    },
-    randomized=True,
 )
-def opcm(task_vectors: TaskVectors, *, alpha: float, conv: str, order: str, seed: int) -> torch.Tensor:
+def opcm(
+    task_vectors: TaskVectors,
+    *,
+    alpha: Annotated[float, HParam(
+        "share α of the merged update's singular values whose block is projected out (authors: 0.5)", OPCM_ALPHAS,
+        low=0.0, high=1.0, high_inclusive=False,
+    )] = OPCM_ALPHA,
+    conv: Annotated[str, HParam(
+        "conv kernels projected as [out, in·kh·kw] matrices (reshape) or added unprojected like the authors' non-Linear parameters (plain)",
+        choices=CONV_RULES,
+    )] = "reshape",
+    order: Annotated[str, HParam("order of arrival: the suite's task order, or a permutation drawn from the run's seed", choices=ORDERS)] = "given",
+    seed: int,
+) -> torch.Tensor:
     """Continual merging: each arriving task vector projected off the merged update's dominant SVD directions."""
     rows = range(task_vectors.num_tasks)
     if order == "shuffled":

@@ -33,6 +33,8 @@ the authors' ``run_merging.sh``, λ within their evolutionary-search bounds [0.8
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -85,13 +87,14 @@ def balancing_weights(vectors: torch.Tensor, variant: str, ratio: float) -> tupl
 @register(
     "pcb",
     citation="Du et al., 2024 (PCB-Merging)",
-    hparams={
-        "ratio": HParam(0.05, (0.05, 0.1, 0.2), "fraction r of each task's entries kept by balancing score", low=0.0, high=1.0),
-        "variant": HParam("vision", doc="the authors' vision script or their reference pcb-merging.py", choices=tuple(CLIP_RATIOS)),
-        "lam": lam_grid(1.2, (0.8, 1.0, 1.2, 1.4)),
-    },
+    lam=lam_grid(1.2, (0.8, 1.0, 1.2, 1.4)),
 )
-def pcb(task_vectors: TaskVectors, *, ratio: float, variant: str) -> torch.Tensor:
+def pcb(
+    task_vectors: TaskVectors,
+    *,
+    ratio: Annotated[float, HParam("fraction r of each task's entries kept by balancing score", (0.05, 0.1, 0.2), low=0.0, high=1.0)] = 0.05,
+    variant: Annotated[str, HParam("the authors' vision script or their reference pcb-merging.py", choices=tuple(CLIP_RATIOS))] = "vision",
+) -> torch.Tensor:
     """Score entries by intra- and inter-task competition, drop low scores, score-weighted mean."""
     clipped, weights = balancing_weights(task_vectors.vectors, variant, ratio)
     return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)

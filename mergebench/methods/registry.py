@@ -5,15 +5,32 @@ hyperparameters as keyword arguments and returns the merged task vector τ_m (``
 is θ = θ₀ + λ·τ_m. A method registered with ``returns_model=True`` (one that upscales the model, as
 WEMoE does) returns the whole merged backbone as an ``nn.Module`` instead, evaluated as it is.
 
-The scaling coefficient λ is the common *post-scaler* of the literature: a method
-declares its default and sweep grid under the name ``lam`` and the registry applies it, so a sweep
-computes τ_m once for every setting of the other hyperparameters and only rescales it across λ.
+The function's signature is the one declaration of its hyperparameters: every keyword-only argument is
+a hyperparameter, annotated ``Annotated[type, HParam(...)]`` (its doc, sweep grid and legal values)
+and given its default, as in mergekit's ``@merge_method``. Two keyword-only names are not
+hyperparameters but what the runner hands in: ``seed`` (the method is randomized) and ``model`` (the
+data access the method declares with ``data=``). Registration fails when a keyword-only argument is
+neither, or when a default lies outside its declared range.
+
+The scaling coefficient λ is the common *post-scaler* of the literature: a method declares its default
+and sweep grid with ``lam=lam_grid(...)`` and the registry applies it, so a sweep computes τ_m once for
+every setting of the other hyperparameters and only rescales it across λ.
+
+Methods are found without a hand-kept list: every module of this package registers its methods on
+import, and other packages add theirs through the ``mergebench.methods`` entry-point group (each entry
+point names a module or a callable that registers on import/call); ``mergebench methods`` marks them
+as plugins.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
+import math
+import pkgutil
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -24,19 +41,29 @@ from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
 
 SCALE = "lam"
+INJECTED = ("seed", "model")
+"""Keyword-only arguments the runner hands in; every other keyword-only argument is a hyperparameter."""
+ENTRY_POINT_GROUP = "mergebench.methods"
+BUILTIN = "builtin"
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
 class HParam:
-    """One hyperparameter: its default, the values a sweep tries, and what values are legal."""
+    """One hyperparameter: what it means, the values a sweep tries, and what values are legal.
 
-    default: Any
-    grid: tuple = ()
+    Declared in a method's signature as ``Annotated[type, HParam(...)]``; its ``default`` is the
+    argument's default, filled in at registration.
+    """
+
     doc: str = ""
+    grid: tuple = ()
     low: float | None = None
     high: float | None = None
     high_inclusive: bool = True
     choices: tuple | None = None
+    default: Any = _MISSING
 
     def sweep_values(self) -> tuple:
         return self.grid or (self.default,)
@@ -44,19 +71,35 @@ class HParam:
     def parse(self, method: str, name: str, raw: Any) -> Any:
         """Convert a command-line value to the default's type and check it is in range."""
         value = raw
-        if isinstance(raw, str) and not isinstance(self.default, str):
+        numeric = isinstance(self.default, (int, float)) and not isinstance(self.default, bool)
+        if isinstance(raw, str) and numeric:
             try:
-                value = type(self.default)(float(raw)) if isinstance(self.default, int) else type(self.default)(raw)
+                number = float(raw)
             except ValueError:
                 raise MergebenchError(f"hyperparameter {name}={raw!r} of {method}: not a number") from None
+            if not math.isfinite(number):
+                raise MergebenchError(f"hyperparameter {name}={raw!r} of {method}: must be a finite number")
+            if isinstance(self.default, int) and not number.is_integer():
+                raise MergebenchError(f"hyperparameter {name}={raw!r} of {method}: must be an integer")
+            value = type(self.default)(number)
+        elif isinstance(raw, float) and not math.isfinite(raw):
+            raise MergebenchError(f"hyperparameter {name}={raw!r} of {method}: must be a finite number")
         if self.choices is not None and value not in self.choices:
             raise MergebenchError(f"hyperparameter {name}={value!r} of {method}: must be one of {', '.join(map(str, self.choices))}")
         too_low = self.low is not None and value < self.low
         too_high = self.high is not None and (value > self.high if self.high_inclusive else value >= self.high)
         if too_low or too_high:
-            bracket = "]" if self.high_inclusive else ")"
-            raise MergebenchError(f"hyperparameter {name}={value!r} of {method}: must be in [{self.low}, {self.high}{bracket}")
+            raise MergebenchError(f"hyperparameter {name}={value!r} of {method}: must be {self.bounds()}")
         return value
+
+    def bounds(self) -> str:
+        """The legal range in words: ``in [0.0, 1.0)``, ``≥ 0.0`` or ``≤ 1.0``."""
+        if self.high is None:
+            return f">= {self.low}"
+        bracket = "]" if self.high_inclusive else ")"
+        if self.low is None:
+            return f"{'<=' if self.high_inclusive else '<'} {self.high}"
+        return f"in [{self.low}, {self.high}{bracket}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +118,8 @@ class MergeMethod:
     """The function returns the merged backbone (``nn.Module``), larger than the base model, not τ_m."""
     post_scaled: bool = False
     """λ is replaced by a post-scaler, which reads the whole merged task vector (LiNeS's layer depths)."""
+    origin: str = BUILTIN
+    """``builtin``, or the distribution (or module) of a plugin that registered the method."""
 
     @property
     def tensorwise(self) -> bool:
@@ -147,21 +192,80 @@ METHODS: dict[str, MergeMethod] = {}
 POST_SCALERS: dict[str, MergeMethod] = {}
 
 
+def declared_hparams(function: Callable, name: str, positional: int) -> tuple[dict[str, HParam], set[str]]:
+    """``({name: HParam with its default}, injected names)`` read from ``function``'s signature.
+
+    The first ``positional`` parameters are the inputs (task vectors, merged vector); everything after
+    them must be keyword-only: a hyperparameter (annotated with an :class:`HParam` and given a default)
+    or one of :data:`INJECTED`.
+    """
+    where = f"method {name!r} ({function.__module__}.{function.__qualname__})"
+    parameters = list(inspect.signature(function).parameters.values())
+    inputs, rest = parameters[:positional], parameters[positional:]
+    if len(inputs) < positional or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in inputs):
+        raise ValueError(f"{where}: expected {positional} positional input(s) before the keyword-only hyperparameters")
+    hparams: dict[str, HParam] = {}
+    injected: set[str] = set()
+    for parameter in rest:
+        if parameter.kind != parameter.KEYWORD_ONLY:
+            raise ValueError(f"{where}: argument {parameter.name!r} must be keyword-only (after '*')")
+        if parameter.name in INJECTED:
+            injected.add(parameter.name)
+            continue
+        annotation = parameter.annotation
+        if isinstance(annotation, str):  # postponed annotations: evaluated in the function's module
+            annotation = eval(annotation, function.__globals__)  # noqa: S307 (source code, not input)
+        declared = [m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, HParam)]
+        if len(declared) != 1:
+            raise ValueError(f"{where}: hyperparameter {parameter.name!r} needs one Annotated[..., HParam(...)] declaration")
+        if parameter.default is parameter.empty:
+            raise ValueError(f"{where}: hyperparameter {parameter.name!r} has no default")
+        hparam = replace(declared[0], default=parameter.default)
+        _check_default(hparam, name, parameter.name)
+        hparams[parameter.name] = hparam
+    return hparams, injected
+
+
+def _check_default(hparam: HParam, method: str, name: str) -> None:
+    """A declared default, and every value of the sweep grid, must be legal."""
+    for value in (hparam.default, *hparam.grid):
+        try:
+            hparam.parse(method, name, value)
+        except MergebenchError as error:
+            raise ValueError(f"method {method!r}: declared {error}") from None
+
+
+_loading_plugin: str | None = None
+"""The distribution whose entry point is being loaded, while it registers its methods."""
+
+
+def _origin(function: Callable) -> str:
+    module = function.__module__ or ""
+    if _loading_plugin is not None:
+        return _loading_plugin
+    return BUILTIN if module == __package__ or module.startswith(f"{__package__}.") else module
+
+
+def _summary(function: Callable) -> str:
+    return (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+
+
 def register(
     name: str,
     *,
     citation: str,
-    hparams: Mapping[str, HParam] | None = None,
+    lam: HParam | None = None,
     data: str = "none",
     examples: int = 0,
-    randomized: bool = False,
     returns_model: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``function`` as merging method ``name`` with its hyperparameters declared once.
+    """Register ``function`` as merging method ``name``; its signature declares its hyperparameters.
 
-    ``data`` is the access the method needs (see :mod:`mergebench.core.data_access`); ``examples`` is
-    how many examples per task it takes under ``train-samples`` (its paper's default);
-    ``returns_model`` says the function returns the merged backbone rather than τ_m.
+    ``lam`` is the post-scaling λ's default and grid (:func:`lam_grid`), for methods whose τ_m is
+    scaled onto θ₀; ``data`` is the access the method needs (see :mod:`mergebench.core.data_access`),
+    received as the keyword-only ``model``; ``examples`` is how many examples per task it takes under
+    ``train-samples`` (its paper's default); ``returns_model`` says the function returns the merged
+    backbone rather than τ_m.
     """
     if data not in DATA_ACCESS:
         raise ValueError(f"unknown data access {data!r}")
@@ -169,19 +273,25 @@ def register(
     def decorate(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
+        hparams, injected = declared_hparams(function, name, positional=1)
+        if ("model" in injected) != (data != "none"):
+            raise ValueError(f"method {name!r}: takes 'model' exactly when it declares data access (data={data!r})")
+        if lam is not None:
+            if SCALE in hparams:
+                raise ValueError(f"method {name!r}: {SCALE!r} is the post-scaler, declared by register(lam=...), not an argument")
+            _check_default(lam, name, SCALE)
+            hparams[SCALE] = lam
         METHODS[name] = MergeMethod(
-            name, function, dict(hparams or {}), citation, data, randomized, summary, examples, returns_model
+            name, function, hparams, citation, data, "seed" in injected, _summary(function), examples, returns_model,
+            origin=_origin(function),
         )
         return function
 
     return decorate
 
 
-def register_post_scaler(
-    name: str, *, citation: str, hparams: Mapping[str, HParam]
-) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``function(task_vectors, merged_vector, **hparams) -> merged_vector``.
+def register_post_scaler(name: str, *, citation: str) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``function(task_vectors, merged_vector, *, **hparams) -> merged_vector``.
 
     A post-scaler replaces the single λ of the method it follows: ``get_method("ties+lines")`` is TIES
     whose merged task vector is rescaled by LiNeS instead of by λ. Used alone (``lines``) it follows
@@ -189,8 +299,10 @@ def register_post_scaler(
     """
 
     def decorate(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        summary = (function.__doc__ or "").strip().splitlines()[0] if function.__doc__ else ""
-        POST_SCALERS[name] = MergeMethod(name, function, dict(hparams), citation, "none", False, summary)
+        hparams, injected = declared_hparams(function, name, positional=2)
+        if injected:
+            raise ValueError(f"post-scaler {name!r}: takes no {', '.join(sorted(injected))}")
+        POST_SCALERS[name] = MergeMethod(name, function, hparams, citation, "none", False, _summary(function), origin=_origin(function))
         return function
 
     return decorate
@@ -206,22 +318,23 @@ def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
     base_names = [n for n in base.hparams if n != SCALE]
 
     def composed(task_vectors: TaskVectors, **kwargs: Any) -> torch.Tensor:
-        passed_through = [n for n in ("seed", "model") if n in kwargs]
+        passed_through = [n for n in INJECTED if n in kwargs]
         base_kwargs = {n: kwargs[n] for n in [*base_names, *passed_through]}
         merged_vector = base.function(task_vectors, **base_kwargs)
         return scaler.function(task_vectors, merged_vector, **{n: kwargs[n] for n in scaler.hparams})
 
     hparams = {n: base.hparams[n] for n in base_names} | dict(scaler.hparams)
+    origin = base.origin if base.origin != BUILTIN else scaler.origin
     return MergeMethod(
         f"{base.name}+{scaler.name}", composed, hparams, f"{base.citation}; {scaler.citation}",
         base.data, base.randomized, f"{base.summary} Then {scaler.summary[:1].lower()}{scaler.summary[1:]}",
-        base.examples, post_scaled=True,
+        base.examples, post_scaled=True, origin=origin,
     )
 
 
 def get_method(name: str) -> MergeMethod:
     """A registered method, a post-scaler alone, or ``method+post_scaler``."""
-    _load_builtin_methods()
+    load_methods()
     base_name, plus, scaler_name = name.partition("+")
     if plus:
         if scaler_name not in POST_SCALERS:
@@ -237,17 +350,38 @@ def get_method(name: str) -> MergeMethod:
 
 def all_methods() -> dict[str, MergeMethod]:
     """Every registered method, and every post-scaler applied to Task Arithmetic under its own name."""
-    _load_builtin_methods()
+    load_methods()
     return dict(METHODS) | {name: get_method(name) for name in POST_SCALERS if name not in METHODS}
 
 
-def _load_builtin_methods() -> None:
-    import mergebench.methods.builtin  # noqa: F401  (registers on import)
+_loaded = False
+
+
+def load_methods() -> None:
+    """Import every module of this package (each registers its methods), then the plugins' entry points."""
+    global _loaded, _loading_plugin
+    if _loaded:
+        return
+    _loaded = True
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name != "registry":
+            importlib.import_module(f"{__package__}.{module.name}")
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _loading_plugin = entry_point.dist.name if entry_point.dist is not None else entry_point.value
+        try:
+            loaded = entry_point.load()
+            if callable(loaded) and not inspect.ismodule(loaded):
+                loaded()
+        except Exception as error:  # a broken plugin is named in one line, not a traceback
+            raise MergebenchError(f"method plugin {entry_point.name!r} ({entry_point.value}) failed to load: {error}") from error
+        finally:
+            _loading_plugin = None
 
 
 def lam_grid(default: float, values: tuple[float, ...]) -> HParam:
     """The scaling coefficient λ of θ = θ₀ + λ·τ_m."""
-    return HParam(default, values, "scaling coefficient λ of the merged task vector", low=0.0)
+    return HParam("scaling coefficient λ of the merged task vector", values, low=0.0, default=default)
 
 
 LAMBDA_TENTHS = tuple(round(0.1 * i, 1) for i in range(1, 11))

@@ -26,6 +26,8 @@ authors' ``torch.inverse`` would fail or return inf.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
@@ -35,6 +37,7 @@ from mergebench.methods.registry import HParam, register
 
 REGMEAN_EXAMPLES = 256  # FusionBench num_regmean_examples
 ALPHAS = (0.7, 0.8, 0.9, 1.0)  # authors' regmean_reduce_nondiag range
+OffDiagonal = Annotated[float, HParam("multiplier α of the Gram matrices' off-diagonal entries", ALPHAS, low=0.0, high=1.0)]
 RIDGE = 1e-6
 GRAM_BATCH = 32
 
@@ -121,11 +124,10 @@ def regmean_weight(weights: torch.Tensor, grams: torch.Tensor, alpha: float) -> 
 @register(
     "regmean",
     citation="Jin et al., 2023 (RegMean: Dataless Knowledge Fusion by Merging Weights of Language Models)",
-    hparams={"alpha": HParam(0.9, ALPHAS, "multiplier α of the Gram matrices' off-diagonal entries", low=0.0, high=1.0)},
     data="train-samples",
     examples=REGMEAN_EXAMPLES,
 )
-def regmean(task_vectors: TaskVectors, *, alpha: float, model: ModelAccess) -> torch.Tensor:
+def regmean(task_vectors: TaskVectors, *, alpha: OffDiagonal = 0.9, model: ModelAccess) -> torch.Tensor:
     """Per linear layer the least-squares merge Wᵀ = (Σ G_t)⁻¹ Σ G_t W_tᵀ; other parameters averaged."""
     finetuned = task_vectors.finetuned()
     names = set(task_vectors.layout.names)

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.data_access import ModelAccess
@@ -136,11 +138,15 @@ def cross_layer_grams(task_vectors: TaskVectors, model: ModelAccess, alpha: floa
 @register(
     "regmean_plus_plus",
     citation="Nguyen et al., 2025 (RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model Merging)",
-    hparams={"alpha": HParam(REGMEAN_PLUS_PLUS_ALPHA, REGMEAN_PLUS_PLUS_ALPHAS, "multiplier α of the Gram matrices' off-diagonal entries", low=0.0, high=1.0)},
     data="train-samples",
     examples=REGMEAN_EXAMPLES,
 )
-def regmean_plus_plus(task_vectors: TaskVectors, *, alpha: float, model: ModelAccess) -> torch.Tensor:
+def regmean_plus_plus(
+    task_vectors: TaskVectors,
+    *,
+    alpha: Annotated[float, HParam("multiplier α of the Gram matrices' off-diagonal entries", REGMEAN_PLUS_PLUS_ALPHAS, low=0.0, high=1.0)] = REGMEAN_PLUS_PLUS_ALPHA,
+    model: ModelAccess,
+) -> torch.Tensor:
     """RegMean layer by layer, each layer's Grams computed on the outputs of the merged layers below it."""
     grams = model.cached("regmean_plus_plus_gram", {"alpha": alpha}, lambda: cross_layer_grams(task_vectors, model, alpha))
     return merge_with_grams(task_vectors, grams, alpha)

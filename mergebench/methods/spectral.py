@@ -48,7 +48,7 @@ Choices, following the authors' code unless said otherwise:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 
@@ -64,12 +64,9 @@ CONV_RULES = ("reshape", "average")
 MatrixMerge = Callable[[torch.Tensor], torch.Tensor]
 
 
-def conv_rule() -> HParam:
-    return HParam(
-        "reshape",
-        doc="conv kernels merged as [out, in·kh·kw] matrices (reshape) or averaged like the authors' code (average)",
-        choices=CONV_RULES,
-    )
+ConvRule = Annotated[
+    str, HParam("conv kernels merged as [out, in·kh·kw] matrices (reshape) or averaged like the authors' code (average)", choices=CONV_RULES)
+]
 
 
 def matrix_shape(shape: tuple[int, ...], conv: str) -> tuple[int, int] | None:
@@ -144,9 +141,9 @@ def iso_cts_matrix(deltas: torch.Tensor, common_fraction: float) -> torch.Tensor
 @register(
     "tsv",
     citation="Gargiulo et al., CVPR 2025 (Task Singular Vectors: Reducing Task Interference in Model Merging)",
-    hparams={"conv": conv_rule(), "lam": lam_grid(1.0, TSV_LAMBDAS)},
+    lam=lam_grid(1.0, TSV_LAMBDAS),
 )
-def tsv(task_vectors: TaskVectors, *, conv: str) -> torch.Tensor:
+def tsv(task_vectors: TaskVectors, *, conv: ConvRule = "reshape") -> torch.Tensor:
     """TSV-Merge: per layer, each task's top 1/T singular components, decorrelated bases, summed."""
     return merge_per_layer(task_vectors, tsv_matrix, conv)
 
@@ -154,9 +151,9 @@ def tsv(task_vectors: TaskVectors, *, conv: str) -> torch.Tensor:
 @register(
     "iso_c",
     citation="Marczak et al., ICML 2025 (No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces)",
-    hparams={"conv": conv_rule(), "lam": lam_grid(1.0, ISO_LAMBDAS)},
+    lam=lam_grid(1.0, ISO_LAMBDAS),
 )
-def iso_c(task_vectors: TaskVectors, *, conv: str) -> torch.Tensor:
+def iso_c(task_vectors: TaskVectors, *, conv: ConvRule = "reshape") -> torch.Tensor:
     """Iso-C: per layer, the summed task matrix with its singular values replaced by their mean."""
     return merge_per_layer(task_vectors, iso_c_matrix, conv)
 
@@ -164,13 +161,14 @@ def iso_c(task_vectors: TaskVectors, *, conv: str) -> torch.Tensor:
 @register(
     "iso_cts",
     citation="Marczak et al., ICML 2025 (No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces)",
-    hparams={
-        # 0.8 in the paper and the authors' README for every setting.
-        "common_fraction": HParam(0.8, doc="fraction f of each layer's rank given to the common subspace", low=0.0, high=1.0),
-        "conv": conv_rule(),
-        "lam": lam_grid(1.0, ISO_LAMBDAS),
-    },
+    lam=lam_grid(1.0, ISO_LAMBDAS),
 )
-def iso_cts(task_vectors: TaskVectors, *, common_fraction: float, conv: str) -> torch.Tensor:
+def iso_cts(
+    task_vectors: TaskVectors,
+    *,
+    # 0.8 in the paper and the authors' README for every setting.
+    common_fraction: Annotated[float, HParam("fraction f of each layer's rank given to the common subspace", low=0.0, high=1.0)] = 0.8,
+    conv: ConvRule = "reshape",
+) -> torch.Tensor:
     """Iso-CTS: common subspace of the sum plus task-specific subspaces, isotropic spectrum."""
     return merge_per_layer(task_vectors, lambda deltas: iso_cts_matrix(deltas, common_fraction), conv)

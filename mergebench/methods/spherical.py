@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -54,12 +56,13 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 @register(
     "slerp",
     citation="Shoemake, 1985 (SLERP), as in mergekit",
-    hparams={
-        "t": HParam(0.5, SLERP_TS, "interpolation position: 0 = first model, 1 = second", low=0.0, high=1.0),
-        "space": HParam("weights", doc="interpolate fine-tuned weights (mergekit slerp) or task vectors (nuslerp with base)", choices=("weights", "task_vectors")),
-    },
 )
-def slerp_merge(task_vectors: TaskVectors, *, t: float, space: str) -> torch.Tensor:
+def slerp_merge(
+    task_vectors: TaskVectors,
+    *,
+    t: Annotated[float, HParam("interpolation position: 0 = first model, 1 = second", SLERP_TS, low=0.0, high=1.0)] = 0.5,
+    space: Annotated[str, HParam("interpolate fine-tuned weights (mergekit slerp) or task vectors (nuslerp with base)", choices=("weights", "task_vectors"))] = "weights",
+) -> torch.Tensor:
     """Per tensor spherical interpolation between exactly two models."""
     if task_vectors.num_tasks != 2:
         raise MergebenchError(f"slerp merges exactly two models, got {task_vectors.num_tasks}")
@@ -102,12 +105,13 @@ def karcher_mean(vectors: torch.Tensor, max_iter: int, tol: float) -> torch.Tens
 @register(
     "karcher",
     citation="Karcher, 1977 (Riemannian center of mass), as in mergekit",
-    hparams={
-        "max_iter": HParam(10, doc="maximum fixed-point iterations (mergekit default)", low=1),
-        "tol": HParam(1e-5, doc="convergence tolerance on the tangent norm (mergekit default)", low=0.0),
-    },
 )
-def karcher(task_vectors: TaskVectors, *, max_iter: int, tol: float) -> torch.Tensor:
+def karcher(
+    task_vectors: TaskVectors,
+    *,
+    max_iter: Annotated[int, HParam("maximum fixed-point iterations (mergekit default)", low=1)] = 10,
+    tol: Annotated[float, HParam("convergence tolerance on the tangent norm (mergekit default)", low=0.0)] = 1e-5,
+) -> torch.Tensor:
     """Per tensor Karcher (Fréchet) mean of the fine-tuned weights on the sphere."""
     merged = torch.empty_like(task_vectors.pretrained)
     for slot, block in task_vectors.slices():

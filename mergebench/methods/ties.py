@@ -15,6 +15,8 @@ Three steps over the task vectors τ_t, then θ = θ₀ + λ·τ_m:
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergebench.core.task_vectors import TaskVectors
@@ -89,12 +91,13 @@ def elect_and_merge(vectors: torch.Tensor) -> torch.Tensor:
 @register(
     "ties",
     citation="Yadav et al., 2023 (TIES-Merging)",
-    hparams={
-        "k": HParam(20.0, doc="percent of each task vector's magnitudes kept", low=0.0, high=100.0),
-        "scope": HParam("global", doc="top-k over the whole task vector or per tensor", choices=("global", "per_tensor")),
-        "lam": lam_grid(1.0, TIES_LAMBDAS),
-    },
+    lam=lam_grid(1.0, TIES_LAMBDAS),
 )
-def ties(task_vectors: TaskVectors, *, k: float, scope: str) -> torch.Tensor:
+def ties(
+    task_vectors: TaskVectors,
+    *,
+    k: Annotated[float, HParam("percent of each task vector's magnitudes kept", low=0.0, high=100.0)] = 20.0,
+    scope: Annotated[str, HParam("top-k over the whole task vector or per tensor", choices=("global", "per_tensor"))] = "global",
+) -> torch.Tensor:
     """Trim, elect sign, disjoint mean."""
     return elect_and_merge(trim(task_vectors, task_vectors.vectors, k, scope))

@@ -29,7 +29,7 @@ vectors of every block, so it is larger than the base model (the table's ``Param
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import torch
 from torch import nn
@@ -192,18 +192,18 @@ def adapt_routers(
 @register(
     "wemoe",
     citation="Tang et al., 2024 (Merging Multi-Task Models via Weight-Ensembling Mixture of Experts)",
-    hparams={
-        "init_lambda": HParam(0.3, doc="task-arithmetic λ of the other layers and the routers' initial output (authors: 0.3)", low=0.0),
-        "steps": HParam(1000, doc="Adam steps on the entropy (authors: 1000)", low=0),
-        "lr": HParam(1e-4, doc="Adam learning rate of the routers (authors: 1e-4)", low=0.0),
-        "batch_size": HParam(16, doc="unlabeled test inputs per task per step (authors: 16)", low=1),
-    },
     data="unlabeled-test",
-    randomized=True,
     returns_model=True,
 )
 def wemoe(
-    task_vectors: TaskVectors, *, init_lambda: float, steps: int, lr: float, batch_size: int, model: ModelAccess, seed: int
+    task_vectors: TaskVectors,
+    *,
+    init_lambda: Annotated[float, HParam("task-arithmetic λ of the other layers and the routers' initial output (authors: 0.3)", low=0.0)] = 0.3,
+    steps: Annotated[int, HParam("Adam steps on the entropy (authors: 1000)", low=0)] = 1000,
+    lr: Annotated[float, HParam("Adam learning rate of the routers (authors: 1e-4)", low=0.0)] = 1e-4,
+    batch_size: Annotated[int, HParam("unlabeled test inputs per task per step (authors: 16)", low=1)] = 16,
+    model: ModelAccess,
+    seed: int,
 ) -> nn.Module:
     """Feed-forward blocks upscaled into routed mixtures of task vectors, routers trained on unlabeled test inputs."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
