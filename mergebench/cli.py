@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 from mergebench.errors import MergebenchError
+from mergebench.runner.kinds import positive_int
 
 DEFAULT_OUT = Path("results")
 
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
 
 
 def _suite_names(args: argparse.Namespace) -> list[str]:
@@ -44,15 +40,26 @@ def parse_hparams(entries: Sequence[str], methods: Sequence[str]) -> dict[str, d
     return overrides
 
 
+def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--model a,b`` (or ``all``) as a tuple; None for each suite's default."""
+    return tuple(_names(args.model)) or None if args.model else None
+
+
+def _kind_options(args: argparse.Namespace) -> dict:
+    """The values of every kind option (``--checkpoints``, ``--limit``…) given on the command line."""
+    from mergebench.runner.kinds import all_options
+
+    return {name: getattr(args, name, None) for name in all_options()}
+
+
 def _sweep_request(args: argparse.Namespace):
     from mergebench.runner.sweep import SweepRequest
 
     methods = _names(args.methods)
     return SweepRequest(
         suites=_suite_names(args), methods=methods, overrides=parse_hparams(args.hparams, methods), device=args.device,
-        out=args.out, cache=args.cache, model=args.model, seed=args.seed, examples=args.examples,
-        checkpoints=args.checkpoints, allow_pickle=args.allow_pickle, data=args.data,
-        limit=args.limit, allow_code_execution=args.allow_code_execution,
+        out=args.out, cache=args.cache, models=_models(args), seed=args.seed, examples=args.examples,
+        options=_kind_options(args),
     )
 
 
@@ -62,7 +69,7 @@ def command_run(args: argparse.Namespace) -> None:
     request = _sweep_request(args)
     run_sweep(request)
     print()
-    _report(args.out, request.suites, args.model, args.seed)
+    _report(args.out, request.suites, _models(args), args.seed)
 
 
 def command_continual(args: argparse.Namespace) -> None:
@@ -74,50 +81,82 @@ def command_continual(args: argparse.Namespace) -> None:
     run_continual(ContinualRequest(request, args.orders))
     store = ResultStore(args.out)
     for suite in request.suites:
-        summary = summarize(load_arrivals(store, suite, args.model))
-        print(to_markdown(suite, summary))
-        print(f"wrote {plot_arrivals(suite, summary, args.out / 'plots' / f'{suite}-continual.png')}")
+        for model in _stored_models(store, suite, _models(args)):
+            summary = summarize(load_arrivals(store, suite, model))
+            print(to_markdown(suite, summary))
+            print(f"wrote {plot_arrivals(suite, summary, args.out / 'plots' / f'{suite}-{model}-continual.png')}")
 
 
 def command_report(args: argparse.Namespace) -> None:
-    _report(args.out, _suite_names(args), args.model, args.seed)
+    if args.format:
+        _print_tables(args.out, _suite_names(args), _models(args), args.seed, args.format, not args.no_costs)
+    else:
+        _report(args.out, _suite_names(args), _models(args), args.seed, costs=not args.no_costs)
 
 
-def _report(out: Path, suites: Sequence[str], model: str | None, seed: int, *, tables: bool = True) -> None:
-    """Print and write the tables (unless ``tables`` is False) and the plots of ``suites``."""
-    from mergebench.reports.plots import plot_per_task, plot_task_count
-    from mergebench.reports.tables import available, load_table, to_markdown, write_reports
-    from mergebench.store.database import PRETRAINED, ResultStore
+def _tables(store, suites: Sequence[str], models: Sequence[str] | None, seed: int):
+    """The stored tables of ``suites`` (every suite with results if none is named), on every stored model
+    or the ``models`` named, suite by suite."""
+    from mergebench.reports.tables import available, load_table
 
-    store = ResultStore(out)
     suites = list(suites) or sorted({suite for suite, _ in available(store)})
     if not suites:
         raise MergebenchError(f"no results in {store.path}: run `mergebench run` first")
+    return [load_table(store, suite, model, seed) for suite in suites for model in _stored_models(store, suite, models) or [None]]
+
+
+def _print_tables(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed: int, form: str, costs: bool) -> None:
+    """``mergebench report --format md``: the tables alone, on standard output (nothing written)."""
+    from mergebench.reports.tables import FORMATS
+    from mergebench.store.database import ResultStore
+
+    print("\n".join(FORMATS[form](table, costs) for table in _tables(ResultStore(out), suites, models, seed)), end="")
+
+
+def _stored_models(store, suite: str, models: Sequence[str] | None) -> list[str]:
+    """The models of ``suite`` with stored results: all of them, or those named (``all``: every one)."""
+    from mergebench.reports.tables import available
+
+    stored = [model for name, model in available(store) if name == suite]
+    if not models or tuple(models) == ("all",):
+        return stored
+    return list(models)
+
+
+def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed: int, *, tables: bool = True,
+            costs: bool = True) -> None:
+    """Print and write the tables (unless ``tables`` is False) and the plots of ``suites`` on every stored model
+    (or the ``models`` named)."""
+    from mergebench.reports.plots import plot_per_task, plot_task_count
+    from mergebench.reports.tables import to_markdown, write_reports
+    from mergebench.store.database import PRETRAINED, ResultStore
+
+    store = ResultStore(out)
     written = []
-    for family, members in _families(suites).items():
-        family_tables = [load_table(store, suite, model, seed) for suite in members]
-        for table in family_tables:
-            if tables:
-                print(to_markdown(table))
-                written += write_reports(table, out / "reports")
-            written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
-        normalizable = [table.suite for table in family_tables if table.row(PRETRAINED).normalized_accuracy is not None]
-        if len(normalizable) > 1:  # a suite whose expert scores 0 on its task has no normalized score to plot
-            written.append(plot_task_count(store, normalizable, model, out / "plots" / f"{family}-task-count.png"))
+    by_family: dict[str, dict[str, list]] = {}
+    for table in _tables(store, suites, models, seed):
+        by_family.setdefault(_family(table.suite), {}).setdefault(table.model, []).append(table)
+    for family, by_model in by_family.items():
+        for model, family_tables in by_model.items():
+            for table in family_tables:
+                if tables:
+                    print(to_markdown(table, costs))
+                    written += write_reports(table, out / "reports", costs)
+                written.append(plot_per_task(table, out / "plots" / f"{table.suite}-{table.model}-per-task.png"))
+            normalizable = [table.suite for table in family_tables if table.row(PRETRAINED).normalized_accuracy is not None]
+            if len(normalizable) > 1:  # a suite whose expert scores 0 on its task has no normalized score to plot
+                written.append(plot_task_count(store, normalizable, model, out / "plots" / f"{family}-{model}-task-count.png"))
     print("wrote " + ", ".join(str(path) for path in written))
 
 
-def _families(suites: Sequence[str]) -> dict[str, list[str]]:
-    """Group suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
-    families: dict[str, list[str]] = {}
-    for suite in suites:
-        stem, _, count = suite.rpartition("-")
-        families.setdefault(stem if count.isdigit() else suite, []).append(suite)
-    return families
+def _family(suite: str) -> str:
+    """The name shared by suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
+    stem, _, count = suite.rpartition("-")
+    return stem if count.isdigit() else suite
 
 
 def command_plot(args: argparse.Namespace) -> None:
-    _report(args.out, _suite_names(args), args.model, args.seed, tables=False)
+    _report(args.out, _suite_names(args), _models(args), args.seed, tables=False)
 
 
 def command_methods(args: argparse.Namespace) -> None:
@@ -154,53 +193,62 @@ def _method_json(method) -> dict:
 
 
 def command_suites(args: argparse.Namespace) -> None:
-    from mergebench.runner.families import suite_status
     from mergebench.core.checkpoints import cache_directory
-    from mergebench.suites.registry import all_suites
+    from mergebench.runner.catalog import all_suites
+    from mergebench.runner.kinds import kind_of
 
-    suites = [suite for suite in all_suites().values() if args.model is None or args.model in suite.model_names]
+    requested = _models(args)
+    suites = [suite for suite in all_suites().values() if not requested or set(requested) <= set(suite.model_names)]
     if not suites:
         raise MergebenchError(f"no suite offers model {args.model!r}")
+    by_file: dict[Path, list] = {}
     for suite in suites:  # with --model, only the suites that offer it
-        default = suite.resolve_model(args.model)
-        others = ", ".join(name for name in suite.model_names if name != default) or "-"
-        print(f"{suite.name:<16} {len(suite.tasks)} tasks, model {default} (also {others}), {suite.source_file.name}")
-        options = {"checkpoints": args.checkpoints, "allow_pickle": args.allow_pickle, "data": args.data}
-        for task, source, status in suite_status(suite, args.model, cache_directory(args.cache), **options):
-            print(f"    {task:<14} {source:<24} {status}")
+        by_file.setdefault(suite.source_file, []).append(suite)
+    hints: list[str] = []
+    for path, members in by_file.items():
+        first = members[0]
+        kind = kind_of(first)
+        for model in requested or (first.model_default,):
+            others = ", ".join(name for name in first.model_names if name != model) or "-"
+            print(f"{path.name} (kind {kind.name}, family {first.family}): model {model} (also {others})")
+            for suite in members:
+                print(f"  {suite.name:<16} {len(suite.tasks)} tasks: {', '.join(suite.task_names)}")
+            widest = max(len(task.name) for task in first.tasks) if first.tasks else 8
+            longest = max(members, key=lambda suite: len(suite.tasks))
+            options = kind.accepted(_kind_options(args), longest, strict=False)
+            for row in kind.status(longest, model, cache_directory(args.cache), **options):
+                print(f"    {row.task:<{max(widest, 10)}} {row.source:<28} {row.status}")
+                if row.hint and row.hint not in hints:
+                    hints.append(row.hint)
+    if hints:
+        print("\nto get what is missing:")
+        for hint in hints:
+            print(f"  {hint}")
 
 
 def command_build(args: argparse.Namespace) -> None:
-    from mergebench.runner.experts import build_missing_experts, expert_folder
     from mergebench.core.checkpoints import cache_directory
+    from mergebench.runner.catalog import get_suite
+    from mergebench.runner.kinds import kind_of
     from mergebench.runner.sweep import resolve_device
-    from mergebench.suites.registry import get_suite
 
-    for name in _suite_names(args):
-        suite = get_suite(name)
-        model = suite.resolve_model(args.model)
-        if suite.kind == "llm":
-            from mergebench.runner.llm_experts import expert_folders
-
-            folders = expert_folders(suite, model, cache_directory(args.cache), resolve_device(args.device))
-            print(f"{name}: experts in {', '.join(str(folder) for folder in folders.values())}")
-            continue
-        folder = expert_folder(suite, model, cache_directory(args.cache))
-        build_missing_experts(suite, model, folder, resolve_device(args.device))
-        print(f"{name}: experts in {folder}")
+    device = resolve_device(args.device)
+    suites = [get_suite(name) for name in _suite_names(args)]  # every name checked before anything is built
+    plans = [(suite, kind_of(suite), suite.resolve_models(_models(args))) for suite in suites]
+    for suite, kind, models in plans:
+        for model in models:
+            print(f"{suite.name} ({model}): experts in {kind.build(suite, model, cache_directory(args.cache), device)}")
 
 
-def _with_clip_options(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Where the published experts and the datasets of ``kind: clip`` suites come from."""
-    sub.add_argument("--checkpoints", default=None, metavar="PATH|hub",
-                     help="kind: clip suites: 'hub' (default: Hugging Face ids of the suite file, via the HF cache) or a folder "
-                          "with tall_masks open_clip files (PATH/ViT-B-32/<Task>Val/nonlinear_finetuned.pt) or "
-                          "Hub-style folders named like the repositories (PATH/clip-vit-base-patch32_dtd)")
-    sub.add_argument("--allow-pickle", action="store_true",
-                     help="unpickle tall_masks .pt files (runs their code) once, converting each to .safetensors beside it")
-    sub.add_argument("--data", type=Path, default=None,
-                     help="kind: clip suites: folder of local datasets, <data>/<Task> saved by DatasetDict.save_to_disk "
-                          "(default: $MERGEBENCH_DATA; tasks without one load the suite file's Hub dataset)")
+def _add_kind_options(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every kind's options, one argument group per set of kinds that take them."""
+    from mergebench.runner.kinds import all_options
+
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for option, kinds in all_options().values():
+        if kinds not in groups:
+            groups[kinds] = sub.add_argument_group(f"options of {', '.join(kinds)} suites")
+        groups[kinds].add_argument(option.flag, help=option.help, default=None, **option.argparse)
     return sub
 
 
@@ -210,9 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_common(sub: argparse.ArgumentParser, suite_required: bool) -> argparse.ArgumentParser:
         sub.add_argument("--suite", action="append", default=[], required=suite_required, help="suite name(s), comma-separated or repeated")
-        sub.add_argument("--model", default=None, help="backbone (default: the suite's)")
+        sub.add_argument("--model", default=None, help="model(s): comma-separated, or 'all' (default: each suite's own)")
         sub.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: results/)")
         sub.add_argument("--seed", type=int, default=0, help="seed of randomized methods")
+        return with_tasks(sub)
+
+    def with_tasks(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--tasks", action="append", type=Path, default=[], metavar="DIR",
+                         help="a folder of your own suite files, added to mergebench's (also $MERGEBENCH_TASKS)")
         return sub
 
     def with_merging(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -220,41 +273,62 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--methods", required=True, help="comma-separated method names (see `mergebench methods`)")
         sub.add_argument("--hparams", action="append", default=[], help="fix hyperparameters: ties.k=30,dare.p=0.3")
         sub.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-        sub.add_argument("--examples", type=_positive, default=None, help="examples per task for train-samples methods (default: each paper's)")
+        sub.add_argument("--examples", type=positive_int, default=None, help="examples per task for train-samples methods (default: each paper's)")
         sub.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
-        sub.add_argument("--limit", type=_positive, default=None,
-                         help="kind: llm suites: documents per lm-eval task, for quick runs (stored apart from full runs)")
-        sub.add_argument("--allow-code-execution", action="store_true",
-                         help="kind: llm suites: run tasks that execute model-generated code (HumanEval, MBPP); needs HF_ALLOW_CODE_EVAL=1 too")
-        return _with_clip_options(sub)
+        return _add_kind_options(sub)
 
     with_merging(commands.add_parser("run", help="sweep methods on suites, store and report")).set_defaults(handler=command_run)
     continual = with_merging(commands.add_parser(
         "continual", help="merge models one arrival at a time (e.g. opcm); score after each arrival over several orders",
     ))
-    continual.add_argument("--orders", type=_positive, default=3, help="orders of arrival: the suite's, then seeded permutations (default 3)")
+    continual.add_argument("--orders", type=positive_int, default=3, help="orders of arrival: the suite's, then seeded permutations (default 3)")
     continual.set_defaults(handler=command_continual)
 
-    with_common(commands.add_parser("report", help="print and write the results tables"), False).set_defaults(handler=command_report)
+    report = with_common(commands.add_parser("report", help="print and write the results tables"), False)
+    report.add_argument("--format", choices=("md", "csv", "tex"), default=None,
+                        help="print only the tables in this format to standard output, writing nothing (for docs)")
+    report.add_argument("--no-costs", action="store_true",
+                        help="leave out the cost columns (seconds, memory), which differ from run to run: the tables then "
+                             "repeat byte for byte")
+    report.set_defaults(handler=command_report)
     with_common(commands.add_parser("plot", help="write PNG plots of the stored results"), False).set_defaults(handler=command_plot)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.set_defaults(handler=command_methods)
-    suites = commands.add_parser("suites", help="list suites, their tasks, and whether data and checkpoints are here")
-    suites.add_argument("--model", default=None, help="backbone whose checkpoints to look for (default: each suite's)")
+    suites = with_tasks(commands.add_parser("suites", help="list suites, their tasks, and whether data and checkpoints are here"))
+    suites.add_argument("--model", default=None, help="model(s) whose checkpoints to look for (default: each suite's)")
     suites.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
-    _with_clip_options(suites).set_defaults(handler=command_suites)
-    build = with_common(commands.add_parser("build", help="fine-tune and cache a suite's experts"), True)
+    _add_kind_options(suites).set_defaults(handler=command_suites)
+    build = with_common(commands.add_parser("build", help="fine-tune (or fetch) and cache a suite's experts"), True)
     build.add_argument("--cache", type=Path, default=None)
     build.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     build.set_defaults(handler=command_build)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextmanager
+def _task_folders(folders: Sequence[Path]):
+    """``--tasks DIR``: the folders join ``$MERGEBENCH_TASKS`` while the command runs."""
+    from mergebench.runner.catalog import TASKS_VARIABLE
+
+    before = os.environ.get(TASKS_VARIABLE)
+    if folders:
+        existing = [part for part in (before or "").split(os.pathsep) if part]
+        os.environ[TASKS_VARIABLE] = os.pathsep.join([*existing, *map(str, folders)])
     try:
-        args.handler(args)
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TASKS_VARIABLE, None)
+        else:
+            os.environ[TASKS_VARIABLE] = before
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        with _task_folders(getattr(args, "tasks", [])):
+            args.handler(args)
     except MergebenchError as error:
         print(f"mergebench: error: {error}", file=sys.stderr)
         return 2

@@ -14,8 +14,10 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
+import yaml
 import pytest
 import torch
 from PIL import Image
@@ -32,18 +34,20 @@ from mergebench.models.clip import (
     vision_encoder_of,
     zero_shot_head,
 )
-from mergebench.runner import clip_experts
+from mergebench.runner.kinds import clip as clip_experts
 from mergebench.store.database import ResultStore
-from mergebench.suites import clip_templates
 from tests.byte_level import byte_symbols
 from test_clip import module_holding, tiny_clip as tiny_reference_clip, to_open_clip
 
 TASKS = {"MNIST": "mnist", "EuroSAT": "eurosat", "DTD": "dtd"}
+CLASSES_FILE = Path(__file__).resolve().parents[1] / "tasks" / "_vit-classes.yaml"
+CLASSES = yaml.safe_load(CLASSES_FILE.read_text())
 BASE = "clip-vit-base-patch32"
 
 SUITE = """
 kind: clip
 family: tinyclip
+include: _vit-classes.yaml
 default_model: ViT-B-32
 eval_batch_size: 8
 models:
@@ -53,9 +57,9 @@ open_clip_checkpoints:
   zeroshot: "{{root}}/{{model}}/{{task_val}}/nonlinear_zeroshot.pt"
 validation: {{fraction: 0.25, max_examples: 6, seed: 0}}
 tasks:
-  - {{name: MNIST, fusion_bench: mnist, dataset: ylecun/mnist, splits: {{train: train, test: test}}, validation: train_fraction, columns: {{image: image, label: label}}}}
-  - {{name: EuroSAT, fusion_bench: eurosat, dataset: "{eurosat}", splits: {{train: train, test: test}}, validation: train_fraction, columns: {{image: image, label: label}}}}
-  - {{name: DTD, fusion_bench: dtd, dataset: tanganke/dtd, splits: {{train: train, test: test}}, validation: validation, columns: {{image: image, label: label}}}}
+  - {{name: MNIST, fusion_bench: mnist, dataset: ylecun/mnist, splits: {{train: train, test: test}}, columns: {{image: image, label: label}}}}
+  - {{name: EuroSAT, fusion_bench: eurosat, dataset: "{eurosat}", splits: {{train: train, test: test}}, columns: {{image: image, label: label}}}}
+  - {{name: DTD, fusion_bench: dtd, dataset: tanganke/dtd, splits: {{train: train, test: test}}, validation_split: validation, columns: {{image: image, label: label}}}}
 suites:
   tinyclip-3: [MNIST, EuroSAT, DTD]
 """
@@ -101,7 +105,7 @@ def hub_cache_entry(folder, repo_id, cache_root):
     (repo / "refs" / "main").write_text(commit)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +138,8 @@ def world(tmp_path_factory):
             save_file({("" if k.startswith("vision_model.") else "vision_model.") + k: v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
         towers[task] = tower.state_dict()
         encoder = load_hf_vision_encoder(folder, projection_source=base)
-        classes = clip_templates.classnames(task)
-        head = zero_shot_head(clip, tokenizer, classes, clip_templates.templates(task))
+        classes = CLASSES["classnames"][task]
+        head = zero_shot_head(clip, tokenizer, classes, CLASSES["templates"][task])
         splits = {"train": 16, "test": 8} if task != "DTD" else {"train": 8, "validation": 5, "test": 8}
         features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classes))})
         parts = {}
@@ -159,6 +163,7 @@ def world(tmp_path_factory):
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "tinyclip.yaml").write_text(SUITE.format(eurosat=root / "eurosat"))
+    shutil.copy(CLASSES_FILE, tasks / CLASSES_FILE.name)
     return {"root": root, "checkpoints": checkpoints, "data": data, "tasks": tasks, "clip": clip, "towers": towers}
 
 
@@ -310,17 +315,24 @@ def test_suites_lists_availability_and_trained_suites_reject_clip_options(world,
     assert cli.main(["suites", "--checkpoints", str(world["checkpoints"])]) == 0
     listing = capsys.readouterr().out
     assert "tinyclip-3" in listing and re.search(r"EuroSAT\s+\S+eurosat\s+encoder ready \(.*\); data local", listing)
-    assert re.search(r"MNIST\s+ylecun/mnist\s+encoder ready \(.*\); data missing \(hf download --repo-type dataset ylecun/mnist, "
-                     r"or a DatasetDict.save_to_disk folder at \$MERGEBENCH_DATA/MNIST\)", listing)
+    assert re.search(r"MNIST\s+ylecun/mnist\s+encoder ready \(.*\); data missing$", listing, re.MULTILINE)
+    hints = listing.split("to get what is missing:")[1]
+    assert "hf download --repo-type dataset ylecun/mnist, or a DatasetDict.save_to_disk folder at $MERGEBENCH_DATA/MNIST" in hints
 
     monkeypatch.delenv("MERGEBENCH_TASKS")  # the real suite files, offline with an empty Hugging Face cache
     assert cli.main(["suites"]) == 0
     listing = capsys.readouterr().out
     for suite in ("vit-8", "vit-14", "vit-20", "mini-vision-8"):
-        assert re.search(rf"^{suite}\s", listing, re.MULTILINE)
-    assert "pretrained     openai/clip-vit-base-patch32 missing (hf download openai/clip-vit-base-patch32)" in listing
-    assert "encoder missing (hf download tanganke/clip-vit-base-patch32_stanford-cars)" in listing
-    assert "data missing (hf download --repo-type dataset tanganke/dtd" in listing
+        assert re.search(rf"^  {suite}\s+\d+ tasks: ", listing, re.MULTILINE)
+    # each task once (vit-8/14/20 share their tasks), each download hint once
+    assert len(re.findall(r"^    Cars\s", listing, re.MULTILINE)) == 1
+    assert re.search(r"^    pretrained\s+openai/clip-vit-base-patch32\s+missing$", listing, re.MULTILINE)
+    assert re.search(r"^    Cars\s+tanganke/stanford_cars\s+encoder missing; data missing$", listing, re.MULTILINE)
+    hints = listing.split("to get what is missing:")[1].splitlines()
+    assert len(hints) == len(set(hints))
+    assert sum(hint.strip().startswith("hf download openai/clip-vit-base-patch32 ") for hint in hints) == 1
+    assert any("hf download tanganke/clip-vit-base-patch32_stanford-cars" in hint for hint in hints)
+    assert any("hf download --repo-type dataset tanganke/dtd" in hint for hint in hints)
     assert cli.main(["run", "--suite", "mini-vision-4", "--methods", "ties", "--checkpoints", "hub", "--out", str(tmp_path)]) == 2
     assert "--checkpoints does not apply to suite mini-vision-4" in capsys.readouterr().err
 
@@ -338,3 +350,42 @@ def test_backbone_normalizes_uint8_crops_as_the_image_processor_does():
         torch.testing.assert_close(backbone(crops), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(backbone(pixels), expected, rtol=1e-5, atol=1e-6)  # float input: already normalized
     assert set(backbone.state_dict()) == set(encoder.state_dict())
+
+
+ONE_FILE_TASK = """
+kind: clip
+family: mine
+models:
+  ViT-B-32: {hf: openai/clip-vit-base-patch32, open_clip: ViT-B-32, finetuned_hub_prefix: tanganke/clip-vit-base-patch32}
+open_clip_checkpoints: {finetuned: "{root}/{model}/{task_val}/f.pt", zeroshot: "{root}/{model}/{task_val}/z.pt"}
+validation: {fraction: 0.25, max_examples: 6, seed: 0}
+eval_batch_size: 8
+tasks:
+  - name: Digits
+    fusion_bench: mnist
+    dataset: ylecun/mnist
+    splits: {train: train, test: test}
+    columns: {image: image, label: label}
+    classnames: ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+    templates: ['a photo of the number: "{c}".']
+suites:
+  mine-1: [Digits]
+"""
+
+
+def test_a_new_clip_task_is_one_file(world, env, tmp_path, capsys):
+    """A user's own suite file, its class names and templates inline, runs on the published experts."""
+    folder = tmp_path / "my-suites"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(ONE_FILE_TASK)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Digits").symlink_to(world["data"] / "MNIST")
+    out = tmp_path / "results"
+    argv = ["run", "--tasks", str(folder), "--suite", "mine-1", "--methods", "task_arithmetic", "--device", "cpu",
+            "--checkpoints", str(world["checkpoints"]), "--data", str(data), "--out", str(out)]
+    assert cli.main(argv) == 0
+    scores = accuracies(out, "individual")
+    assert scores[("Digits", "test")] == 1.0  # the MNIST expert, scored with the same head, on its own predictions
+    assert {row["task"] for row in ResultStore(out).query("SELECT DISTINCT task FROM results")} == {"Digits"}
+    assert "mine-1" in capsys.readouterr().out

@@ -6,16 +6,21 @@ import pytest
 import torch
 
 from mergebench import cli
-from mergebench.runner import sweep as sweep_module
+from mergebench.runner.prepared import PreparedSuite
 from mergebench.runner.sweep import SweepRequest, run_sweep
 from mergebench.store.database import ResultStore
+from test_method_registry import install_plugin, reloaded_registry  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.slow
 
 TINY_SUITE = """
+kind: trained
 family: tiny-vision
-model: {default: efficientnet-lite0, choices: [efficientnet-lite0]}
+models: [efficientnet-lite0]
 image_size: 32
 data_seed: 0
-splits: {train: 64, validation: 24, test: 24}
+splits: {train: 64, test: 24}
+validation: {examples: 24}
 recipe: {steps: 2, batch_size: 16, lr: 1.0e-4, head_lr: 1.0e-3, seed: 0}
 batchnorm: {policy: %s, batches_per_task: 1}
 eval_batch_size: 32
@@ -69,7 +74,7 @@ def test_run_report_resume(tiny_suites, capsys):
     assert '"torch"' in versions
     for name in ("tiny-3-efficientnet-lite0.md", "tiny-3-efficientnet-lite0.csv", "tiny-3-efficientnet-lite0.tex"):
         assert (out / "reports" / name).stat().st_size > 0
-    assert (out / "plots" / "tiny-task-count.png").stat().st_size > 0
+    assert (out / "plots" / "tiny-efficientnet-lite0-task-count.png").stat().st_size > 0
     assert (out / "plots" / "tiny-3-efficientnet-lite0-per-task.png").stat().st_size > 0
 
     # a second identical run evaluates nothing new and stores no duplicates
@@ -82,7 +87,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tiny_suites, monkeypatc
     out = tiny_suites / "results"
     request = SweepRequest(suites=["tiny-2"], methods=["task_arithmetic"], overrides={}, out=out)
     evaluations = []
-    original = sweep_module.PreparedSuite.evaluate
+    original = PreparedSuite.evaluate
 
     def dying_evaluate(self, state, split, tasks=None):
         evaluations.append(split)
@@ -90,7 +95,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tiny_suites, monkeypatc
             raise KeyboardInterrupt
         return original(self, state, split, tasks)
 
-    monkeypatch.setattr(sweep_module.PreparedSuite, "evaluate", dying_evaluate)
+    monkeypatch.setattr(PreparedSuite, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(request, report=lambda line: None)
     store = ResultStore(out)
@@ -183,7 +188,7 @@ def test_continual_scores_each_arrival_over_orders_and_resumes(tiny_suites, caps
     argv = ["continual", "--suite", "tiny-3", "--methods", "opcm,task_arithmetic", "--orders", "2", "--out", str(out)]
     assert cli.main(argv) == 0
     assert "| opcm |" in capsys.readouterr().out
-    assert (out / "plots" / "tiny-3-continual.png").stat().st_size > 0
+    assert (out / "plots" / "tiny-3-efficientnet-lite0-continual.png").stat().st_size > 0
     store = ResultStore(out)
     points = load_arrivals(store, "tiny-3")
     suite_order = ("shapes", "digits", "arrows")
@@ -211,3 +216,15 @@ def test_upscaled_model_is_evaluated_as_it_is_and_reports_its_size(tiny_suites, 
     }
     # θ₀ and two task vectors of every MBConv block, plus the routers: about 2.7× EfficientNet-Lite0
     assert 2.5 * sizes["task_arithmetic"] < sizes["wemoe"] < 3 * sizes["task_arithmetic"]
+
+
+def test_a_plugin_method_runs_in_a_sweep(tiny_suites, tmp_path, monkeypatch, reloaded_registry, capsys):
+    """A third-party method, installed as a distribution with a mergebench.methods entry point, sweeps like any other."""
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    install_plugin(plugin, monkeypatch)
+    out = tiny_suites / "results"
+    assert cli.main(["run", "--suite", "tiny-2", "--methods", "median_merge", "--out", str(out)]) == 0
+    rows = ResultStore(out).query("SELECT DISTINCT hparams, split FROM results WHERE method='median_merge'")
+    assert len([row for row in rows if row["split"] == "validation"]) == 4  # shrink {0, 0.5} × λ {0.5, 1}
+    assert "median_merge" in capsys.readouterr().out

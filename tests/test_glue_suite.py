@@ -220,6 +220,7 @@ def reference_scores(world, kind: str, folder_of, tasks, encoder_of=None) -> dic
     return scores
 
 
+@pytest.mark.slow
 def test_roberta_glue_end_to_end_matches_transformers_and_scikit_learn(world, env, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
@@ -248,6 +249,7 @@ def test_roberta_glue_end_to_end_matches_transformers_and_scikit_learn(world, en
     assert len(ResultStore(out).query("SELECT * FROM results")) == 3 * (2 * 2 + 2)
 
 
+@pytest.mark.slow
 def test_hub_cache_route_equals_folders_and_feeds_data_methods(world, env, tmp_path):
     hub_cache_repo(world["ckpts"] / "roberta-base", "FacebookAI/roberta-base", tmp_path / "hub")
     hub_cache_repo(world["ckpts"] / "roberta_base_glue_ckpts", "vanillaOVO/roberta_base_glue_ckpts", tmp_path / "hub")
@@ -263,6 +265,7 @@ def test_hub_cache_route_equals_folders_and_feeds_data_methods(world, env, tmp_p
     assert [row["data_access"] for row in access] == ["train-samples:5"]
 
 
+@pytest.mark.slow
 def test_gpt2_experts_pool_the_last_token_and_need_every_task(world, env, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(world, out, "gpt2", "--suite", "tinyglue-2", "--model", "gpt2") == 0
@@ -289,6 +292,7 @@ def test_wemoe_upscales_the_encoder_mlps_of_both_families(world, env, tmp_path, 
     assert sizes["wemoe"] > sizes["task_arithmetic"]
 
 
+@pytest.mark.slow
 def test_missing_expert_folder_and_suites_listing(world, env, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -349,14 +353,23 @@ def test_a_nonpositive_expert_score_cannot_normalize():
 
 
 def test_suite_file_errors_are_one_line(tmp_path):
-    from mergebench.suites.glue_suite import glue_suites_from
     import yaml
+
+    from mergebench.runner.catalog import suites_in
+
+    def read(raw):
+        (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
+        return suites_in(tmp_path / "x.yaml")
 
     raw = yaml.safe_load(SUITE)
     raw["tasks"][1]["metric"] = "accuracy"
-    with pytest.raises(MergebenchError, match="regression task .* spearman"):
-        glue_suites_from(raw, tmp_path / "x.yaml")
+    with pytest.raises(MergebenchError, match=r"x.yaml: tasks\[1\] \(stsb\): a regression task .* spearman"):
+        read(raw)
     raw = yaml.safe_load(SUITE)
     raw["models"]["gpt2"]["experts"]["qqp"] = "tanganke/gpt2_qqp"
-    with pytest.raises(MergebenchError, match="unknown task 'qqp'"):
-        glue_suites_from(raw, tmp_path / "x.yaml")
+    with pytest.raises(MergebenchError, match="x.yaml: models.gpt2.experts.qqp: unknown task"):
+        read(raw)
+    raw = yaml.safe_load(SUITE)
+    raw["validation"] = {"examples": 10}
+    with pytest.raises(MergebenchError, match="validation must be .* for a GLUE suite"):
+        read(raw)

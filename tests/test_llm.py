@@ -19,7 +19,9 @@ from mergebench.errors import MergebenchError
 from mergebench.evaluation import lm_harness
 from mergebench.models import llm
 from mergebench.suites import llm_sources
-from mergebench.suites.registry import get_suite
+from mergebench.runner.catalog import get_suite
+from mergebench.runner.kinds.llm import evaluate_checkpoint
+from mergebench.suites import llm_tasks
 
 transformers = pytest.importorskip("transformers")
 
@@ -276,26 +278,26 @@ def test_finetuned_model_scores_on_the_mini_math_task_through_lm_eval(tmp_path):
     pairs = [(llm_sources.math_prompt(e["question"]), llm_sources.math_target(e)) for e in examples]
     folder = save_tiny_lm(tmp_path / "lm", [p + c for p, c in pairs], hidden=64)
     model, tokenizer = llm.load_causal_lm(folder)
-    task = lm_harness.mini_math_task(examples)
+    task = llm_tasks.mini_math_task(examples)
     before = lm_harness.evaluate_lm(model, tokenizer, [task], limit=3, gen_kwargs={"max_gen_toks": 12}, log_samples=True)
-    assert before.scores[lm_harness.MINI_MATH_TASK].value == 0.0
-    assert before.scores[lm_harness.MINI_MATH_TASK].samples == 3
+    assert before.scores[llm_tasks.MINI_MATH_TASK].value == 0.0
+    assert before.scores[llm_tasks.MINI_MATH_TASK].samples == 3
     losses = llm.finetune_causal_lm(model, tokenizer, pairs, steps=150, batch_size=3, lr=1e-2, max_length=64)
     assert losses[-1] < 0.05 < losses[0]
     after = lm_harness.evaluate_lm(model, tokenizer, [task], limit=3, gen_kwargs={"max_gen_toks": 12}, log_samples=True)
-    score = after.scores[lm_harness.MINI_MATH_TASK]
+    score = after.scores[llm_tasks.MINI_MATH_TASK]
     assert (score.value, score.metric, score.samples) == (1.0, "exact_match,none", 3)
-    generated = sorted(s["resps"][0][0].strip() for s in after.samples[lm_harness.MINI_MATH_TASK])
+    generated = sorted(s["resps"][0][0].strip() for s in after.samples[llm_tasks.MINI_MATH_TASK])
     assert generated == sorted(f"#### {e['answer']}" for e in examples)
     # limit caps the documents; one fine-tuned answer from a JSONL file
     data = llm_sources.write_jsonl(examples, tmp_path / "math.jsonl")
-    one = lm_harness.evaluate_lm(model, tokenizer, [lm_harness.mini_math_task(data_file=data)], limit=1, gen_kwargs={"max_gen_toks": 12})
-    assert one.scores[lm_harness.MINI_MATH_TASK].samples == 1 and one.scores[lm_harness.MINI_MATH_TASK].value == 1.0
+    one = lm_harness.evaluate_lm(model, tokenizer, [llm_tasks.mini_math_task(data_file=data)], limit=1, gen_kwargs={"max_gen_toks": 12})
+    assert one.scores[llm_tasks.MINI_MATH_TASK].samples == 1 and one.scores[llm_tasks.MINI_MATH_TASK].value == 1.0
 
 
 def test_code_execution_needs_flag_and_environment(monkeypatch):
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
-    lm_harness.check_code_execution(["gsm8k", "minerva_math", lm_harness.MINI_MATH_TASK], allow_code_execution=False)
+    lm_harness.check_code_execution(["gsm8k", "minerva_math", llm_tasks.MINI_MATH_TASK], allow_code_execution=False)
     with pytest.raises(MergebenchError) as info:
         lm_harness.check_code_execution(["gsm8k", "humaneval", "mbpp"], allow_code_execution=False)
     message = str(info.value)
@@ -315,7 +317,7 @@ def test_code_gate_is_checked_before_any_model_is_loaded(tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(llm, "load_causal_lm", lambda *a, **k: loaded.append(a))
     with pytest.raises(MergebenchError, match="model-generated code"):
-        lm_harness.evaluate_checkpoint(tmp_path / "no-such-model", ["gsm8k", "humaneval"])
+        evaluate_checkpoint(tmp_path / "no-such-model", ["gsm8k", "humaneval"])
     assert loaded == []
 
 
@@ -325,11 +327,11 @@ def test_humaneval_tests_run_only_when_allowed(monkeypatch):
     problem = problems["HumanEval/2"]  # truncate_number
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     with pytest.raises(MergebenchError, match="HF_ALLOW_CODE_EVAL=1"):
-        lm_harness.run_humaneval_tests(problem, problem["canonical_solution"])
+        llm_tasks.run_humaneval_tests(problem, problem["canonical_solution"])
     monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
-    assert lm_harness.run_humaneval_tests(problem, problem["canonical_solution"]) is True
-    assert lm_harness.run_humaneval_tests(problem, "    return number\n") is False
-    assert lm_harness.run_humaneval_tests(problem, "    while True:\n        pass\n", timeout=0.5) is False
+    assert llm_tasks.run_humaneval_tests(problem, problem["canonical_solution"]) is True
+    assert llm_tasks.run_humaneval_tests(problem, "    return number\n") is False
+    assert llm_tasks.run_humaneval_tests(problem, "    while True:\n        pass\n", timeout=0.5) is False
 
 
 def test_humaneval_task_through_lm_eval(tmp_path, monkeypatch):
@@ -340,7 +342,7 @@ def test_humaneval_task_through_lm_eval(tmp_path, monkeypatch):
     pairs = [(p["prompt"], p["canonical_solution"]) for p in problems]
     folder = save_tiny_lm(tmp_path / "lm", [p + c for p, c in pairs], hidden=64)
     model, tokenizer = llm.load_causal_lm(folder)
-    task = lm_harness.humaneval_task(problems, max_gen_toks=48)
+    task = llm_tasks.humaneval_task(problems, max_gen_toks=48)
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     with pytest.raises(MergebenchError, match="execute"):
         lm_harness.evaluate_lm(model, tokenizer, [task], allow_code_execution=True)
@@ -351,13 +353,13 @@ def test_humaneval_task_through_lm_eval(tmp_path, monkeypatch):
             task_manager=lm_eval.tasks.TaskManager(include_defaults=False), confirm_run_unsafe_code=False,
         )
     before = lm_harness.evaluate_lm(model, tokenizer, [task], allow_code_execution=True)
-    assert before.scores[lm_harness.HUMANEVAL_TASK].value == 0.0
+    assert before.scores[llm_tasks.HUMANEVAL_TASK].value == 0.0
     losses = llm.finetune_causal_lm(model, tokenizer, pairs, steps=150, batch_size=2, lr=1e-2, max_length=256)
     assert losses[-1] < 0.05
     after = lm_harness.evaluate_lm(model, tokenizer, [task], allow_code_execution=True, log_samples=True)
-    score = after.scores[lm_harness.HUMANEVAL_TASK]
+    score = after.scores[llm_tasks.HUMANEVAL_TASK]
     assert (score.value, score.metric, score.samples) == (1.0, "pass@1,none", 2)
-    for sample in after.samples[lm_harness.HUMANEVAL_TASK]:
+    for sample in after.samples[llm_tasks.HUMANEVAL_TASK]:
         assert sample["resps"][0][0].strip() == sample["doc"]["canonical_solution"].strip()
 
 
@@ -368,8 +370,8 @@ def test_primary_scores_and_local_task_resolution():
     assert (score.metric, score.value, score.stderr, score.samples) == ("exact_match,strict-match", 0.25, 0.05, 200)
     other = lm_harness.primary_score("arc_easy", {"alias": "arc_easy", "acc,none": 0.7, "acc_stderr,none": 0.01}, None)
     assert (other.metric, other.value, other.stderr) == ("acc,none", 0.7, 0.01)
-    resolved = lm_harness.resolve_tasks(["gsm8k", lm_harness.MINI_MATH_TASK])
-    assert resolved[0] == "gsm8k" and resolved[1]["task"] == lm_harness.MINI_MATH_TASK
+    resolved = llm_tasks.resolve_tasks(["gsm8k", llm_tasks.MINI_MATH_TASK])
+    assert resolved[0] == "gsm8k" and resolved[1]["task"] == llm_tasks.MINI_MATH_TASK
     hub = get_suite("llm-math-code")
     assert hub.task_names == ("gsm8k", "minerva_math", "humaneval", "mbpp") and not hub.validated
     assert hub.model(hub.resolve_model(None)).experts == {"math": "MergeBench/Llama-3.2-3B_math", "coding": "MergeBench/Llama-3.2-3B_coding"}

@@ -22,16 +22,15 @@ from mergebench.core.streaming import open_checkpoint
 from mergebench.methods.registry import get_method
 from mergebench.models import llm
 from mergebench.reports.tables import load_table
-from mergebench.runner import llm_experts
 from mergebench.errors import MergebenchError
-from mergebench.runner.llm_sweep import LlmSweep, task_configs
+from mergebench.runner.catalog import get_suite, suites_in
+from mergebench.runner.kinds import llm as llm_experts
+from mergebench.runner.kinds.llm import LlmEvaluator, task_configs
 from mergebench.store.database import ResultStore
 from mergebench.suites import llm_sources
-from mergebench.suites.llm_suite import llm_suites_from
-from mergebench.suites.registry import get_suite
 from test_llm import need, save_tiny_lm
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 DEDUP_POOL = 50
@@ -76,30 +75,36 @@ def suites(checkpoints, tmp_path, monkeypatch):
     """A suite file naming the tiny checkpoints, and one building its expert; small data pools."""
     folder = tmp_path / "tasks"
     folder.mkdir()
-    (folder / "tiny.yaml").write_text(textwrap.dedent(f"""
-        kind: llm
-        family: tiny
-        suites:
-          tiny-llm:
-            models:
-              tiny: {{base: {checkpoints['base']}, experts: {{math: {checkpoints['math']}, code: {checkpoints['code']}}}}}
-            tasks:
-              math: {{eval: [mergebench_mini_math], validation: 4, test: 4, max_gen_toks: 8}}
-              code: {{eval: [mergebench_humaneval], max_gen_toks: 160}}
-            lam_grid: [0.5, 1.0]
-            eval_batch_size: 2
-          tiny-fixed:
-            models:
-              tiny: {{base: {checkpoints['base']}, experts: {{math: {checkpoints['math']}, code: {checkpoints['code']}}}}}
-            tasks:
-              math: {{eval: [mergebench_mini_math], test: 4, max_gen_toks: 8}}
-              code: {{eval: [mergebench_humaneval], max_gen_toks: 160}}
-          tiny-built:
-            models:
-              tiny: {{base: {checkpoints['base']}}}
-            recipe: {{steps: 2, batch_size: 2, lr: 1.0e-3, max_length: 32}}
-            tasks:
-              math: {{eval: [mergebench_mini_math], sources: ["{ARITHMETIC}"], train: {{source: math, examples: 6}}, test: 2, max_gen_toks: 4}}
+    experts = f"{{base: {checkpoints['base']}, experts: {{math: {checkpoints['math']}, code: {checkpoints['code']}}}}}"
+    (folder / "_tiny.yaml").write_text("kind: llm\nfamily: tiny\n")
+    (folder / "tiny-llm.yaml").write_text(textwrap.dedent(f"""
+        include: _tiny.yaml
+        models: {{tiny: {experts}}}
+        tasks:
+          - {{name: math, eval: [mergebench_mini_math], validation: {{examples: 4}}, test: 4, max_gen_toks: 8}}
+          - {{name: code, eval: [mergebench_humaneval], max_gen_toks: 160}}
+        suites: {{tiny-llm: [math, code]}}
+        validation: none
+        lam_grid: [0.5, 1.0]
+        eval_batch_size: 2
+    """))
+    (folder / "tiny-fixed.yaml").write_text(textwrap.dedent(f"""
+        include: _tiny.yaml
+        models: {{tiny: {experts}}}
+        tasks:
+          - {{name: math, eval: [mergebench_mini_math], test: 4, max_gen_toks: 8}}
+          - {{name: code, eval: [mergebench_humaneval], max_gen_toks: 160}}
+        suites: {{tiny-fixed: [math, code]}}
+        validation: none
+    """))
+    (folder / "tiny-built.yaml").write_text(textwrap.dedent(f"""
+        include: _tiny.yaml
+        models: {{tiny: {{base: {checkpoints['base']}}}}}
+        recipe: {{steps: 2, batch_size: 2, lr: 1.0e-3, max_length: 32}}
+        tasks:
+          - {{name: math, eval: [mergebench_mini_math], sources: ["{ARITHMETIC}"], train: {{source: math, examples: 6}}, test: 2, max_gen_toks: 4}}
+        suites: {{tiny-built: [math]}}
+        validation: none
     """))
     monkeypatch.setenv("MERGEBENCH_TASKS", str(folder))
     monkeypatch.setattr(llm_sources, "DEDUP_POOL", DEDUP_POOL)
@@ -142,7 +147,7 @@ def test_sweep_through_the_command_line(suites, monkeypatch, capsys):
     # the same command resumes without new cells; another --limit is another context
     assert run(suites, *arguments) == 0
     assert len(store.query("SELECT cell_key FROM results")) == len(rows)
-    contexts = {limit: LlmSweep(get_suite("tiny-llm"), "tiny", store, "-", device=torch.device("cpu"), cache=suites / "cache", limit=limit).context_key
+    contexts = {limit: LlmEvaluator(get_suite("tiny-llm"), "tiny", torch.device("cpu"), suites / "cache", limit=limit).context_key
                 for limit in (1, 2, None)}
     assert len(set(contexts.values())) == 3 and {r["context_key"] for r in store.query("SELECT context_key FROM results")} == {contexts[2]}
 
@@ -190,17 +195,20 @@ def test_math_sources_feed_every_split(suites):
     "task, message",
     [
         ({"eval": ["mergebench_mini_math"], "train": {"source": "math", "examples": 4, "sources": [ARITHMETIC]}},
-         "tasks.math.train: unknown key 'sources'"),
+         r"\(math\).train.sources: unknown key"),
         ({"eval": ["mergebench_humaneval"], "train": {"source": "code", "examples": 4}, "sources": [ARITHMETIC]},
-         "tasks.math.sources: only a math task"),
-        ({"eval": ["mergebench_mini_math"], "sources": []}, "tasks.math.sources is empty"),
+         r"\(math\).sources: only a math task"),
+        ({"eval": ["mergebench_mini_math"], "sources": []}, r"\(math\).sources is empty"),
+        ({"eval": ["mergebench_mini_math"], "validation": {"fraction": 0.1, "max_examples": 10, "seed": 0}},
+         r"\(math\): validation must be \{examples: N\} or none"),
     ],
 )
-def test_suite_file_refuses_misplaced_sources(task, message):
-    raw = {"family": "tiny", "suites": {"s": {"models": {"m": {"base": "b"}}, "recipe": {"steps": 1, "batch_size": 1, "lr": 0.1, "max_length": 8},
-                                              "tasks": {"math": task}}}}
+def test_suite_file_refuses_misplaced_sources(tmp_path, task, message):
+    raw = {"kind": "llm", "family": "tiny", "models": {"m": {"base": "b"}}, "recipe": {"steps": 1, "batch_size": 1, "lr": 0.1, "max_length": 8},
+           "tasks": [{"name": "math", **task}], "suites": {"s": ["math"]}}
+    (tmp_path / "tiny.yaml").write_text(json.dumps(raw))
     with pytest.raises(MergebenchError, match=message):
-        llm_suites_from(raw, Path("tiny.yaml"))
+        suites_in(tmp_path / "tiny.yaml")
 
 
 @pytest.mark.parametrize(

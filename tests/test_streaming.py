@@ -79,7 +79,7 @@ def test_fixture_checkpoints_are_sharded_differently(family):
 def test_task_arithmetic_streamed_equals_in_memory_and_by_hand(family, tmp_path):
     base_dir, experts = family
     tracker = LiveTensorTracker()
-    report = stream_merge(base_dir, experts, "task_arithmetic", tmp_path / "out", {"lam": 0.3}, tracker=tracker)
+    report = stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out", {"lam": 0.3}, tracker=tracker)
     streamed = folder_state(tmp_path / "out")
     expected = in_memory_merge(base_dir, experts, "task_arithmetic", {"lam": 0.3})
     assert set(streamed) == set(expected) and report.tensors_merged == len(expected) and report.tensors_copied == 0
@@ -102,7 +102,7 @@ def test_task_arithmetic_streamed_equals_in_memory_and_by_hand(family, tmp_path)
 def test_at_most_one_tensor_per_checkpoint_is_held(family, tmp_path):
     base_dir, experts = family
     tracker = LiveTensorTracker()
-    stream_merge(base_dir, experts, "ties", tmp_path / "out", {"scope": "per_tensor"}, tracker=tracker)
+    stream_merge(base_dir, experts, get_method("ties"), tmp_path / "out", {"scope": "per_tensor"}, tracker=tracker)
     infos = open_checkpoint(base_dir).infos
     checkpoints = 1 + len(experts)
     assert tracker.loaded == checkpoints * len(infos)
@@ -112,13 +112,13 @@ def test_at_most_one_tensor_per_checkpoint_is_held(family, tmp_path):
 
 def test_ties_per_tensor_streamed_equals_in_memory(family, tmp_path):
     base_dir, experts = family
-    report = stream_merge(base_dir, experts, "ties", tmp_path / "out", {"k": 30.0, "scope": "per_tensor", "lam": 0.8})
+    report = stream_merge(base_dir, experts, get_method("ties"), tmp_path / "out", {"k": 30.0, "scope": "per_tensor", "lam": 0.8})
     streamed = folder_state(tmp_path / "out")
     expected = in_memory_merge(base_dir, experts, "ties", {"k": 30.0, "scope": "per_tensor", "lam": 0.8})
     assert all(torch.equal(streamed[name], expected[name]) for name in expected)
     assert report.notes == []
     # with the default global scope the streamed merge trims per tensor, and says so
-    report = stream_merge(base_dir, experts, "ties", tmp_path / "global", {"k": 30.0, "lam": 0.8})
+    report = stream_merge(base_dir, experts, get_method("ties"), tmp_path / "global", {"k": 30.0, "lam": 0.8})
     global_streamed = folder_state(tmp_path / "global")
     assert all(torch.equal(global_streamed[name], expected[name]) for name in expected)
     assert report.notes and "per tensor" in report.notes[0]
@@ -128,7 +128,7 @@ def test_ties_per_tensor_streamed_equals_in_memory(family, tmp_path):
 
 def test_bf16_checkpoints_stay_bf16_and_match(tmp_path):
     base_dir, experts = save_family(tmp_path, dtype=torch.bfloat16, tie_word_embeddings=True)
-    stream_merge(base_dir, experts, "task_arithmetic", tmp_path / "out", {"lam": 0.5})
+    stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out", {"lam": 0.5})
     streamed = folder_state(tmp_path / "out")
     expected = in_memory_merge(base_dir, experts, "task_arithmetic", {"lam": 0.5})
     assert "lm_head.weight" not in streamed  # tied, as the base stored it
@@ -148,7 +148,7 @@ def test_single_file_checkpoints_and_non_float_tensors(tmp_path):
         save_file(state, str(tmp_path / task / "model.safetensors"))
         experts[task] = tmp_path / task / "model.safetensors"  # a file, not a folder
     save_file(base, str(tmp_path / "base.safetensors"))
-    report = stream_merge(tmp_path / "base.safetensors", experts, "average", tmp_path / "out", exclude=["b"])
+    report = stream_merge(tmp_path / "base.safetensors", experts, get_method("average"), tmp_path / "out", exclude=["b"])
     out = load_file(str(tmp_path / "out" / "base.safetensors"))
     a, b = (load_file(str(path)) for path in experts.values())
     assert torch.equal(out["steps"], base["steps"]) and torch.equal(out["b"], base["b"])
@@ -177,7 +177,7 @@ def write_pair(tmp_path, expert_state, base_state=None):
 def test_mismatched_checkpoints_name_the_first_bad_tensor(tmp_path, expert_state, message):
     base_dir, experts = write_pair(tmp_path, expert_state)
     with pytest.raises(MergebenchError, match=message) as info:
-        stream_merge(base_dir, experts, "task_arithmetic", tmp_path / "out")
+        stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
 
@@ -186,7 +186,7 @@ def test_nan_in_an_expert_is_named(tmp_path):
     bad = {"a.weight": torch.zeros(2, 3), "b.weight": torch.tensor([0.0, float("nan"), 0.0, 0.0]), "c.weight": torch.zeros(1)}
     base_dir, experts = write_pair(tmp_path, bad)
     with pytest.raises(MergebenchError, match="checkpoint 'x' has NaN or infinite values in 'b.weight'"):
-        stream_merge(base_dir, experts, "task_arithmetic", tmp_path / "out")
+        stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
 
 
@@ -208,16 +208,16 @@ def test_methods_needing_the_whole_model_are_refused(family, tmp_path):
     base_dir, experts = family
     for name in ("regmean", "lines", "ties+lines", "wemoe"):
         with pytest.raises(MergebenchError, match="needs the whole model"):
-            stream_merge(base_dir, experts, name, tmp_path / "out")
+            stream_merge(base_dir, experts, get_method(name), tmp_path / "out")
     with pytest.raises(MergebenchError, match="hyperparameter scope='diagonal' of ties"):
-        stream_merge(base_dir, experts, "ties", tmp_path / "out", {"scope": "diagonal"})
+        stream_merge(base_dir, experts, get_method("ties"), tmp_path / "out", {"scope": "diagonal"})
 
 
 def test_randomized_methods_are_reproducible_per_tensor(family, tmp_path):
     base_dir, experts = family
     runs = {}
     for label, seed in (("first", 5), ("again", 5), ("other", 6)):
-        stream_merge(base_dir, experts, "dare", tmp_path / label, {"p": 0.5, "lam": 0.5}, seed=seed)
+        stream_merge(base_dir, experts, get_method("dare"), tmp_path / label, {"p": 0.5, "lam": 0.5}, seed=seed)
         runs[label] = folder_state(tmp_path / label)
     names = list(runs["first"])
     assert all(torch.equal(runs["first"][n], runs["again"][n]) for n in names)
@@ -255,6 +255,6 @@ def test_output_folder_is_not_overwritten_by_accident(family, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(MergebenchError, match="is not empty"):
-        stream_merge(base_dir, experts, "task_arithmetic", tmp_path / "out")
-    stream_merge(base_dir, experts, "task_arithmetic", tmp_path / "out", overwrite=True)
+        stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out")
+    stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / streaming.INDEX_FILE).is_file()

@@ -389,12 +389,14 @@ def test_packaged_minilm_gives_384_d_sentence_features():
 
 TINY_TEXT_SUITE = """
 kind: trained
+kind: trained
 family: tiny-text
 modality: text
-model: {default: tiny-bert, choices: [tiny-bert]}
+models: [tiny-bert]
 max_length: 24
 data_seed: 0
-splits: {train: 64, validation: 20, test: 40}
+splits: {train: 64, test: 40}
+validation: {examples: 20}
 recipe: {steps: 3, batch_size: 16, lr: 1.0e-4, head_lr: 1.0e-3, seed: 0}
 eval_batch_size: 32
 tasks:
@@ -405,6 +407,7 @@ suites:
 """
 
 
+@pytest.mark.slow
 def test_text_suite_builds_experts_merges_and_resumes(tmp_path, monkeypatch, tiny_encoder, capsys):
     from mergebench.suites.text_sources import source_status
 

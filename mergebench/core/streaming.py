@@ -381,14 +381,11 @@ def stream_merge(
 ) -> StreamMergeReport:
     """Merge ``experts`` (task name -> checkpoint) onto ``base`` with ``method``, tensor by tensor, into ``out_dir``.
 
-    ``method`` is a registered name or a :class:`~mergebench.methods.registry.MergeMethod`; ``setting``
-    overrides its defaults (checked as on the command line). ``on_tensor(i, n, name)`` is called after
+    ``method`` is a registered :class:`~mergebench.methods.registry.MergeMethod`; ``setting`` overrides its
+    defaults (checked as on the command line). ``on_tensor(i, n, name)`` is called after
     each tensor. Returns a :class:`StreamMergeReport`; its ``notes`` say where the method's statistics
     became per-tensor.
     """
-    from mergebench.methods.registry import get_method
-
-    method = get_method(method) if isinstance(method, str) else method
     refused = streaming_support(method)
     if refused:
         raise MergebenchError(refused)

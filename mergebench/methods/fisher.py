@@ -21,7 +21,7 @@ Choices from the authors' code (``model_merging/merging.py``): the floor F̂ = m
 by the global L2 norm of its Fisher, F̂_t/‖F_t‖₂, so no task dominates by scale); ``normalize="none"``
 gives the plain formula above. FusionBench uses the same floor and normalization but a batch-level
 squared gradient rather than per-example ones; we follow the paper with per-example gradients
-(``torch.func.vmap`` of ``grad``). N = 256 examples per task is FusionBench's default
+(one forward pass per example, one backward pass per label: :func:`summed_squared_gradients`). N = 256 examples per task is FusionBench's default
 (``num_fisher_examples``); the authors' script uses 4,096. Only the backbone's mergeable parameters
 get a Fisher (the heads are not merged); buffers (BatchNorm statistics) are frozen.
 """
@@ -39,7 +39,7 @@ from mergebench.methods.registry import HParam, register
 
 FISHER_FLOOR = 1e-6  # authors' fisher_floor and FusionBench's minimal_fisher_weight
 FISHER_EXAMPLES = 256  # FusionBench num_fisher_examples
-EXAMPLE_CHUNK = 16  # examples per vmap call
+EXAMPLE_CHUNK = 16  # examples per batch read from the granted data (the progress bar's unit)
 LABELS = ("exact", "sampled", "empirical")
 
 
@@ -55,8 +55,7 @@ def summed_squared_gradients(
     ``log_probs(params, inputs)`` maps a batch ``[B, …]`` to log-probabilities ``[B, C]``; ``labels`` is
     ``[B]`` (one label per example) or ``[B, K]`` (K labels per example, e.g. every class), ``weights``
     the same shape (1 if None). The gradients are per example and label (one forward pass per example,
-    one backward pass per label, which keeps memory at one model's gradients — ``vmap`` over a CNN
-    materializes every example's activations and gradients at once), squared, weighted and summed.
+    one backward pass per label, which keeps memory at one model's gradients), squared, weighted and summed.
     """
     names = list(params)
     leaves = [params[name].detach().requires_grad_(True) for name in names]

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from mergebench.core.checkpoints import StateDict, load_state_dict, save_state_dict
 from mergebench.errors import MergebenchError
@@ -49,6 +48,8 @@ def load_hf_vision_encoder(name_or_path: str | os.PathLike, *, projection_source
     A full ``CLIPModel`` brings its own projection. A ``CLIPVisionModel`` (FusionBench experts) needs
     ``projection_source``, the pre-trained ``CLIPModel`` whose ``visual_projection`` it is scored with.
     """
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type == "clip":
         clip = CLIPModel.from_pretrained(name_or_path)
@@ -73,6 +74,8 @@ def vision_encoder_of(clip_model: CLIPModel) -> CLIPVisionModelWithProjection:
 def load_vision_tower_state(name_or_path: str | os.PathLike) -> StateDict:
     """The vision tower of a ``CLIPVisionModel`` (FusionBench expert) or ``CLIPModel`` folder, as float32
     tensors under ``vision_model.*`` (the keys of :class:`ClipImageEncoder`); no projection."""
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModel
+
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type == "clip":
         tower = CLIPModel.from_pretrained(name_or_path).vision_model
@@ -85,6 +88,8 @@ def load_vision_tower_state(name_or_path: str | os.PathLike) -> StateDict:
 
 def vision_config_with_projection(clip_config: Any) -> CLIPVisionConfig:
     """A ``CLIPConfig``'s vision config with its ``projection_dim``: the config of an encoder with projection."""
+    from transformers import CLIPVisionConfig
+
     config = CLIPVisionConfig(**clip_config.vision_config.to_dict())
     config.projection_dim = clip_config.projection_dim
     return config
@@ -101,6 +106,8 @@ def _vision_tower(model: CLIPVisionModel) -> nn.Module:
 
 
 def _with_projection(vision: nn.Module, projection: nn.Linear, clip_config: Any) -> CLIPVisionModelWithProjection:
+    from transformers import CLIPVisionModelWithProjection
+
     encoder = CLIPVisionModelWithProjection(vision_config_with_projection(clip_config))
     encoder.vision_model.load_state_dict(vision.state_dict())
     encoder.visual_projection.load_state_dict(projection.state_dict())
@@ -113,6 +120,8 @@ def load_open_clip_vision_encoder(path: str | os.PathLike, config: CLIPVisionCon
     ``config`` is the matching pre-trained model's vision config with ``projection_dim`` set, e.g.
     ``CLIPVisionConfig.from_pretrained("openai/clip-vit-base-patch32")``.
     """
+    from transformers import CLIPVisionModelWithProjection
+
     encoder = CLIPVisionModelWithProjection(config)
     state = open_clip_to_hf_vision(read_open_clip_checkpoint(path, allow_pickle=allow_pickle))
     missing, unexpected = encoder.load_state_dict(state, strict=False)
@@ -300,13 +309,6 @@ def read_image_processor_config(folder: str | os.PathLike) -> dict[str, Any]:
     if isinstance(config.get("crop_size"), int):
         config["crop_size"] = {"height": config["crop_size"], "width": config["crop_size"]}
     return config
-
-
-def load_preprocess(name_or_path: str | os.PathLike) -> Callable[[np.ndarray], torch.Tensor]:
-    """:func:`make_preprocess` from a model's ``preprocessor_config.json`` (Hub id or folder)."""
-    from transformers import CLIPImageProcessor
-
-    return make_preprocess(CLIPImageProcessor.from_pretrained(name_or_path).to_dict())
 
 
 def make_preprocess(config: Mapping[str, Any]) -> Callable[[np.ndarray], torch.Tensor]:

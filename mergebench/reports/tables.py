@@ -12,14 +12,14 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mergebench.errors import MergebenchError
 from mergebench.core.scores import ACCURACY, METRIC_LABELS
 from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
-from mergebench.store.database import INDIVIDUAL, REFERENCE_METHODS, ResultStore
+from mergebench.store.database import INDIVIDUAL, REFERENCE_METHODS, WHOLE_GRID, ResultStore
 
 REFERENCE_SEED = 0
 SPLIT = "test"
@@ -38,10 +38,17 @@ class MethodRow:
     data_access: str
     costs: Mapping[str, float | None] = field(default_factory=dict)
     """``seconds`` (mean per merge), ``peak_mb`` (largest, MiB) and ``parameters`` of the merged model."""
+    selection: str = WHOLE_GRID
+    """How the setting was chosen: from the method's whole grid, or fixed on the command line (``fixed k=v``)."""
 
     @property
     def is_reference(self) -> bool:
         return self.method in REFERENCE_METHODS
+
+    @property
+    def label(self) -> str:
+        """The row's name in a table: the method, with ``(fixed k=v)`` for a fixed setting."""
+        return self.method if self.selection == WHOLE_GRID else f"{self.method} ({self.selection})"
 
 
 @dataclass(frozen=True)
@@ -87,11 +94,8 @@ def load_table(store: ResultStore, suite: str, model: str | None = None, seed: i
         for method in REFERENCE_METHODS
     ]
     for selection in _selections(store, context_key, seed):
-        rows.append(
-            _method_row(
-                store, context_key, selection["method"], selection["hparams"], seed, selection["data_access"], tasks, individual
-            )
-        )
+        row = _method_row(store, context_key, selection["method"], selection["hparams"], seed, selection["data_access"], tasks, individual)
+        rows.append(replace(row, selection=selection["selection"]))
     metrics = {task: metric for task, metric in store.metrics(context_key).items() if metric != ACCURACY}
     return ResultTable(suite, model, context_key, tasks, tuple(rows), metrics)
 
@@ -129,8 +133,9 @@ def _suite_tasks(store: ResultStore, context_key: str) -> tuple[str, ...]:
 
 def _selections(store: ResultStore, context_key: str, seed: int) -> list[Any]:
     return store.query(
-        "SELECT method, hparams, data_access FROM selections WHERE context_key=? AND seed=? ORDER BY created_at, method",
-        (context_key, seed),
+        "SELECT method, hparams, data_access, selection FROM selections WHERE context_key=? AND seed=? "
+        "ORDER BY selection != ?, created_at, method",
+        (context_key, seed, WHOLE_GRID),
     )
 
 
@@ -197,8 +202,11 @@ def _values(table: ResultTable, row: MethodRow) -> list[str]:
 COST_COLUMNS = ("Merge s", "Peak MiB", "Params")
 
 
-def _costs(row: MethodRow) -> list[str]:
-    """Seconds per merge, peak memory of a merge, and the merged model's parameter count; ``—`` if unknown."""
+def _costs(row: MethodRow, shown: bool = True) -> list[str]:
+    """Seconds per merge, peak memory of a merge, and the merged model's parameter count; ``—`` if unknown
+    (nothing when ``shown`` is False: a report that two runs reproduce byte for byte)."""
+    if not shown:
+        return []
     seconds, peak, parameters = (row.costs.get(key) for key in ("seconds", "peak_mb", "parameters"))
     return [
         "—" if seconds is None else f"{seconds:.2f}",
@@ -225,7 +233,11 @@ def _title(table: ResultTable) -> str:
     return f"{table.suite} on {table.model}"
 
 
-def _caption(table: ResultTable) -> str:
+def _cost_columns(shown: bool) -> tuple[str, ...]:
+    return COST_COLUMNS if shown else ()
+
+
+def _caption(table: ResultTable, costs: bool = True) -> str:
     if table.metrics:
         scores = "test score (%) per task (accuracy unless a task names its metric), its average and the normalized score"
     else:
@@ -234,34 +246,36 @@ def _caption(table: ResultTable) -> str:
     undefined = f" Norm. is — because the expert of {', '.join(unscaled)} scores 0 or below on its own task." if unscaled else ""
     return (
         f"{_title(table)}: {scores} "
-        f"(merged / individual expert, per task). Merged methods use the setting selected on validation; "
-        f"costs are seconds per merge, peak memory of a merge, and the merged model's parameters.{undefined}"
+        f"(merged / individual expert, per task). Merged methods use the setting selected on validation, "
+        f"or the one fixed where a row says (fixed ...)"
+        + ("; costs are seconds per merge, peak memory of a merge, and the merged model's parameters." if costs else ".")
+        + undefined
     )
 
 
-def to_markdown(table: ResultTable) -> str:
-    header = ["Method", *_columns(table), "Setting", "Data", *COST_COLUMNS]
+def to_markdown(table: ResultTable, costs: bool = True) -> str:
+    header = ["Method", *_columns(table), "Setting", "Data", *_cost_columns(costs)]
     lines = [
         f"### {_title(table)}",
         "",
-        _caption(table),
+        _caption(table, costs),
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---", *["---:"] * len(_columns(table)), ":---", ":---", *["---:"] * len(COST_COLUMNS)]) + "|",
+        "|" + "|".join([":---", *["---:"] * len(_columns(table)), ":---", ":---", *["---:"] * len(_cost_columns(costs))]) + "|",
     ]
     for row in table.rows:
         cells = _cells(table, row, lambda value: f"**{value}**")
         setting = format_setting(row.setting) or "—"
-        lines.append("| " + " | ".join([row.method, *cells, setting, row.data_access, *_costs(row)]) + " |")
+        lines.append("| " + " | ".join([row.label, *cells, setting, row.data_access, *_costs(row, costs)]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(table: ResultTable) -> str:
+def to_csv(table: ResultTable, costs: bool = True) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["Method", *_columns(table), "Setting", "Data access", *COST_COLUMNS])
+    writer.writerow(["Method", *_columns(table), "Setting", "Data access", *_cost_columns(costs)])
     for row in table.rows:
-        writer.writerow([row.method, *_values(table, row), format_setting(row.setting), row.data_access, *_costs(row)])
+        writer.writerow([row.label, *_values(table, row), format_setting(row.setting), row.data_access, *_costs(row, costs)])
     return buffer.getvalue()
 
 
@@ -276,30 +290,30 @@ def _latex_row(cells: list[str]) -> str:
     return " & ".join(cells) + r" \\"
 
 
-def _latex_method_row(table: ResultTable, row: MethodRow) -> str:
+def _latex_method_row(table: ResultTable, row: MethodRow, costs: bool) -> str:
     cells = _cells(table, row, lambda value: rf"\textbf{{{value}}}")
     setting = latex_escape(format_setting(row.setting)) or "--"
-    costs = [cost.replace("—", "--") for cost in _costs(row)]
-    return _latex_row([latex_escape(row.method), *cells, setting, latex_escape(row.data_access), *costs])
+    cost_cells = [cost.replace("—", "--") for cost in _costs(row, costs)]
+    return _latex_row([latex_escape(row.label), *cells, setting, latex_escape(row.data_access), *cost_cells])
 
 
-def to_latex(table: ResultTable) -> str:
+def to_latex(table: ResultTable, costs: bool = True) -> str:
     columns = _columns(table)
     lines = [
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{latex_escape(_caption(table))}}}",
+        rf"\caption{{{latex_escape(_caption(table, costs))}}}",
         rf"\label{{tab:{report_stem(table)}}}",
-        r"\begin{tabular}{l" + "r" * len(columns) + "ll" + "r" * len(COST_COLUMNS) + "}",
+        r"\begin{tabular}{l" + "r" * len(columns) + "ll" + "r" * len(_cost_columns(costs)) + "}",
         r"\toprule",
-        _latex_row(["Method", *(latex_escape(column) for column in columns), "Setting", "Data", *COST_COLUMNS]),
+        _latex_row(["Method", *(latex_escape(column) for column in columns), "Setting", "Data", *_cost_columns(costs)]),
         r"\midrule",
     ]
     references = [row for row in table.rows if row.is_reference]
-    lines += [_latex_method_row(table, row) for row in references]
+    lines += [_latex_method_row(table, row, costs) for row in references]
     if table.merged:
         lines.append(r"\midrule")
-        lines += [_latex_method_row(table, row) for row in table.merged]
+        lines += [_latex_method_row(table, row, costs) for row in table.merged]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -312,10 +326,14 @@ def report_stem(table: ResultTable) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{table.suite}-{table.model}")
 
 
-def write_reports(table: ResultTable, directory: str | Path) -> list[Path]:
+FORMATS = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
+"""The table formats, by file suffix."""
+
+
+def write_reports(table: ResultTable, directory: str | Path, costs: bool = True) -> list[Path]:
     """Write ``<directory>/<suite>-<model>.md``, ``.csv`` and ``.tex``; return their paths."""
     directory = Path(directory)
-    documents = {".md": to_markdown(table), ".csv": to_csv(table), ".tex": to_latex(table)}
+    documents = {f".{suffix}": render(table, costs) for suffix, render in FORMATS.items()}
     paths = [directory / f"{report_stem(table)}{suffix}" for suffix in documents]
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergebench.core.checkpoints import cache_directory
-from mergebench.core.task_vectors import build_task_vectors
 from mergebench.errors import MergebenchError
-from mergebench.runner.families import prepare_suite
 from mergebench.runner.sweep import SuiteSweep, SweepRequest, checked, start_run
 from mergebench.store.database import ARRIVAL_ORDER, ARRIVED
 
@@ -40,36 +38,34 @@ class ContinualRequest:
 
 
 def run_continual(request: ContinualRequest, report: Callable[[str], None] = tqdm.write) -> None:
-    """Merge after each arrival, for every order, method and suite of the request; store every score."""
+    """Merge after each arrival, for every order, method, suite and model of the request; store every score."""
     sweep_request = request.sweep
     if request.orders < 1:
         raise MergebenchError("--orders must be at least 1")
-    methods, suites = checked(sweep_request)
-    settings = {m.name: m.defaults() | m.check_overrides(sweep_request.overrides.get(m.name, {})) for m in methods}
+    plan = checked(sweep_request, continual=True)
+    settings = {m.name: m.defaults() | m.check_overrides(sweep_request.overrides.get(m.name, {})) for m in plan.methods}
     for name, setting in settings.items():  # a method's own order of arrival (opcm.order) would undo --orders
         if setting.get("order", "given") != "given":
             raise MergebenchError(f"continual runs set the order themselves (--orders); leave {name}.order at 'given'")
     store, run_id, device = start_run(sweep_request)
-    for suite in suites:
-        prepared = prepare_suite(suite, sweep_request.model, device, cache_directory(sweep_request.cache), **sweep_request.options)
-        sweep = SuiteSweep(prepared, store, run_id, sweep_request.seed, sweep_request.examples)
-        sweep.references()
-        task_vectors = build_task_vectors(prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=device)
-        for method in methods:
-            model = sweep.granted(method, task_vectors.layout)
-            access = sweep.data_access(method)
-            for order in range(request.orders):
-                tasks = task_order(task_vectors.tasks, order)
-                for arrived in tqdm(range(1, len(tasks) + 1), desc=f"{method.name} order {order}", unit="arrival", leave=False):
-                    seen = tasks[:arrived]
-                    setting = settings[method.name] | {ARRIVAL_ORDER: list(tasks), ARRIVED: arrived}
-                    cell = sweep.cell(method.name, setting, "test", seed=order, data_access=access)
-                    if store.finished_tasks(cell, seen) == set(seen):
-                        continue
-                    merged = sweep.timed(
-                        lambda: method.merge(task_vectors.subset(seen), settings[method.name], seed=order, model=model),
-                        setting, task_vectors.layout,
-                    )
-                    sweep.evaluate_merge(cell, merged, seen)
-            report(f"{suite.name:<16} {method.name:<16} continual: {request.orders} orders × {len(task_vectors.tasks)} arrivals stored")
-
+    cache = cache_directory(sweep_request.cache)
+    for suite, kind, models, options in plan.suites:
+        for model in models:
+            evaluator = kind.evaluator(suite, model, device, cache, **options)
+            sweep = SuiteSweep(evaluator, store, run_id, sweep_request.seed, sweep_request.examples)
+            sweep.references()
+            for method in plan.methods:
+                access = evaluator.data_access(method, sweep_request.examples)
+                for order in range(request.orders):
+                    tasks = task_order(suite.task_names, order)
+                    for arrived in tqdm(range(1, len(tasks) + 1), desc=f"{method.name} order {order}", unit="arrival", leave=False):
+                        seen = tasks[:arrived]
+                        setting = settings[method.name] | {ARRIVAL_ORDER: list(tasks), ARRIVED: arrived}
+                        cell = sweep.cell(method.name, setting, "test", seed=order, data_access=access)
+                        if sweep.done(cell, seen):
+                            continue
+                        merge = sweep.timed_one(
+                            setting, lambda: evaluator.merge_subset(method, settings[method.name], seen, order, sweep_request.examples)
+                        )
+                        sweep.evaluate_merge(cell, merge, seen)
+                report(f"{suite.name:<16} {method.name:<16} continual: {request.orders} orders × {len(tasks)} arrivals stored")

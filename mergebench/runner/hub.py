@@ -20,9 +20,28 @@ from pathlib import Path
 
 from mergebench.core.checkpoints import file_sha256
 from mergebench.errors import MergebenchError
+from mergebench.runner.kinds import KindOption
 
 HUB_FILES = ["*.json", "*.txt", "*.safetensors"]
 DATA_ENV = "MERGEBENCH_DATA"
+
+CHECKPOINTS = KindOption(
+    "checkpoints",
+    "'hub' (default: the suite file's Hugging Face ids, via the HF cache) or a folder: Hub-style folders named like "
+    "the repositories (PATH/clip-vit-base-patch32_dtd), or for CLIP suites tall_masks open_clip files "
+    "(PATH/ViT-B-32/<Task>Val/nonlinear_finetuned.pt)",
+    {"metavar": "PATH|hub"},
+)
+ALLOW_PICKLE = KindOption(
+    "allow_pickle", "unpickle tall_masks .pt files (runs their code) once, converting each to .safetensors beside it",
+    {"action": "store_true"},
+)
+DATA = KindOption(
+    "data",
+    f"folder of local datasets, <data>/<Task> saved by DatasetDict.save_to_disk (default: ${DATA_ENV}; tasks "
+    "without one load the suite file's Hub dataset)",
+    {"type": Path},
+)
 
 
 def repo_name(repo_id: str) -> str:
@@ -132,11 +151,12 @@ class TaskDataSource:
         where = f"{self.root / self.task.name}" if self.root is not None else f"${DATA_ENV}/{self.task.name}"
         return f"hf download --repo-type dataset {self.task.dataset}, or a DatasetDict.save_to_disk folder at {where}"
 
-    def status(self) -> str:
+    def status(self) -> tuple[str, str | None]:
+        """``(status, how to get it)`` of the task's dataset on this machine (no network)."""
         if self.folder is not None:
-            return f"data local ({self.folder})"
+            return f"data local ({self.folder})", None
         if Path(self.task.dataset).is_dir():  # a local dataset folder that load_dataset reads
-            return f"data local ({self.task.dataset})"
+            return f"data local ({self.task.dataset})", None
         import datasets
         from huggingface_hub import constants
 
@@ -144,8 +164,8 @@ class TaskDataSource:
         if (Path(datasets.config.HF_DATASETS_CACHE) / "___".join(org_name)).is_dir() or (
             Path(constants.HF_HUB_CACHE) / ("datasets--" + "--".join(org_name))
         ).is_dir():
-            return "data in the Hugging Face cache"
-        return f"data missing ({self.missing_hint()})"
+            return "data in the Hugging Face cache", None
+        return "data missing", self.missing_hint()
 
     def open(self, split: str):
         """The ``datasets.Dataset`` of one split, its columns checked."""

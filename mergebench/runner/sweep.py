@@ -1,43 +1,43 @@
-"""The sweep: suites × methods × hyperparameter grid, chosen on validation, reported on test.
+"""The sweep: suites × models × methods × hyperparameter grid, chosen on validation, reported on test.
 
-For every suite the experts are prepared once and the task vectors stacked once; every method and
-every setting of its grid reuses them. Each setting is evaluated on the validation split of every
-task; the setting with the best mean normalized validation accuracy is then evaluated on test. The
-pretrained backbone (with each task's fine-tuned head) and the individual experts are the reference
-rows. Everything goes to the result store as it is measured; finished cells are skipped.
+One loop for every kind of suite. For every suite and model, the suite's kind prepares an
+:class:`~mergebench.runner.evaluators.Evaluator` once; every method and every setting of its grid
+reuses it. Each setting is evaluated on the validation split of every task; the setting the
+evaluator's selection rule scores best (mean normalized validation accuracy for most suites) is then
+evaluated on test. The pretrained model and the individual experts are the reference rows.
+Everything goes to the result store as it is measured; finished cells are skipped, so a killed sweep
+resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import shlex
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 import mergebench
-from mergebench.core.memory import PeakMemory
-from mergebench.core.task_vectors import ParamLayout, build_task_vectors, merged_state_dict
-from mergebench.errors import MergebenchError
-from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
-from mergebench.methods.registry import MergeMethod, get_method
-from mergebench.runner.access import GrantedAccess
-from mergebench.runner.families import prepare_suite, suite_options
 from mergebench.core.checkpoints import cache_directory
-from mergebench.runner.prepared import PreparedSuite
-from mergebench.store.database import INDIVIDUAL, PRETRAINED, Cell, ResultStore, canonical_json
-from mergebench.suites.registry import get_suite
+from mergebench.core.memory import PeakMemory
+from mergebench.errors import MergebenchError
+from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
+from mergebench.methods.registry import MergeMethod, get_method
+from mergebench.runner.catalog import get_suite
+from mergebench.runner.evaluators import Evaluation, Evaluator
+from mergebench.runner.kinds import Kind, kind_of
+from mergebench.store.database import INDIVIDUAL, PRETRAINED, WHOLE_GRID, Cell, ResultStore, canonical_json
+from mergebench.suites.schema import SuiteBase
 
-SELECTION_CRITERION = "mean normalized validation accuracy"
 RECORDED_PACKAGES = ("torch", "numpy", "safetensors", "efficientnet-lite-pytorch", "scikit-learn", "mlxtend")
 
 
@@ -49,24 +49,12 @@ class SweepRequest:
     device: str = "auto"
     out: Path = Path("results")
     cache: Path | None = None
-    model: str | None = None
+    models: Sequence[str] | None = None
+    """Models to sweep: None for each suite's default, ``("all",)`` for every model a suite offers."""
     seed: int = 0
     examples: int | None = None
-    checkpoints: str | None = None
-    """``kind: clip`` suites: ``hub`` (the default) or a folder of checkpoints (``mergebench.runner.clip_experts``)."""
-    allow_pickle: bool = False
-    data: Path | None = None
-    """``kind: clip`` suites: a folder of local datasets, ``<data>/<Task>`` (default ``$MERGEBENCH_DATA``)."""
-    limit: int | None = None
-    """``kind: llm`` suites: documents per lm-eval task (part of the results' context)."""
-    allow_code_execution: bool = False
-    """``kind: llm`` suites: run tasks that execute model-generated code (``HF_ALLOW_CODE_EVAL=1`` too)."""
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The options handed to each suite's preparer."""
-        return {"checkpoints": self.checkpoints, "allow_pickle": self.allow_pickle, "data": self.data,
-                "limit": self.limit, "allow_code_execution": self.allow_code_execution}
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Kind options (``checkpoints``, ``data``, ``limit``…): each suite's kind takes the ones it declares."""
 
 
 @dataclass(frozen=True)
@@ -74,24 +62,10 @@ class Merge:
     """One merged model of a sweep and what producing it cost."""
 
     setting: dict
-    weights: torch.Tensor | nn.Module
-    """Flat merged weights in ``layout``, or the whole merged backbone of a method that upscales it."""
-    layout: ParamLayout
+    merged: Any
+    """What the evaluator's merges yield: flat merged weights, a merged module, a merged checkpoint folder."""
     seconds: float
     peak_mb: float | None
-
-    @property
-    def parameters(self) -> int:
-        """Parameters of the merged model (base model's if flat; every tensor the module holds if upscaled)."""
-        if isinstance(self.weights, nn.Module):
-            return sum(p.numel() for p in self.weights.parameters())
-        return self.layout.numel
-
-    def backbone(self, pretrained) -> dict | nn.Module:
-        """What :meth:`PreparedSuite.evaluate` takes: the merged state dict, or the merged module itself."""
-        if isinstance(self.weights, nn.Module):
-            return self.weights
-        return merged_state_dict(pretrained, self.layout, self.weights)
 
 
 @dataclass(frozen=True)
@@ -105,6 +79,7 @@ class MethodSummary:
     merge_seconds: float | None
     merge_peak_mb: float | None = None
     examples_per_second: float | None = None
+    model: str = ""
 
     def line(self) -> str:
         setting = " ".join(f"{k}={v}" for k, v in self.hparams.items()) or "-"
@@ -138,7 +113,15 @@ def start_run(request: SweepRequest) -> tuple[ResultStore, str, torch.device]:
     return store, run_id, device
 
 
-def checked(request: SweepRequest) -> tuple[list[MergeMethod], list]:
+@dataclass(frozen=True)
+class Plan:
+    """A checked request: the methods, and each suite with its kind, models and the options its kind takes."""
+
+    methods: list[MergeMethod]
+    suites: list[tuple[SuiteBase, Kind, tuple[str, ...], dict[str, Any]]]
+
+
+def checked(request: SweepRequest, *, continual: bool = False) -> Plan:
     """The request's methods and suites, every name, hyperparameter and option checked before anything runs."""
     methods = [get_method(name) for name in request.methods]
     for method in methods:
@@ -146,154 +129,153 @@ def checked(request: SweepRequest) -> tuple[list[MergeMethod], list]:
     unknown = [name for name in request.overrides if name not in request.methods]
     if unknown:
         raise MergebenchError(f"--hparams names method {unknown[0]!r} that is not in --methods")
-    suites = [get_suite(name) for name in request.suites]
-    for suite in suites:
-        suite.resolve_model(request.model)
-        suite_options(suite, request.options)
-        if suite.kind == "llm":
-            from mergebench.runner.llm_sweep import check_llm_request
-
-            check_llm_request(suite, methods, request.allow_code_execution)
-    return methods, suites
+    suites = []
+    for name in request.suites:
+        suite = get_suite(name)
+        kind = kind_of(suite)
+        if continual and not kind.continual:
+            raise MergebenchError(f"suite {suite.name} is of kind {kind.name!r}, which continual runs do not support")
+        models = suite.resolve_models(tuple(request.models or ()))
+        options = kind.accepted(dict(request.options), suite)
+        kind.check(suite, methods, options)
+        suites.append((suite, kind, models, options))
+    return Plan(methods, suites)
 
 
 def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write) -> list[MethodSummary]:
-    """Run (or resume) every cell of the request; returns one summary per suite and method."""
-    methods, suites = checked(request)
+    """Run (or resume) every cell of the request; returns one summary per suite, model and method."""
+    plan = checked(request)
     store, run_id, device = start_run(request)
+    cache = cache_directory(request.cache)
     summaries = []
-    for suite in suites:
-        if suite.kind == "llm":
-            from mergebench.runner.llm_sweep import run_llm_suite
-
-            summaries += run_llm_suite(suite, methods, request, store, run_id, device, cache_directory(request.cache), report)
-            continue
-        prepared = prepare_suite(suite, request.model, device, cache_directory(request.cache), **request.options)
-        sweep = SuiteSweep(prepared, store, run_id, request.seed, request.examples)
-        sweep.references()
-        task_vectors = build_task_vectors(
-            prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=device
-        )
-        for method in methods:
-            summary = sweep.method(method, task_vectors, request.overrides.get(method.name, {}))
-            report(summary.line())
-            summaries.append(summary)
+    for suite, kind, models, options in plan.suites:
+        for model in models:
+            sweep = SuiteSweep(kind.evaluator(suite, model, device, cache, **options), store, run_id, request.seed, request.examples)
+            sweep.references()
+            for method in plan.methods:
+                summary = sweep.method(method, request.overrides.get(method.name, {}))
+                report(summary.line())
+                summaries.append(summary)
     return summaries
 
 
-class SuiteSweep:
-    """The cells of one prepared suite, evaluated and stored."""
+def selection_label(method: MergeMethod, overrides: Mapping[str, Any]) -> str:
+    """:data:`~mergebench.store.database.WHOLE_GRID`, or ``fixed k=v …`` for hyperparameters fixed by ``--hparams``."""
+    if not overrides:
+        return WHOLE_GRID
+    fixed = method.check_overrides(overrides)
+    return "fixed " + " ".join(f"{name}={fixed[name]}" for name in method.hparams if name in fixed)
 
-    def __init__(self, prepared: PreparedSuite, store: ResultStore, run_id: str, seed: int, examples: int | None = None):
-        self.prepared = prepared
+
+class SuiteSweep:
+    """The cells of one suite on one model, evaluated and stored."""
+
+    def __init__(self, evaluator: Evaluator, store: ResultStore, run_id: str, seed: int, examples: int | None = None):
+        self.evaluator = evaluator
         self.store = store
         self.run_id = run_id
         self.seed = seed
         self.examples = examples
-        self.context_key = prepared.context_key
-        self.tasks = prepared.suite.task_names
-        self.statistics: dict = {}  # Fisher diagonals, Gram matrices…: shared by every method and setting
-
-    def data_access(self, method: MergeMethod) -> str:
-        """``none``, ``unlabeled-test``, or ``train-samples:N`` with N examples per task."""
-        return f"train-samples:{self.examples or method.examples}" if method.data == "train-samples" else method.data
-
-    def granted(self, method: MergeMethod, layout) -> GrantedAccess | None:
-        if not method.uses_data:
-            return None
-        return GrantedAccess(self.prepared, layout, method.data, self.examples or method.examples, self.statistics)
+        self.context_key = evaluator.context_key
+        self.suite = evaluator.suite
 
     def cell(self, method: str, hparams: Mapping[str, Any], split: str, seed: int | None = None, data_access: str = "none") -> Cell:
-        suite = self.prepared.suite
         seed = self.seed if seed is None else seed
-        return Cell(self.context_key, suite.name, self.prepared.model, method, dict(hparams), seed, split, data_access)
+        return Cell(self.context_key, self.suite.name, self.evaluator.model, method, dict(hparams), seed, split, data_access)
 
-    def _store(self, cell: Cell, outcomes, merge_seconds=None, eval_seconds=None, **costs) -> None:
-        suite = self.prepared.suite
+    def done(self, cell: Cell, columns: Sequence[str]) -> bool:
+        return self.store.finished_tasks(cell, columns) == set(columns)
+
+    def _store(self, cell: Cell, evaluation: Evaluation, merge: Merge | None = None) -> None:
         config = {
-            "data_access": cell.data_access,
-            "suite": suite.name, "tasks": list(self.tasks), "model": self.prepared.model, "method": cell.method,
-            "hparams": dict(cell.hparams), "seed": cell.seed, "split": cell.split,
-            "device": str(self.prepared.device), **suite.describe(),
+            "data_access": cell.data_access, "suite": self.suite.name, "tasks": list(self.evaluator.columns("test")),
+            "model": self.evaluator.model, "method": cell.method, "hparams": dict(cell.hparams), "seed": cell.seed,
+            "split": cell.split, "device": str(self.evaluator.device), "selection": self.evaluator.selection.criterion,
+            **self.evaluator.describe(),
         }
         self.store.record(
-            cell, self.run_id, outcomes, config=config, checkpoints=self.prepared.checkpoint_hashes,
-            merge_seconds=merge_seconds, eval_seconds=eval_seconds, **costs,
+            cell, self.run_id, evaluation.outcomes, config=config, checkpoints=self.evaluator.checkpoint_hashes,
+            merge_seconds=None if merge is None else merge.seconds, eval_seconds=evaluation.seconds,
+            merge_peak_mb=None if merge is None else merge.peak_mb,
+            parameters=None if merge is None else evaluation.parameters,
         )
 
     def references(self) -> None:
-        """Pretrained backbone with fine-tuned heads, and each expert on its own task."""
-        for split in ("validation", "test"):
+        """The pretrained model on every task, and each expert on its own tasks, on each split."""
+        for split in self.evaluator.splits:
             cell = self.cell(PRETRAINED, {}, split, seed=0)
-            if self.store.finished_tasks(cell, self.tasks) != set(self.tasks):
-                self._store(cell, self.prepared.evaluate(self.prepared.pretrained, split))
+            if not self.done(cell, self.evaluator.columns(split)):
+                self._store(cell, self.evaluator.evaluate_reference(PRETRAINED, split))
             cell = self.cell(INDIVIDUAL, {}, split, seed=0)
-            done = self.store.finished_tasks(cell, self.tasks)
-            for task in tqdm([t for t in self.tasks if t not in done], desc=f"experts {split}", unit="task", leave=False):
-                self._store(cell, self.prepared.evaluate(self.prepared.finetuned[task], split, (task,)))
+            pending = [name for name, columns in self.evaluator.experts(split).items() if not self.done(cell, columns)]
+            for name in tqdm(pending, desc=f"experts {split}", unit="expert", leave=False):
+                self._store(cell, self.evaluator.evaluate_reference(name, split))
 
-    def finetuned_accuracy(self, split: str) -> dict[str, float]:
-        return self.store.individual_scores(self.context_key, split)
+    def evaluate_merge(self, cell: Cell, merge: Merge, columns: tuple[str, ...] | None = None) -> None:
+        """Score a merged model on ``columns`` (every column of the split by default) and store it with its costs."""
+        self._store(cell, self.evaluator.evaluate(merge.merged, cell.split, columns), merge)
 
-    def evaluate_merge(self, cell: Cell, merge: Merge, tasks: tuple[str, ...] | None = None) -> None:
-        """Evaluate a merged model on ``tasks`` (all of the suite's by default) and store the scores and costs."""
-        started = time.perf_counter()
-        outcomes = self.prepared.evaluate(merge.backbone(self.prepared.pretrained), cell.split, tasks)
-        self._store(
-            cell, outcomes, merge.seconds, time.perf_counter() - started,
-            merge_peak_mb=merge.peak_mb, parameters=merge.parameters,
-        )
-
-    def _timed(self, merges: Iterator[tuple[dict, torch.Tensor]], layout) -> Iterator["Merge"]:
+    def timed(self, merges: Iterator[tuple[dict, Any]]) -> Iterator[Merge]:
         """The merges of ``merges``, each with its wall time and peak memory."""
         while True:
             started = time.perf_counter()
-            with PeakMemory(self.prepared.device) as peak:
+            with PeakMemory(self.evaluator.device) as peak:
                 try:
-                    setting, weights = next(merges)
+                    setting, merged = next(merges)
                 except StopIteration:
                     return
-            yield Merge(setting, weights, layout, time.perf_counter() - started, peak.megabytes)
+            yield Merge(setting, merged, time.perf_counter() - started, peak.megabytes)
 
-    def timed(self, produce: Callable[[], torch.Tensor], setting: dict, layout: ParamLayout) -> Merge:
+    def timed_one(self, setting: dict, produce: Callable[[], Any]) -> Merge:
         """One merge, ``produce()``, with its wall time and peak memory."""
-        return next(self._timed(((setting, produce()) for _ in range(1)), layout))
+        return next(self.timed((setting, produce()) for _ in range(1)))
 
-    def method(self, method: MergeMethod, task_vectors, overrides: Mapping[str, Any]) -> MethodSummary:
-        settings = method.settings(overrides)
-        access = self.data_access(method)
-        model = self.granted(method, task_vectors.layout)
-        pending = [
-            s for s in settings
-            if self.store.finished_tasks(self.cell(method.name, s, "validation", data_access=access), self.tasks) != set(self.tasks)
-        ]
-        layout = task_vectors.layout
+    def method(self, method: MergeMethod, overrides: Mapping[str, Any]) -> MethodSummary:
+        """Sweep ``method`` on validation (or take its only setting), evaluate the chosen setting on test."""
+        evaluator = self.evaluator
+        settings = evaluator.settings(method, overrides)
+        access = evaluator.data_access(method, self.examples)
         last = None  # the newest merge: reused on test when its setting wins
-        with tqdm(total=len(settings), initial=len(settings) - len(pending), desc=f"{method.name}", unit="setting", leave=False) as bar:
-            for last in self._timed(method.sweep(task_vectors, pending, seed=self.seed, model=model), layout):
-                self.evaluate_merge(self.cell(method.name, last.setting, "validation", data_access=access), last)
-                bar.update()
-        best, best_score = self._select(method, settings, access)
+        best, best_score = settings[0], math.nan
+        if "validation" in evaluator.splits:
+            columns = evaluator.columns("validation")
+            pending = [s for s in settings if not self.done(self.cell(method.name, s, "validation", data_access=access), columns)]
+            with tqdm(total=len(settings), initial=len(settings) - len(pending), desc=method.name, unit="setting", leave=False) as bar:
+                for last in self.timed(evaluator.merges(method, pending, self.seed, self.examples)):
+                    self.evaluate_merge(self.cell(method.name, last.setting, "validation", data_access=access), last)
+                    bar.update()
+            best, best_score = self._select(method, settings, access)
         test_cell = self.cell(method.name, best, "test", data_access=access)
-        if self.store.finished_tasks(test_cell, self.tasks) != set(self.tasks):
+        if not self.done(test_cell, evaluator.columns("test")):
             if last is None or last.setting != best:
-                last = next(self._timed(method.sweep(task_vectors, [best], seed=self.seed, model=model), layout))
+                last = next(self.timed(evaluator.merges(method, [best], self.seed, self.examples)))
             self.evaluate_merge(test_cell, last)
-        self.store.select(test_cell, best_score, SELECTION_CRITERION, self.run_id)
-        test = self.store.accuracies(self.context_key, method.name, "test", self.seed, access)[canonical_json(best)]
+        self.store.select(test_cell, best_score, evaluator.selection.criterion, self.run_id, selection_label(method, overrides))
+        test = self._scores(method.name, best, "test", access)
         costs = self.store.merge_costs(self.context_key, method.name, access)
+        validation = self._normalized(method.name, best, "validation", access) if "validation" in evaluator.splits else math.nan
         return MethodSummary(
-            self.prepared.suite.name, method.name, best, best_score, mean_accuracy(test),
-            normalized_accuracy(test, self.finetuned_accuracy("test")), costs["seconds"], costs["peak_mb"],
-            examples_per_second=self.prepared.examples_per_second,
+            self.suite.name, method.name, best, validation, mean_accuracy(test),
+            self._normalized(method.name, best, "test", access), costs["seconds"], costs["peak_mb"],
+            examples_per_second=evaluator.examples_per_second, model=evaluator.model,
         )
 
-    def _select(self, method: MergeMethod, settings, access: str) -> tuple[dict, float]:
-        """The setting with the best mean normalized validation accuracy (first one on ties)."""
+    def _scores(self, method: str, setting: Mapping[str, Any], split: str, access: str) -> dict[str, float]:
+        return self.store.accuracies(self.context_key, method, split, self.seed, access)[canonical_json(dict(setting))]
+
+    def _normalized(self, method: str, setting: Mapping[str, Any], split: str, access: str) -> float:
+        """Normalized score of ``setting`` on ``split``; NaN when an expert scored 0 on its task (undefined ratio)."""
+        try:
+            return normalized_accuracy(self._scores(method, setting, split, access), self.store.individual_scores(self.context_key, split))
+        except NormalizationError:
+            return math.nan
+
+    def _select(self, method: MergeMethod, settings: list[dict], access: str) -> tuple[dict, float]:
+        """The setting the evaluator's selection rule scores best on validation (the first one on ties)."""
         validation = self.store.accuracies(self.context_key, method.name, "validation", self.seed, access)
-        reference = self.finetuned_accuracy("validation")
-        scored = [(normalized_accuracy(validation[canonical_json(s)], reference), i, s) for i, s in enumerate(settings)]
-        score, _, best = max(scored, key=lambda item: (item[0], -item[1]))
+        reference = self.store.individual_scores(self.context_key, "validation")
+        scored = [(self.evaluator.selection.score(validation[canonical_json(s)], reference), i, s) for i, s in enumerate(settings)]
+        score, _, best = max(scored, key=lambda item: (-math.inf if math.isnan(item[0]) else item[0], -item[1]))
         return best, score
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import time
 from contextlib import closing
@@ -74,13 +75,18 @@ CREATE TABLE IF NOT EXISTS selections (
     seed INTEGER NOT NULL,
     hparams TEXT NOT NULL,
     data_access TEXT NOT NULL,
-    validation_score REAL NOT NULL,
+    validation_score REAL,
     criterion TEXT NOT NULL,
     run_id TEXT NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (context_key, method, seed)
+    selection TEXT NOT NULL,
+    PRIMARY KEY (context_key, method, seed, data_access, selection)
 );
 """
+WHOLE_GRID = "grid"
+"""The ``selection`` of a setting chosen from a method's whole grid (by its suite's rule, on validation where
+there is a validation split); a setting fixed on the command line is its own row, labelled ``fixed k=v …``."""
+
 ADDED_COLUMNS = {"merge_peak_mb": "REAL", "parameters": "INTEGER", "score": "REAL", "metric": "TEXT"}
 RESULT_COLUMNS = (
     "cell_key", "context_key", "run_id", "suite", "model", "method", "hparams", "seed", "split", "task", "data_access",
@@ -125,6 +131,7 @@ class ResultStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as connection, connection:
+                _migrate_selections(connection)
                 connection.executescript(SCHEMA)
                 present = {row["name"] for row in connection.execute("PRAGMA table_info(results)")}
                 for column, kind in ADDED_COLUMNS.items():
@@ -225,12 +232,31 @@ class ResultStore:
         )
         return dict(rows[0])
 
-    def select(self, cell: Cell, validation_score: float, criterion: str, run_id: str) -> None:
+    def select(self, cell: Cell, validation_score: float | None, criterion: str, run_id: str,
+               selection: str = WHOLE_GRID) -> None:
+        """Record the setting ``cell`` as the one reported for its method under ``selection``: chosen on
+        validation from the whole grid, or a fixed setting (its own row: it never replaces the validated one)."""
+        score = None if validation_score is None or math.isnan(validation_score) else validation_score
         with closing(self._connect()) as connection, connection:
             connection.execute(
-                "INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO selections (context_key, suite, model, method, seed, hparams, data_access, "
+                "validation_score, criterion, run_id, created_at, selection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    cell.context_key, cell.suite, cell.model, cell.method, cell.seed,
-                    canonical_json(dict(cell.hparams)), cell.data_access, validation_score, criterion, run_id, time.time(),
+                    cell.context_key, cell.suite, cell.model, cell.method, cell.seed, canonical_json(dict(cell.hparams)),
+                    cell.data_access, score, criterion, run_id, time.time(), selection,
                 ),
             )
+
+
+def _migrate_selections(connection: sqlite3.Connection) -> None:
+    """A store written before fixed settings had rows of their own: its selections were all chosen on validation."""
+    columns = {row["name"] for row in connection.execute("PRAGMA table_info(selections)")}
+    if not columns or "selection" in columns:
+        return
+    connection.execute("ALTER TABLE selections RENAME TO selections_before_fixed_rows")
+    connection.executescript(SCHEMA)
+    connection.execute(
+        "INSERT INTO selections SELECT context_key, suite, model, method, seed, hparams, data_access, validation_score, "
+        "criterion, run_id, created_at, ? FROM selections_before_fixed_rows", (WHOLE_GRID,),
+    )
+    connection.execute("DROP TABLE selections_before_fixed_rows")

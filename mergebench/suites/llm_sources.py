@@ -143,9 +143,9 @@ def parse_source(spec: str) -> tuple[str, dict[str, Any]]:
 def _parse_value(raw: str) -> Any:
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
-    for kind in (int, float):
+    for number in (int, float):
         try:
-            return kind(raw)
+            return number(raw)
         except ValueError:
             pass
     return raw

@@ -1,4 +1,11 @@
-"""Suites of published GLUE experts (``kind: glue``: glue-8 and glue-7 in ``tasks/glue.yaml``).
+"""``kind: glue``: suites of published GLUE experts (glue-8 and glue-7 in ``tasks/glue.yaml``).
+
+Kind-specific keys of a suite file
+    ``dataset`` (the GLUE dataset on the Hub; a task's config is its name unless it gives ``config``);
+    ``models.<name>``: ``base`` (the pre-trained model), ``max_length`` (tokens), ``experts`` (task →
+    ``owner/repo[/sub/folder]``, or null where the family publishes none); ``tasks[i]``: ``text`` (one
+    column or a pair), ``label``, ``test_split``, ``outputs`` (classes, 1: regression), ``metric``.
+    Validation is carved from train by the file's ``validation`` policy (:meth:`GlueSuite.carve_validation`).
 
 What is merged
     The encoder of each ``*ForSequenceClassification`` expert (``model.base_model``); every task keeps
@@ -33,11 +40,13 @@ Scores
     output; those that read inputs only (RegMean) are unaffected.
 """
 
+
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,12 +57,84 @@ from mergebench.core.task_vectors import buffer_names
 from mergebench.errors import MergebenchError
 from mergebench.models.sequence_classifier import SequenceEncoder, task_head
 from mergebench.models.text_encoder import tokenize
-from mergebench.runner.hub import TaskDataSource, data_root, folder_sha256, hub_cached, hub_folder, repo_name
+from mergebench.core.scores import METRIC_LABELS
+from mergebench.runner.evaluators import InMemoryEvaluator
+from mergebench.runner.hub import (
+    CHECKPOINTS, DATA, TaskDataSource, data_root, folder_sha256, hub_cached, hub_download_hint, hub_folder, repo_name,
+)
+from mergebench.runner.kinds import Kind, TaskStatus, register_kind
 from mergebench.runner.prepared import LazyInputs, PreparedSuite, TaskData
 from mergebench.store.database import content_key
-from mergebench.suites.glue_suite import GlueSuite, GlueTaskSpec
+from mergebench.suites.schema import Fields, SuiteBase, SuiteDocument, ValidationPolicy
 
 HUB = "hub"
+
+
+@dataclass(frozen=True)
+class GlueTaskSpec:
+    name: str
+    dataset: str
+    config: str
+    text_columns: tuple[str, ...]
+    """One column, or a sentence pair (tokenized as a pair)."""
+    label_column: str
+    test_split: str
+    outputs: int
+    """Head outputs: classes, or 1 for a regression task."""
+    metric: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.text_columns, self.label_column)
+
+
+@dataclass(frozen=True)
+class GlueModelSpec:
+    name: str
+    base: str
+    max_length: int
+    experts: Mapping[str, str | None]
+
+    def expert(self, task: str) -> tuple[str, str | None]:
+        """``(repo id, subfolder or None)`` of a task's expert."""
+        location = self.experts.get(task)
+        if location is None:
+            raise MergebenchError(f"model {self.name} has no published expert for task {task}: choose a suite without it")
+        owner, repo, *sub = location.split("/")
+        return f"{owner}/{repo}", "/".join(sub) or None
+
+
+@dataclass(frozen=True)
+class GlueSuite(SuiteBase):
+    name: str
+    family: str
+    tasks: tuple[GlueTaskSpec, ...]
+    models: Mapping[str, GlueModelSpec]
+    model_default: str
+    validation: ValidationPolicy
+    eval_batch_size: int
+    source_file: Path
+    kind: str = "glue"
+
+    def context(self) -> tuple:
+        """What evaluation data and heads depend on, besides tasks, model and checkpoints."""
+        return (self.validation,)
+
+    def describe(self) -> dict[str, Any]:
+        """The suite's settings as recorded with every result."""
+        return {
+            "datasets": {t.name: [t.dataset, t.config, t.test_split, t.metric] for t in self.tasks},
+            "validation": self.validation.__dict__, "suite_file": self.source_file.name,
+        }
+
+    def carve_validation(self, train_examples: int) -> tuple[list[int], list[int]]:
+        """``(train, validation)`` indices as DARE draws them (module docstring), validation capped."""
+        permutation = np.random.RandomState(seed=self.validation.seed).permutation(train_examples).tolist()
+        kept = int((1 - self.validation.fraction) * train_examples)
+        validation = permutation[kept:][: self.validation.max_examples]
+        if not validation or kept <= 0:
+            raise MergebenchError(f"cannot carve a validation split from {train_examples} training examples")
+        return permutation[:kept], validation
 
 
 class GlueCheckpoints:
@@ -83,14 +164,14 @@ class GlueCheckpoints:
             )
         return local
 
-    def status(self, repo: str, subfolder: str | None = None) -> str:
+    def status(self, repo: str, subfolder: str | None = None) -> tuple[str, str | None]:
+        """``(status, how to get it)`` of a checkpoint on this machine (no network)."""
         local = self._local(repo, subfolder)
         if local is not None and (local / "config.json").is_file():
-            return f"ready ({local})"
+            return f"ready ({local})", None
         if hub_cached(repo, subfolder) is not None:
-            return "ready (Hugging Face cache)"
-        where = f" --local-dir {self.root / repo_name(repo)}" if self.root is not None else ""
-        return f"missing (hf download {repo}{where})"
+            return "ready (Hugging Face cache)", None
+        return "missing", hub_download_hint(repo, self.root)
 
 
 def load_classifier(folder: Path, what: str) -> nn.Module:
@@ -232,20 +313,73 @@ def prepare_glue_suite(
     )
 
 
-def glue_suite_status(
-    suite: GlueSuite, model: str, cache: Path, checkpoints: str | os.PathLike | None = None, data: str | os.PathLike | None = None
-) -> list[tuple[str, str, str]]:
-    """``(task, source, status)``: the base model first, then per task its expert and its data (no network)."""
-    source = GlueCheckpoints(suite, model, checkpoints)
-    if source.root is not None and not source.root.is_dir():
-        return [("checkpoints", str(source.root), "missing: no such folder")]
-    rows = [("pretrained", source.spec.base, source.status(source.spec.base))]
-    root = data_root(data)
-    for task in suite.tasks:
-        data_source = TaskDataSource(task, root)
-        if source.spec.experts.get(task.name) is None:
-            expert = f"none published for {model}"
-        else:
-            expert = source.status(*source.spec.expert(task.name))
-        rows.append((task.name, data_source.describe(), f"expert {expert}; {data_source.status()}"))
-    return rows
+def _task(entry: Fields, dataset: str) -> GlueTaskSpec:
+    entry.only("name", "dataset", "config", "text", "label", "test_split", "outputs", "metric")
+    name = entry.data["name"]
+    text = entry.strings("text")
+    if len(text) not in (1, 2):
+        raise MergebenchError(f"{entry.at('text')}: one column or a pair of columns, got {len(text)}")
+    outputs = entry.integer("outputs")
+    metric = entry.choice("metric", tuple(METRIC_LABELS))
+    if (outputs == 1) != (metric == "spearman"):
+        raise MergebenchError(f"{entry.where}: a regression task (outputs: 1) is scored by spearman, and only it")
+    return GlueTaskSpec(
+        name=name, dataset=entry.string("dataset", dataset), config=entry.string("config", name), text_columns=text,
+        label_column=entry.string("label", "label"), test_split=entry.string("test_split"), outputs=outputs, metric=metric,
+    )
+
+
+def _model(name: str, spec: Fields, tasks: Mapping[str, GlueTaskSpec]) -> GlueModelSpec:
+    spec.only("base", "max_length", "experts")
+    experts = spec.fields("experts")
+    for task, location in experts.data.items():
+        if task not in tasks:
+            raise MergebenchError(f"{experts.at(task)}: unknown task")
+        if location is not None and len(experts.string(task).split("/")) < 2:
+            raise MergebenchError(f"{experts.at(task)}: expected owner/repo[/subfolder], got {location!r}")
+    return GlueModelSpec(name, spec.string("base"), spec.integer("max_length", minimum=2), dict(experts.data))
+
+
+@register_kind
+class GlueKind(Kind):
+    """Published sequence-classification experts, each with its own head, scored by each GLUE task's metric."""
+
+    name = "glue"
+    settings = frozenset({"dataset"})
+    options = (CHECKPOINTS, DATA)
+
+    def suites(self, document: SuiteDocument) -> list[GlueSuite]:
+        dataset = document.settings.string("dataset")
+        tasks = {entry.data["name"]: _task(entry, dataset) for entry in document.tasks}
+        models = {name: _model(name, spec, tasks) for name, spec in document.models.items()}
+        validation = document.validation_of(Fields({}, document.where))
+        if not isinstance(validation, ValidationPolicy):
+            raise MergebenchError(f"{document.where}: validation must be {{fraction, max_examples, seed}} (carved from train) for a GLUE suite")
+        return [
+            GlueSuite(
+                name, document.family, tuple(tasks[task] for task in members), models, document.default_model, validation,
+                document.eval_batch_size or 64, document.path,
+            )
+            for name, members in document.suites.items()
+        ]
+
+    def status(self, suite: GlueSuite, model: str, cache: Path, checkpoints=None, data=None, **options) -> list[TaskStatus]:
+        """The base model first, then per task its expert and its data (no network)."""
+        source = GlueCheckpoints(suite, model, checkpoints)
+        if source.root is not None and not source.root.is_dir():
+            return [TaskStatus("checkpoints", str(source.root), "missing: no such folder")]
+        rows = [TaskStatus("pretrained", source.spec.base, *source.status(source.spec.base))]
+        root = data_root(data)
+        for task in suite.tasks:
+            data_source = TaskDataSource(task, root)
+            if source.spec.experts.get(task.name) is None:
+                expert, expert_hint = f"none published for {model}", None
+            else:
+                expert, expert_hint = source.status(*source.spec.expert(task.name))
+            data_status, data_hint = data_source.status()
+            hint = "; ".join(filter(None, (expert_hint, data_hint))) or None
+            rows.append(TaskStatus(task.name, data_source.describe(), f"expert {expert}; {data_status}", hint))
+        return rows
+
+    def evaluator(self, suite: GlueSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
+        return InMemoryEvaluator(prepare_glue_suite(suite, model, device, cache, **options))

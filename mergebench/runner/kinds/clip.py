@@ -1,4 +1,14 @@
-"""Suites of published CLIP experts (``kind: clip``: vit-8/14/20 in ``tasks/vit.yaml``).
+"""``kind: clip``: suites of published CLIP experts (vit-8/14/20 in ``tasks/vit.yaml``).
+
+Kind-specific keys of a suite file
+    ``models.<name>``: ``hf`` (the base CLIP on the Hub), ``open_clip`` (the open_clip model name),
+    ``finetuned_hub_prefix`` (FusionBench's experts ``<prefix>_<fusion_bench slug>``). ``tasks[i]``:
+    ``dataset`` (Hub id), ``config``, ``splits: {train, test}``, ``columns: {image, label}``,
+    ``fusion_bench`` (the slug, or null where FusionBench publishes no expert), ``validation_split`` (the
+    dataset's own validation split; absent: carved from train by the file's ``validation`` policy), and
+    ``classnames`` / ``templates`` (lists) unless the file's top-level ``classnames`` / ``templates``
+    mappings (``tasks/_vit-classes.yaml``, included by ``vit.yaml``) name them for the task.
+    ``open_clip_checkpoints: {finetuned, zeroshot}``: path patterns of tall_masks' files.
 
 What is merged
     Only the vision encoder. The backbone is a :class:`~mergebench.models.clip.ClipImageEncoder`
@@ -37,7 +47,7 @@ Checkpoints (``checkpoints=``, the command line's ``--checkpoints``)
 
 Heads
     A bias-free ``nn.Linear`` per task from the pre-trained text encoder, the task's CLIP class names and
-    templates (:mod:`mergebench.suites.clip_templates`), :func:`~mergebench.models.clip.zero_shot_head`:
+    templates (the suite file's ``classnames`` and ``templates``), :func:`~mergebench.models.clip.zero_shot_head`:
     normalized, averaged over templates, scaled by ``exp(logit_scale)``. Built once per (model, task) and
     cached as ``<cache>/heads/<model>/<task>-<key>.safetensors``; the key hashes the text encoder's
     checkpoint hash, the class names and the templates.
@@ -63,14 +73,16 @@ Device
     code in float32 with batches of at most :data:`CPU_EVAL_BATCH`.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,23 +103,97 @@ from mergebench.models.clip import (
     zero_shot_head,
 )
 from mergebench.runner.hub import (
+    ALLOW_PICKLE,
+    CHECKPOINTS,
+    DATA,
     TaskDataSource,
     checkpoint_sha256,
     data_root,
     folder_sha256,
     hub_cached,
+    hub_download_hint,
     hub_folder,
     repo_name,
 )
+from mergebench.runner.evaluators import InMemoryEvaluator
+from mergebench.runner.kinds import Kind, TaskStatus, register_kind
 from mergebench.runner.prepared import LazyInputs, PreparedSuite, TaskData
 from mergebench.store.database import content_key
-from mergebench.suites import clip_templates
-from mergebench.suites.vit_suite import TRAIN_FRACTION, ClipTaskSpec, VitSuite
+from mergebench.suites.schema import Fields, SuiteBase, SuiteDocument, ValidationPolicy
 
 HUB = "hub"
 PROJECTION = "visual_projection.weight"
 CPU_EVAL_BATCH = 64
 DECODE_CHUNK = 64
+
+TRAIN_FRACTION = "train_fraction"
+
+
+@dataclass(frozen=True)
+class ClipModelSpec:
+    name: str
+    hf: str
+    open_clip: str
+    finetuned_hub_prefix: str
+
+
+@dataclass(frozen=True)
+class ClipTaskSpec:
+    name: str
+    fusion_bench: str | None
+    dataset: str
+    config: str | None
+    train_split: str
+    test_split: str
+    validation: str
+    """``train_fraction`` or the name of the dataset's own validation split."""
+    image_column: str
+    label_column: str
+    classnames: tuple[str, ...] = field(default=(), repr=False)
+    """Class names in label order (left out of the repr, and so of result keys: the heads' hashes carry them)."""
+    templates: tuple[str, ...] = field(default=(), repr=False)
+    """Zero-shot prompt templates, each with one ``{c}`` placeholder."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.image_column, self.label_column)
+
+
+@dataclass(frozen=True)
+class ClipSuite(SuiteBase):
+    name: str
+    family: str
+    tasks: tuple[ClipTaskSpec, ...]
+    models: Mapping[str, ClipModelSpec]
+    model_default: str
+    validation: ValidationPolicy
+    open_clip_finetuned: str
+    open_clip_zeroshot: str
+    eval_batch_size: int
+    source_file: Path
+    kind: str = "clip"
+
+    def context(self) -> tuple:
+        """What evaluation data and heads depend on, besides tasks, model and checkpoints."""
+        return (self.validation,)
+
+    def describe(self) -> dict[str, Any]:
+        """The suite's settings as recorded with every result."""
+        return {
+            "datasets": {t.name: [t.dataset, t.config, t.train_split, t.test_split, t.validation] for t in self.tasks},
+            "validation": self.validation.__dict__, "suite_file": self.source_file.name,
+        }
+
+    def finetuned_hub_id(self, model: str, task: ClipTaskSpec) -> str:
+        """FusionBench's fine-tuned vision encoder, e.g. ``tanganke/clip-vit-base-patch32_stanford-cars``."""
+        if task.fusion_bench is None:
+            raise MergebenchError(f"FusionBench publishes no fine-tuned encoder for task {task.name}")
+        return f"{self.model(model).finetuned_hub_prefix}_{task.fusion_bench}"
+
+    def open_clip_paths(self, root: str | Path, model: str, task: ClipTaskSpec) -> tuple[Path, Path]:
+        """``(finetuned, zeroshot)`` files of a tall_masks checkpoint folder."""
+        fields = {"root": str(root), "model": self.model(model).open_clip, "task": task.name, "task_val": task.name + "Val"}
+        return Path(self.open_clip_finetuned.format(**fields)), Path(self.open_clip_zeroshot.format(**fields))
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -116,7 +202,7 @@ DECODE_CHUNK = 64
 class CheckpointSource:
     """Where the checkpoints of one suite and model come from (see the module docstring)."""
 
-    def __init__(self, suite: VitSuite, model: str, checkpoints: str | os.PathLike | None, allow_pickle: bool = False):
+    def __init__(self, suite: ClipSuite, model: str, checkpoints: str | os.PathLike | None, allow_pickle: bool = False):
         self.suite = suite
         self.model = model
         self.spec = suite.model(model)
@@ -138,14 +224,14 @@ class CheckpointSource:
     def base_folder(self) -> Path:
         return self.base_local() or hub_folder(self.spec.hf, "pre-trained CLIP", self.root)
 
-    def base_status(self) -> tuple[str, str]:
+    def base_status(self) -> TaskStatus:
         local = self.base_local()
         if local is not None:
-            return str(local), "ready"
+            return TaskStatus("pretrained", str(local), "ready")
         cached = hub_cached(self.spec.hf)
         if cached is not None:
-            return self.spec.hf, f"ready (Hugging Face cache {cached})"
-        return self.spec.hf, f"missing (hf download {self.spec.hf})"
+            return TaskStatus("pretrained", self.spec.hf, f"ready (Hugging Face cache {cached})")
+        return TaskStatus("pretrained", self.spec.hf, "missing", hub_download_hint(self.spec.hf, self.root))
 
     # experts
 
@@ -177,29 +263,30 @@ class CheckpointSource:
         present = [path for path in candidates if path.is_file() or path.with_suffix(".safetensors").is_file()]
         return (present or candidates)[0]
 
-    def expert_status(self, task: ClipTaskSpec) -> str:
+    def expert_status(self, task: ClipTaskSpec) -> tuple[str, str | None]:
+        """``(status, how to get it)`` of a task's fine-tuned encoder."""
         if self.layout == "open_clip":
-            return "encoder " + open_clip_file_status(self.open_clip_files(task)[0], self.allow_pickle)
+            return open_clip_file_status(self.open_clip_files(task)[0], self.allow_pickle)
         try:
             repo = self.expert_repo(task)
         except MergebenchError:
-            return "encoder missing (FusionBench publishes none for this task: use tall_masks open_clip files)"
+            return "encoder missing", "FusionBench publishes no encoder for this task: use tall_masks open_clip files (--checkpoints PATH)"
         if self.layout == "folders":
             folder = self.root / repo_name(repo)
             if (folder / "config.json").is_file():
-                return f"encoder ready ({folder})"
-            return f"encoder missing (hf download {repo} --local-dir {folder})"
-        return "encoder ready (Hugging Face cache)" if hub_cached(repo) else f"encoder missing (hf download {repo})"
+                return f"encoder ready ({folder})", None
+            return "encoder missing", hub_download_hint(repo, self.root)
+        return ("encoder ready (Hugging Face cache)", None) if hub_cached(repo) else ("encoder missing", hub_download_hint(repo, None))
 
 
-def open_clip_file_status(path: Path, allow_pickle: bool) -> str:
+def open_clip_file_status(path: Path, allow_pickle: bool) -> tuple[str, str | None]:
     converted = path.with_suffix(".safetensors")
     if converted.is_file():
-        return f"ready ({converted})"
+        return f"encoder ready ({converted})", None
     if path.is_file():
-        how = "converted on first run" if allow_pickle else "a pickled module needs --allow-pickle once"
-        return f"present ({path}; {how})"
-    return f"missing ({path}: tall_masks download_checkpoints.py)"
+        how = "converted on first run" if allow_pickle else "a pickled module: pass --allow-pickle once to convert it"
+        return f"encoder present ({path}; {how})", None
+    return f"encoder missing ({path})", f"tall_masks download_checkpoints.py into {path.parents[2]}"
 
 
 def read_open_clip_file(path: Path, allow_pickle: bool) -> tuple[StateDict, Path]:
@@ -291,7 +378,7 @@ def decode_images(dataset, column: str, indices: Sequence[int], resize_crop: Cal
 class ClipData:
     """Cached, preprocessed splits of a suite's tasks for one image preprocessing."""
 
-    def __init__(self, suite: VitSuite, cache: Path, processor: dict, root: Path | None):
+    def __init__(self, suite: ClipSuite, cache: Path, processor: dict, root: Path | None):
         self.suite = suite
         self.processor = processor
         self.resize_crop = make_resize_crop(processor)
@@ -316,7 +403,7 @@ class ClipData:
 
     def load(self, task: ClipTaskSpec, split: str) -> TaskData:
         """A validation or test split from the cache, decoded and cached first if missing."""
-        classes = clip_templates.classnames(task.name)
+        classes = task.classnames
         path = self.path(task, split)
         if not path.is_file():
             dataset, indices = self._split_indices(task, split)
@@ -332,7 +419,7 @@ class ClipData:
             indices, _ = carve_validation(len(dataset), self.suite.validation)
         else:
             indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.suite.validation.seed)).tolist()
-        classes = clip_templates.classnames(task.name)
+        classes = task.classnames
 
         def decode(chunk: Sequence[int]) -> torch.Tensor:
             return decode_images(dataset, task.image_column, chunk, self.resize_crop, self.crop, f"{task.name} train")
@@ -350,18 +437,18 @@ class ClipData:
         dataset = source.open(task.validation)
         return dataset, list(range(len(dataset)))
 
-    def status(self, task: ClipTaskSpec) -> str:
+    def status(self, task: ClipTaskSpec) -> tuple[str, str | None]:
         if all(self.path(task, split).is_file() for split in ("validation", "test")):
-            return f"data cached ({self.folder})"
+            return f"data cached ({self.folder})", None
         return self.sources[task.name].status()
 
 
 # ------------------------------------------------------------------------------------------- heads
 
 
-def head_path(cache: Path, model: str, task: str, text_sha256: str) -> Path:
-    key = content_key(text_sha256, clip_templates.classnames(task), clip_templates.templates(task))[:12]
-    return cache / "heads" / model / f"{task}-{key}.safetensors"
+def head_path(cache: Path, model: str, task: ClipTaskSpec, text_sha256: str) -> Path:
+    key = content_key(text_sha256, task.classnames, task.templates)[:12]
+    return cache / "heads" / model / f"{task.name}-{key}.safetensors"
 
 
 def load_head(path: Path, device: torch.device) -> nn.Linear:
@@ -372,9 +459,9 @@ def load_head(path: Path, device: torch.device) -> nn.Linear:
     return head.to(device).eval()
 
 
-def build_heads(paths: dict[str, Path], clip_model: Callable[[], Any], base: Path, device: torch.device) -> None:
+def build_heads(tasks: Sequence[ClipTaskSpec], paths: dict[str, Path], clip_model: Callable[[], Any], base: Path, device: torch.device) -> None:
     """Write the zero-shot head of every task whose cached file is missing."""
-    missing = [task for task, path in paths.items() if not path.is_file()]
+    missing = [task for task in tasks if not paths[task.name].is_file()]
     if not missing:
         return
     from transformers import AutoTokenizer
@@ -382,15 +469,15 @@ def build_heads(paths: dict[str, Path], clip_model: Callable[[], Any], base: Pat
     model = clip_model()
     tokenizer = AutoTokenizer.from_pretrained(base)
     for task in tqdm(missing, desc="zero-shot heads", unit="task", leave=False):
-        head = zero_shot_head(model, tokenizer, clip_templates.classnames(task), clip_templates.templates(task), device)
-        save_state_dict({"weight": head.weight}, paths[task])
+        head = zero_shot_head(model, tokenizer, task.classnames, task.templates, device)
+        save_state_dict({"weight": head.weight}, paths[task.name])
 
 
 # --------------------------------------------------------------------------------------- preparing
 
 
 def prepare_clip_suite(
-    suite: VitSuite,
+    suite: ClipSuite,
     model: str,
     device: torch.device,
     cache: Path,
@@ -444,8 +531,8 @@ def prepare_clip_suite(
         hashes.update({name: folder_sha256(folder, f"fine-tuned encoder for task {name}") for name, folder in folders.items()})
         excluded = {PROJECTION}
 
-    paths = {task.name: head_path(cache, model, task.name, text_sha256) for task in suite.tasks}
-    build_heads(paths, clip_model, base, device)
+    paths = {task.name: head_path(cache, model, task, text_sha256) for task in suite.tasks}
+    build_heads(suite.tasks, paths, clip_model, base, device)
     clip_model.cache_clear()  # the text tower is no longer needed
     heads = {task: load_head(path, device) for task, path in paths.items()}
     for task in suite.tasks:
@@ -475,29 +562,91 @@ def fitted(state: StateDict, backbone: nn.Module, what: str) -> StateDict:
     return {key: state[key].float() if state[key].is_floating_point() else state[key] for key in expected}
 
 
-def clip_suite_status(
-    suite: VitSuite,
-    model: str,
-    cache: Path,
-    checkpoints: str | os.PathLike | None = None,
-    allow_pickle: bool = False,
-    data: str | os.PathLike | None = None,
-) -> list[tuple[str, str, str]]:
-    """``(task, source, status)``: the base model first, then per task its encoder and its data (no network)."""
-    source = CheckpointSource(suite, model, checkpoints, allow_pickle)
-    if source.root is not None and not source.root.is_dir():
-        return [("checkpoints", str(source.root), "missing: no such folder")]
-    base_where, base_status = source.base_status()
-    rows = [("pretrained", base_where, base_status)]
-    base = source.base_local() or hub_cached(source.spec.hf)
-    clip_data = None
-    if base is not None:
-        try:
-            clip_data = ClipData(suite, cache, read_image_processor_config(base), data_root(data))
-        except MergebenchError:
-            clip_data = None
-    root = data_root(data)
-    for task in suite.tasks:
-        data_status = clip_data.status(task) if clip_data is not None else TaskDataSource(task, root).status()
-        rows.append((task.name, TaskDataSource(task, root).describe(), f"{source.expert_status(task)}; {data_status}"))
-    return rows
+def _model(name: str, spec: Fields) -> ClipModelSpec:
+    spec.only("hf", "open_clip", "finetuned_hub_prefix")
+    return ClipModelSpec(name, spec.string("hf"), spec.string("open_clip"), spec.string("finetuned_hub_prefix"))
+
+
+def _task(entry: Fields, classnames: Fields, templates: Fields) -> ClipTaskSpec:
+    entry.only("name", "fusion_bench", "dataset", "config", "splits", "validation_split", "columns", "classnames", "templates")
+    name = entry.data["name"]
+    splits = entry.fields("splits").only("train", "test")
+    columns = entry.fields("columns").only("image", "label")
+    if "fusion_bench" not in entry:
+        raise MergebenchError(f"{entry.where}: missing key 'fusion_bench' (the FusionBench slug, or null)")
+    lists = {}
+    for key, table in (("classnames", classnames), ("templates", templates)):
+        if key in entry:
+            lists[key] = entry.strings(key)
+        elif name in table:
+            lists[key] = table.strings(name)
+        else:
+            raise MergebenchError(f"{entry.where}: no {key} (give them inline or in the file's top-level {key!r} mapping)")
+    bad = [template for template in lists["templates"] if "{c}" not in template]
+    if bad:
+        raise MergebenchError(f"{entry.where}: template {bad[0]!r} has no {{c}} placeholder")
+    return ClipTaskSpec(
+        name=name,
+        fusion_bench=entry.string("fusion_bench", None),
+        dataset=entry.string("dataset"),
+        config=entry.string("config", None),
+        train_split=splits.string("train"),
+        test_split=splits.string("test"),
+        validation=entry.string("validation_split", TRAIN_FRACTION),
+        image_column=columns.string("image"),
+        label_column=columns.string("label"),
+        classnames=lists["classnames"],
+        templates=lists["templates"],
+    )
+
+
+@register_kind
+class ClipKind(Kind):
+    """Published CLIP vision experts (Hub or tall_masks open_clip files), zero-shot heads, Hub datasets."""
+
+    name = "clip"
+    settings = frozenset({"open_clip_checkpoints", "classnames", "templates"})
+    options = (CHECKPOINTS, ALLOW_PICKLE, DATA)
+
+    def suites(self, document: SuiteDocument) -> list[ClipSuite]:
+        top = document.settings
+        models = {name: _model(name, spec) for name, spec in document.models.items()}
+        layout = top.fields("open_clip_checkpoints").only("finetuned", "zeroshot")
+        classnames, templates = top.fields("classnames", {}), top.fields("templates", {})
+        tasks = {entry.data["name"]: _task(entry, classnames, templates) for entry in document.tasks}
+        validation = document.validation_of(Fields({}, document.where))
+        if not isinstance(validation, ValidationPolicy):
+            raise MergebenchError(f"{document.where}: validation must be {{fraction, max_examples, seed}} (carved from train) for a CLIP suite")
+        return [
+            ClipSuite(
+                name=name, family=document.family, tasks=tuple(tasks[task] for task in members), models=models,
+                model_default=document.default_model, validation=validation,
+                open_clip_finetuned=layout.string("finetuned"), open_clip_zeroshot=layout.string("zeroshot"),
+                eval_batch_size=document.eval_batch_size or 256, source_file=document.path,
+            )
+            for name, members in document.suites.items()
+        ]
+
+    def status(self, suite: ClipSuite, model: str, cache: Path, checkpoints=None, allow_pickle=False, data=None, **options) -> list[TaskStatus]:
+        """The base model first, then per task its encoder and its data (no network)."""
+        source = CheckpointSource(suite, model, checkpoints, allow_pickle)
+        if source.root is not None and not source.root.is_dir():
+            return [TaskStatus("checkpoints", str(source.root), "missing: no such folder")]
+        rows = [source.base_status()]
+        base = source.base_local() or hub_cached(source.spec.hf)
+        clip_data = None
+        if base is not None:
+            try:
+                clip_data = ClipData(suite, cache, read_image_processor_config(base), data_root(data))
+            except MergebenchError:
+                clip_data = None
+        root = data_root(data)
+        for task in suite.tasks:
+            encoder, encoder_hint = source.expert_status(task)
+            data_source = TaskDataSource(task, root)
+            data_status, data_hint = clip_data.status(task) if clip_data is not None else data_source.status()
+            rows.append(TaskStatus(task.name, data_source.describe(), f"{encoder}; {data_status}", "; ".join(filter(None, (encoder_hint, data_hint))) or None))
+        return rows
+
+    def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
+        return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options))

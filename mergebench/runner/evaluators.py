@@ -1,0 +1,180 @@
+"""What the sweep needs from a suite: merged models, and their scores on each split.
+
+An :class:`Evaluator` stands for one suite on one model, made ready by its kind. It scores the two
+reference rows (the pretrained model and each expert on its own tasks), produces the merged model of
+each hyperparameter setting of a method, and scores it. The sweep (:mod:`mergebench.runner.sweep`) is
+written once against this interface; two implementations exist:
+
+* :class:`InMemoryEvaluator` (trained, CLIP and GLUE suites): the task vectors are stacked in memory
+  once, a method's merged weights are loaded into the suite's backbone and scored with each task's own
+  head (:class:`~mergebench.runner.prepared.PreparedSuite`);
+* the LLM kind's evaluator (:mod:`mergebench.runner.kinds.llm`): each merge is streamed tensor by
+  tensor into a checkpoint folder and scored through lm-eval.
+
+How a setting is chosen is the evaluator's :class:`SelectionRule`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from mergebench.core.scores import TaskScore
+from mergebench.core.task_vectors import TaskVectors, build_task_vectors, merged_state_dict
+from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
+from mergebench.methods.registry import MergeMethod
+from mergebench.runner.access import GrantedAccess
+from mergebench.runner.prepared import PreparedSuite
+
+Outcomes = Mapping[str, TaskScore | tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Scores of one model on one split, and what scoring it cost."""
+
+    outcomes: Outcomes
+    seconds: float
+    parameters: int | None = None
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How a method's setting is chosen on validation: the criterion's words and its score."""
+
+    criterion: str
+    score: Callable[[Mapping[str, float], Mapping[str, float]], float]
+    """``score(merged validation scores, experts' validation scores)``, higher is better."""
+
+
+def _normalized_or_nan(scores: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    try:
+        return normalized_accuracy(scores, reference)
+    except NormalizationError:
+        return math.nan
+
+
+NORMALIZED_VALIDATION = SelectionRule("mean normalized validation accuracy", _normalized_or_nan)
+MEAN_VALIDATION = SelectionRule("mean validation score of the tasks with a validation split", lambda scores, _: mean_accuracy(scores))
+FIXED_DEFAULTS = SelectionRule("fixed defaults: the suite has no validation split", lambda scores, _: math.nan)
+
+
+class Evaluator(Protocol):
+    """One suite on one model, ready to merge and score (module docstring)."""
+
+    suite: Any
+    model: str
+    device: torch.device
+    context_key: str
+    """Identity of what results depend on besides the method: checkpoints, evaluation data, options."""
+    checkpoint_hashes: Mapping[str, str]
+    splits: tuple[str, ...]
+    """``("validation", "test")``, or ``("test",)`` for a suite without a validation split."""
+    selection: SelectionRule
+
+    def columns(self, split: str) -> tuple[str, ...]:
+        """The task columns scored on ``split``."""
+
+    def experts(self, split: str) -> Mapping[str, tuple[str, ...]]:
+        """Each expert scored on ``split`` and the columns it is scored on (its own tasks)."""
+
+    def evaluate_reference(self, which: str, split: str) -> Evaluation:
+        """The pretrained model (``"pretrained"``) on every column, or expert ``which`` on its own."""
+
+    def settings(self, method: MergeMethod, overrides: Mapping[str, Any]) -> list[dict]:
+        """The settings of ``method`` tried on validation (the only one, without validation)."""
+
+    def data_access(self, method: MergeMethod, examples: int | None) -> str:
+        """What data ``method`` sees here: ``none``, ``unlabeled-test`` or ``train-samples:N``."""
+
+    def merges(self, method: MergeMethod, settings: Sequence[dict], seed: int, examples: int | None) -> Iterator[tuple[dict, Any]]:
+        """``(setting, merged model)`` for each setting, lazily (the sweep times each step)."""
+
+    def evaluate(self, merged: Any, split: str, columns: tuple[str, ...] | None = None) -> Evaluation:
+        """A merged model's scores on ``split`` (every column, or ``columns``)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What is recorded with every result besides the cell: the suite's settings, options."""
+
+    @property
+    def examples_per_second(self) -> float | None: ...
+
+
+class InMemoryEvaluator:
+    """Task vectors stacked in memory; merged weights scored with the suite's backbone and heads."""
+
+    def __init__(self, prepared: PreparedSuite):
+        self.prepared = prepared
+        self.suite = prepared.suite
+        self.model = prepared.model
+        self.device = prepared.device
+        self.context_key = prepared.context_key
+        self.checkpoint_hashes = prepared.checkpoint_hashes
+        self.splits = ("validation", "test")
+        self.selection = NORMALIZED_VALIDATION
+        self.statistics: dict = {}  # Fisher diagonals, Gram matrices…: shared by every method and setting
+        self._task_vectors: TaskVectors | None = None
+
+    @property
+    def task_vectors(self) -> TaskVectors:
+        """τ_t = θ_t − θ₀ of every expert, stacked once (after the reference rows, which do not need them)."""
+        if self._task_vectors is None:
+            prepared = self.prepared
+            self._task_vectors = build_task_vectors(prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=self.device)
+        return self._task_vectors
+
+    def columns(self, split: str) -> tuple[str, ...]:
+        return self.suite.task_names
+
+    def experts(self, split: str) -> dict[str, tuple[str, ...]]:
+        return {task: (task,) for task in self.suite.task_names}
+
+    def evaluate_reference(self, which: str, split: str) -> Evaluation:
+        started = time.perf_counter()
+        if which in self.prepared.finetuned:
+            outcomes = self.prepared.evaluate(self.prepared.finetuned[which], split, (which,))
+        else:
+            outcomes = self.prepared.evaluate(self.prepared.pretrained, split)
+        return Evaluation(outcomes, time.perf_counter() - started)
+
+    def settings(self, method: MergeMethod, overrides: Mapping[str, Any]) -> list[dict]:
+        return method.settings(overrides)
+
+    def data_access(self, method: MergeMethod, examples: int | None) -> str:
+        return f"train-samples:{examples or method.examples}" if method.data == "train-samples" else method.data
+
+    def granted(self, method: MergeMethod, examples: int | None) -> GrantedAccess | None:
+        """The model and data slice ``method`` declared, or None for a data-free method."""
+        if not method.uses_data:
+            return None
+        return GrantedAccess(self.prepared, self.task_vectors.layout, method.data, examples or method.examples, self.statistics)
+
+    def merges(self, method: MergeMethod, settings: Sequence[dict], seed: int, examples: int | None) -> Iterator[tuple[dict, Any]]:
+        return method.sweep(self.task_vectors, list(settings), seed=seed, model=self.granted(method, examples))
+
+    def merge_subset(self, method: MergeMethod, setting: dict, tasks: Sequence[str], seed: int, examples: int | None) -> Any:
+        """The merge of the experts of ``tasks`` alone (continual merging: the models arrived so far)."""
+        return method.merge(self.task_vectors.subset(tuple(tasks)), setting, seed=seed, model=self.granted(method, examples))
+
+    def evaluate(self, merged: torch.Tensor | nn.Module, split: str, columns: tuple[str, ...] | None = None) -> Evaluation:
+        started = time.perf_counter()
+        if isinstance(merged, nn.Module):
+            parameters = sum(p.numel() for p in merged.parameters())
+            backbone = merged
+        else:
+            parameters = self.task_vectors.layout.numel
+            backbone = merged_state_dict(self.prepared.pretrained, self.task_vectors.layout, merged)
+        outcomes = self.prepared.evaluate(backbone, split, columns)
+        return Evaluation(outcomes, time.perf_counter() - started, parameters)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.suite.describe())
+
+    @property
+    def examples_per_second(self) -> float | None:
+        return self.prepared.examples_per_second
