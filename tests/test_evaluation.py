@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergebench.evaluation.classification import count_correct, recalibrate_batchnorm
+from mergebench.evaluation.classification import correct_examples, recalibrate_batchnorm
 from mergebench.evaluation.metrics import mean_accuracy, normalized_accuracy
 
 
@@ -21,14 +21,15 @@ def test_normalized_accuracy_needs_positive_reference():
         normalized_accuracy({"a": 0.5}, {"a": 0.0})
 
 
-def test_count_correct_against_hand_labels():
+def test_correct_examples_against_hand_labels():
     backbone = nn.Identity()
     backbone.register_parameter("anchor", nn.Parameter(torch.zeros(1)))  # gives the module a device
     head = nn.Linear(2, 2, bias=False)
     head.weight.data = torch.eye(2)
     inputs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0], [5.0, 4.0]])
     labels = torch.tensor([0, 1, 1, 1, 0])  # predictions 0, 1, 0, 1, 0 → 4 correct
-    assert count_correct(backbone, head, inputs, labels, batch_size=2) == 4
+    correct = correct_examples(backbone, head, inputs, labels, batch_size=2)
+    assert correct.tolist() == [True, True, False, True, True]
 
 
 def test_recalibrate_batchnorm_sets_statistics_of_the_given_batches():

@@ -17,17 +17,17 @@ def _autocast(device: torch.device):
 
 
 @torch.inference_mode()
-def count_correct(backbone: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> int:
-    """Number of examples whose arg-max prediction equals the label."""
+def correct_examples(backbone: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per example (bool ``[N]``, on the CPU), whether the arg-max prediction equals the label."""
     backbone.eval()
     device = next(backbone.parameters()).device
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    correct = torch.empty(len(inputs), dtype=torch.bool, device=device)
     with _autocast(device):
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start : start + batch_size].to(device, non_blocking=True)
             logits = head(backbone(batch))
-            correct += (logits.argmax(dim=1) == labels[start : start + batch_size].to(device)).sum()
-    return int(correct)
+            correct[start : start + len(batch)] = logits.argmax(dim=1) == labels[start : start + batch_size].to(device)
+    return correct.cpu()
 
 
 @torch.inference_mode()

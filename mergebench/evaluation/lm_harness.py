@@ -122,6 +122,15 @@ class HarnessResult:
     seconds: float
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
+    def per_document(self, task: str) -> list[float]:
+        """The reported metric of each document of ``task``, in document order (needs ``log_samples=True``)."""
+        score = self.scores[task]
+        metric, _, flt = score.metric.partition(",")
+        rows = [sample for sample in self.samples.get(task, []) if sample.get("filter", flt) == flt and metric in sample]
+        if not rows:
+            raise MergebenchError(f"lm-eval logged no per-document {metric} for task {task}")
+        return [float(sample[metric]) for sample in sorted(rows, key=lambda sample: sample["doc_id"])]
+
 
 def primary_score(task: str | Mapping[str, Any], metrics: Mapping[str, Any], samples: int | None = None) -> TaskScore:
     """The reported metric of ``task`` (a name, or an inline config: its first listed metric) from lm-eval's

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import torch
 
-from mergebench.core.scores import ACCURACY, MATTHEWS, METRIC_LABELS, SPEARMAN, TaskScore
+from mergebench.core.scores import ACCURACY, MATTHEWS, METRIC_LABELS, SPEARMAN, PerExample, TaskScore
 from mergebench.errors import MergebenchError
 
 class NormalizationError(MergebenchError, ValueError):
@@ -61,13 +61,15 @@ def score_outputs(metric: str, outputs: torch.Tensor, labels: torch.Tensor) -> T
     if metric == SPEARMAN:
         if outputs.shape[1] != 1:
             raise ValueError(f"a Spearman-scored (regression) task needs one output per example, got {outputs.shape[1]}")
-        return TaskScore(0, len(labels), spearman_correlation(outputs[:, 0], labels), metric)
+        examples = PerExample(outputs[:, 0].float().numpy(), labels.float().numpy())
+        return TaskScore(0, len(labels), spearman_correlation(outputs[:, 0], labels), metric, examples)
     predictions = outputs.argmax(dim=1)
     correct = int((predictions == labels).sum())
     if metric == MATTHEWS:
-        return TaskScore(correct, len(labels), matthews_correlation(predictions, labels), metric)
+        examples = PerExample(predictions.numpy(), labels.numpy())
+        return TaskScore(correct, len(labels), matthews_correlation(predictions, labels), metric, examples)
     if metric == ACCURACY:
-        return TaskScore(correct, len(labels), correct / len(labels), metric)
+        return TaskScore.of_correct((predictions == labels).numpy())
     raise ValueError(f"unknown metric {metric!r}; metrics are {', '.join(METRIC_LABELS)}")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from mergebench.core.checkpoints import StateDict
 from mergebench.core.scores import ACCURACY, TaskScore
 from mergebench.errors import MergebenchError
-from mergebench.evaluation.classification import count_correct, head_outputs
+from mergebench.evaluation.classification import correct_examples, head_outputs
 from mergebench.evaluation.metrics import score_outputs
 from mergebench.store.database import content_key
 
@@ -111,8 +111,8 @@ class PreparedSuite:
         for task in tasks or self.suite.task_names:
             data = self.data[split][task]
             if data.metric == ACCURACY:
-                correct = count_correct(backbone, self.heads[task], data.inputs, data.labels, self.suite.eval_batch_size)
-                outcomes[task] = TaskScore.of((correct, len(data.labels)))
+                correct = correct_examples(backbone, self.heads[task], data.inputs, data.labels, self.suite.eval_batch_size)
+                outcomes[task] = TaskScore.of_correct(correct.numpy())
             else:
                 outputs = head_outputs(backbone, self.heads[task], data.inputs, self.suite.eval_batch_size)
                 outcomes[task] = score_outputs(data.metric, outputs, data.labels)

@@ -15,6 +15,7 @@ written before ``score`` existed gains the column with ``score = accuracy`` and 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import sqlite3
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from mergebench.errors import MergebenchError
-from mergebench.core.scores import ACCURACY, TaskScore
+from mergebench.core.scores import ACCURACY, PerExample, TaskScore
 
 DATABASE_NAME = "mergebench.sqlite"
 PRETRAINED, INDIVIDUAL = "pretrained", "individual"
@@ -64,7 +67,8 @@ CREATE TABLE IF NOT EXISTS results (
     score REAL,
     metric TEXT,
     merge_peak_mb REAL,
-    parameters INTEGER
+    parameters INTEGER,
+    examples BLOB
 );
 CREATE INDEX IF NOT EXISTS results_by_context ON results(context_key, method, split);
 CREATE TABLE IF NOT EXISTS selections (
@@ -87,11 +91,11 @@ WHOLE_GRID = "grid"
 """The ``selection`` of a setting chosen from a method's whole grid (by its suite's rule, on validation where
 there is a validation split); a setting fixed on the command line is its own row, labelled ``fixed k=v …``."""
 
-ADDED_COLUMNS = {"merge_peak_mb": "REAL", "parameters": "INTEGER", "score": "REAL", "metric": "TEXT"}
+ADDED_COLUMNS = {"merge_peak_mb": "REAL", "parameters": "INTEGER", "score": "REAL", "metric": "TEXT", "examples": "BLOB"}
 RESULT_COLUMNS = (
     "cell_key", "context_key", "run_id", "suite", "model", "method", "hparams", "seed", "split", "task", "data_access",
     "accuracy", "correct", "total", "merge_seconds", "eval_seconds", "config", "checkpoints", "created_at",
-    "merge_peak_mb", "parameters", "score", "metric",
+    "merge_peak_mb", "parameters", "score", "metric", "examples",
 )
 
 
@@ -190,7 +194,7 @@ class ResultStore:
                 canonical_json(dict(cell.hparams)), cell.seed, cell.split, task, cell.data_access,
                 score.correct / score.total, score.correct, score.total,
                 merge_seconds, eval_seconds, canonical_json(config), canonical_json(checkpoints), now,
-                merge_peak_mb, parameters, score.score, score.metric,
+                merge_peak_mb, parameters, score.score, score.metric, encode_examples(score.examples),
             )
             for task, score in scores.items()
         ]
@@ -212,6 +216,18 @@ class ResultStore:
         for row in self.query(sql, parameters):
             table.setdefault(row["hparams"], {})[row["task"]] = row["score"]
         return table
+
+    def examples(
+        self, context_key: str, method: str, split: str, hparams: Mapping[str, Any] | str, seed: int, data_access: str = "none"
+    ) -> dict[str, PerExample]:
+        """``{task: PerExample}`` of one stored setting (tasks stored without per-example outcomes are left out)."""
+        hparams_json = hparams if isinstance(hparams, str) else canonical_json(dict(hparams))
+        rows = self.query(
+            "SELECT task, examples FROM results WHERE context_key=? AND method=? AND split=? AND hparams=? AND seed=? "
+            "AND data_access=? AND examples IS NOT NULL",
+            (context_key, method, split, hparams_json, seed, data_access),
+        )
+        return {row["task"]: decode_examples(row["examples"]) for row in rows}
 
     def metrics(self, context_key: str) -> dict[str, str]:
         """``{task: metric}`` of the tasks stored under one context."""
@@ -246,6 +262,26 @@ class ResultStore:
                     cell.data_access, score, criterion, run_id, time.time(), selection,
                 ),
             )
+
+
+def encode_examples(examples: PerExample | None) -> bytes | None:
+    """Per-example outcomes as a compressed ``.npz``: right/wrong bits for accuracy, else predictions and labels."""
+    if examples is None:
+        return None
+    buffer = io.BytesIO()
+    values = np.asarray(examples.values)
+    if values.dtype == bool:
+        np.savez_compressed(buffer, correct=np.packbits(values), count=np.int64(len(values)))
+    else:
+        np.savez_compressed(buffer, values=values, labels=np.asarray(examples.labels))
+    return buffer.getvalue()
+
+
+def decode_examples(blob: bytes) -> PerExample:
+    with np.load(io.BytesIO(blob)) as stored:
+        if "correct" in stored:
+            return PerExample(np.unpackbits(stored["correct"], count=int(stored["count"])).astype(bool))
+        return PerExample(stored["values"], stored["labels"])
 
 
 def _migrate_selections(connection: sqlite3.Connection) -> None:

@@ -69,7 +69,7 @@ Data (``data=``, ``--data``, default ``$MERGEBENCH_DATA``)
     the same seeded permutation, decoded on first use as far as a method reads into it.
 
 Device
-    On CUDA the suite's ``eval_batch_size`` under bf16 autocast (``count_correct``); on the CPU the same
+    On CUDA the suite's ``eval_batch_size`` under bf16 autocast (``correct_examples``); on the CPU the same
     code in float32 with batches of at most :data:`CPU_EVAL_BATCH`.
 """
 

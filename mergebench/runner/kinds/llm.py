@@ -27,8 +27,8 @@ Merging and scoring
     (bfloat16 on CUDA, the checkpoint's dtype on the CPU) and evaluated in memory through lm-eval's
     ``HFLM`` and ``simple_evaluate``; the folder is deleted once the merge is no longer used. One path
     serves every size: a 135M model streams in seconds, and an 8B model never has more than one tensor
-    per checkpoint in memory while merging. A score is stored as ``correct/total`` = metric × documents
-    (exact match or pass@1, one sample). ``--limit`` caps the documents per task and is part of the
+    per checkpoint in memory while merging. A score is stored as ``correct/total``, each document right or
+    wrong (exact match or pass@1, one sample), the per-document outcomes kept for intervals. ``--limit`` caps the documents per task and is part of the
     context key, so limited and full runs are never mixed.
 
 Before any model is loaded the request is checked: every method must merge tensor by tensor (no data
@@ -48,9 +48,11 @@ from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mergebench.core.scores import TaskScore
 from mergebench.core.streaming import stream_merge, streaming_support
 from mergebench.errors import MergebenchError
 from mergebench.evaluation import lm_harness
@@ -372,7 +374,7 @@ class LlmEvaluator:
         configs = [config for task in tasks for config in task_configs(self.suite, task, split)]
         result = lm_harness.evaluate_lm(
             network, tokenizer, configs, limit=self.limit, batch_size=self.suite.eval_batch_size,
-            allow_code_execution=self.allow_code_execution, random_seed=0,
+            allow_code_execution=self.allow_code_execution, random_seed=0, log_samples=True,
         )
         parameters = sum(p.numel() for p in network.parameters())
         del network
@@ -380,7 +382,7 @@ class LlmEvaluator:
         for name, score in result.scores.items():
             if not score.samples:
                 raise MergebenchError(f"lm-eval scored no documents of task {name}")
-            outcomes[name] = (round(score.value * score.samples), score.samples)
+            outcomes[name] = TaskScore.of_correct(np.asarray(result.per_document(name)) >= 0.5)  # exact match, pass@1: 0 or 1
         return Evaluation(outcomes, result.seconds, parameters)
 
     def evaluate_reference(self, which: str, split: str) -> Evaluation:
