@@ -127,8 +127,8 @@ def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed
             costs: bool = True) -> None:
     """Print and write the tables (unless ``tables`` is False) and the plots of ``suites`` on every stored model
     (or the ``models`` named)."""
-    from mergebench.reports.plots import plot_per_task, plot_task_count
-    from mergebench.reports.tables import to_markdown, write_reports
+    from mergebench.reports.plots import plot_per_task, plot_scale, plot_task_count
+    from mergebench.reports.tables import to_markdown, to_scale_markdown, write_reports
     from mergebench.store.database import PRETRAINED, ResultStore
 
     store = ResultStore(out)
@@ -146,7 +146,23 @@ def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed
             normalizable = [table.suite for table in family_tables if table.row(PRETRAINED).normalized_accuracy is not None]
             if len(normalizable) > 1:  # a suite whose expert scores 0 on its task has no normalized score to plot
                 written.append(plot_task_count(store, normalizable, model, out / "plots" / f"{family}-{model}-task-count.png"))
+        family_tables = [table for tables in by_model.values() for table in tables]
+        if len({table.model for table in family_tables if table.base_parameters}) > 1:  # the scale axis
+            scale = to_scale_markdown(family_tables)
+            if tables:
+                print(f"### {family}: models and task counts, test avg. (normalized), %\n\n{scale}")
+                written.append(_write(out / "reports" / f"{family}-scale.md", scale))
+            written.append(plot_scale(family_tables, out / "plots" / f"{family}-scale.png"))
     print("wrote " + ", ".join(str(path) for path in written))
+
+
+def _write(path: Path, text: str) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise MergebenchError(f"cannot write {path}: {error.strerror or error}") from error
+    return path
 
 
 def _family(suite: str) -> str:
@@ -157,6 +173,27 @@ def _family(suite: str) -> str:
 
 def command_plot(args: argparse.Namespace) -> None:
     _report(args.out, _suite_names(args), _models(args), args.seed, tables=False)
+
+
+def command_reproduce(args: argparse.Namespace) -> int:
+    from mergebench.runner.references import all_tables, get_table
+    from mergebench.runner.reproduce import OUTSIDE, ReproduceRequest, reproduce, to_markdown
+    from mergebench.runner.sweep import SweepRequest
+
+    if args.list or not args.table:
+        for table_id, table in all_tables().items():
+            print(f"{table_id:<42} {len(table.cells):>4} cells  {table.checkpoint_family:<18} {table.title}")
+        return 0
+    sweep = SweepRequest(suites=(), methods=(), overrides={}, device=args.device, out=args.out, cache=args.cache,
+                         seed=args.seed, options=_kind_options(args))
+    methods = tuple(_names(args.methods)) if args.methods else None
+    for method in methods or ():
+        from mergebench.methods.registry import get_method
+
+        get_method(method)
+    found = reproduce(ReproduceRequest(args.table, sweep, run=not args.no_run, methods=methods))
+    print(to_markdown(get_table(args.table), found))
+    return 1 if any(item.verdict == OUTSIDE for item in found) else 0
 
 
 def command_methods(args: argparse.Namespace) -> None:
@@ -292,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "repeat byte for byte")
     report.set_defaults(handler=command_report)
     with_common(commands.add_parser("plot", help="write PNG plots of the stored results"), False).set_defaults(handler=command_plot)
+    reproduce = with_tasks(commands.add_parser(
+        "reproduce", help="run what a published table needs and compare it cell by cell (exit 1 if a cell is outside its tolerance)",
+    ))
+    reproduce.add_argument("table", nargs="?", help="a reference table id, e.g. iso/table1 (none: list them)")
+    reproduce.add_argument("--list", action="store_true", help="list the reference tables")
+    reproduce.add_argument("--methods", default=None, help="only these of the table's methods (comma-separated)")
+    reproduce.add_argument("--no-run", action="store_true", help="compare what the store holds, run nothing")
+    reproduce.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: results/)")
+    reproduce.add_argument("--seed", type=int, default=0, help="seed of randomized methods")
+    reproduce.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    reproduce.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
+    _add_kind_options(reproduce).set_defaults(handler=command_reproduce)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.set_defaults(handler=command_methods)
@@ -328,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         with _task_folders(getattr(args, "tasks", [])):
-            args.handler(args)
+            status = args.handler(args)
     except MergebenchError as error:
         print(f"mergebench: error: {error}", file=sys.stderr)
         return 2
@@ -338,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mergebench: interrupted; finished cells are stored — run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

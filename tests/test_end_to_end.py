@@ -228,3 +228,40 @@ def test_a_plugin_method_runs_in_a_sweep(tiny_suites, tmp_path, monkeypatch, rel
     rows = ResultStore(out).query("SELECT DISTINCT hparams, split FROM results WHERE method='median_merge'")
     assert len([row for row in rows if row["split"] == "validation"]) == 4  # shrink {0, 0.5} × λ {0.5, 1}
     assert "median_merge" in capsys.readouterr().out
+
+
+def test_reproduce_runs_the_missing_cells_and_judges_each_against_its_tolerance(tiny_suites, capsys):
+    """A table of one's own (beside the suite file): cells within and outside tolerance, a trap, a row without a method."""
+    out = tiny_suites / "results"
+    assert cli.main(["run", "--suite", "tiny-2", "--methods", "task_arithmetic", "--hparams", "lam=0.3", "--out", str(out)]) == 0
+    from mergebench.reports.tables import load_table
+
+    ta = load_table(ResultStore(out), "tiny-2").row("task_arithmetic (fixed lam=0.3)")
+    mean, shapes = 100 * ta.mean_accuracy, 100 * ta.accuracies["shapes"]
+    folder = tiny_suites / "tasks" / "references" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "tiny.yaml").write_text(textwrap.dedent(f"""
+        title: "tiny-2 as measured"
+        source: "this test"
+        checkpoint_family: mergebench
+        split: test
+        tolerance: 1.0
+        hyperparameters: {{task_arithmetic: {{lam: 0.3}}}}
+        methods: {{TA: task_arithmetic, Mine: null, Zero-shot: pretrained}}
+        traps:
+          - {{note: "shapes are drawn anew", where: {{task: shapes}}}}
+        cells:
+          - {{row: TA, suite: tiny-2, model: efficientnet-lite0, metric: accuracy, absolute: {mean + 0.5:.2f}}}
+          - {{row: TA, suite: tiny-2, model: efficientnet-lite0, task: shapes, metric: accuracy, absolute: {shapes + 5:.2f}}}
+          - {{row: Mine, suite: tiny-2, model: efficientnet-lite0, metric: accuracy, absolute: 50.0}}
+          - {{row: Zero-shot, suite: tiny-2, model: efficientnet-lite0, metric: accuracy_f1_mean, absolute: 50.0}}
+    """))
+    stored = ResultStore(out).query("SELECT COUNT(*) AS n FROM results")[0]["n"]
+    assert cli.main(["reproduce", "mine/tiny", "--out", str(out)]) == 1  # a cell is outside its tolerance
+    printed = capsys.readouterr().out
+    assert ResultStore(out).query("SELECT COUNT(*) AS n FROM results")[0]["n"] == stored  # everything was in the store
+    lines = {line.split(" | ")[3]: line for line in printed.splitlines() if line.startswith("| TA |")}
+    assert "| -0.5 | within |" in lines["mean"] and "| -5.0 | outside: |Δ| > 1 | [1] |" in lines["shapes"]
+    assert "not run: row 'Mine' has no mergebench method" in printed
+    assert "not comparable: metric accuracy_f1_mean is not one mergebench stores" in printed
+    assert "[1] shapes are drawn anew" in printed and "2 within" not in printed and "1 within, 1 outside" in printed

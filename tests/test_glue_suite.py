@@ -44,6 +44,7 @@ validation: {fraction: 0.25, max_examples: 12, seed: 0}
 models:
   roberta-base:
     base: FacebookAI/roberta-base
+    checkpoint_family: dare_roberta
     max_length: 40
     experts:
       cola: vanillaOVO/roberta_base_glue_ckpts/cola/roberta-base_lr1e-05
@@ -51,6 +52,7 @@ models:
       mrpc: vanillaOVO/roberta_base_glue_ckpts/mrpc/roberta-base_lr1e-05
   gpt2:
     base: openai-community/gpt2
+    checkpoint_family: fusion_bench_gpt2
     max_length: 40
     experts: {cola: tanganke/gpt2_cola, stsb: null, mrpc: tanganke/gpt2_mrpc}
 tasks:

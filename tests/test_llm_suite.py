@@ -75,7 +75,7 @@ def suites(checkpoints, tmp_path, monkeypatch):
     """A suite file naming the tiny checkpoints, and one building its expert; small data pools."""
     folder = tmp_path / "tasks"
     folder.mkdir()
-    experts = f"{{base: {checkpoints['base']}, experts: {{math: {checkpoints['math']}, code: {checkpoints['code']}}}}}"
+    experts = f"{{base: {checkpoints['base']}, checkpoint_family: tiny, experts: {{math: {checkpoints['math']}, code: {checkpoints['code']}}}}}"
     (folder / "_tiny.yaml").write_text("kind: llm\nfamily: tiny\n")
     (folder / "tiny-llm.yaml").write_text(textwrap.dedent(f"""
         include: _tiny.yaml

@@ -33,14 +33,14 @@ MERGE_COSTS = {
 class Writer:
     """Records cells and selections through the store's public API, as the runner does."""
 
-    def __init__(self, store: ResultStore, context_key: str, suite: str, tasks: list[str]):
-        self.store, self.context_key, self.suite, self.tasks = store, context_key, suite, tasks
+    def __init__(self, store: ResultStore, context_key: str, suite: str, tasks: list[str], model: str = MODEL):
+        self.store, self.context_key, self.suite, self.tasks, self.model = store, context_key, suite, tasks, model
 
     def cell(self, method: str, hparams: dict, split: str) -> Cell:
-        return Cell(self.context_key, self.suite, MODEL, method, hparams, 0, split)
+        return Cell(self.context_key, self.suite, self.model, method, hparams, 0, split)
 
     def record(self, method: str, hparams: dict, split: str, correct: list[int], **costs) -> None:
-        config = {"suite": self.suite, "tasks": self.tasks, "model": MODEL, "method": method,
+        config = {"suite": self.suite, "tasks": self.tasks, "model": self.model, "method": method,
                   "hparams": hparams, "seed": 0, "split": split}
         outcomes = {task: (count, TOTAL) for task, count in zip(self.tasks, correct)}
         self.store.record(self.cell(method, hparams, split), "run-1", outcomes, config=config, checkpoints={}, **costs)
@@ -49,14 +49,15 @@ class Writer:
         self.store.select(self.cell(method, hparams, "test"), 0.9, "normalized_validation_accuracy", "run-1")
 
 
-def fill_suite(store: ResultStore, context_key: str, suite: str, tasks: list[str], shift: int = 0) -> None:
-    writer = Writer(store, context_key, suite, tasks)
+def fill_suite(store: ResultStore, context_key: str, suite: str, tasks: list[str], shift: int = 0, model: str = MODEL,
+               parameters: int = 4_700_000) -> None:
+    writer = Writer(store, context_key, suite, tasks, model)
     n = len(tasks)
     for method in ("pretrained", "individual"):
         writer.record(method, {}, "validation", [c - 5 for c in TEST_CORRECT[method][:n]])
         writer.record(method, {}, "test", [c - shift for c in TEST_CORRECT[method][:n]])
     for method, chosen, other in (("task_arithmetic", TA_SETTING, {"lam": 1.0}), ("ties", TIES_SETTING, {"k": 50, "lam": 1.0})):
-        cost = MERGE_COSTS[method]
+        cost = MERGE_COSTS[method] | {"parameters": parameters}
         writer.record(method, chosen, "validation", [c + 2 for c in TEST_CORRECT[method][:n]], **cost)
         writer.record(method, other, "validation", [50] * n, **cost | {"merge_seconds": 3 * cost["merge_seconds"]})
         writer.record(method, chosen, "test", [c - shift for c in TEST_CORRECT[method][:n]], **cost)
@@ -108,13 +109,14 @@ def test_markdown_and_csv_contain_expected_cells(store):
     table = load_table(store, "mini-vision-4", MODEL)
     ta_norm = f"{100 * expected_normalized('task_arithmetic', 4):.1f}"
     markdown = to_markdown(table)
-    assert "| Method | mnist | svhn | cifar10 | eurosat | Avg. | Norm. | Setting |" in markdown
-    assert "| individual | 98.0 | 90.0 | 80.0 | 96.0 | 91.0 | 100.0 | — | none | — | — | — |" in markdown
+    assert "| Method | mnist | svhn | cifar10 | eurosat | Avg. | Norm. | 95% CI | Setting |" in markdown
+    assert "| individual | 98.0 | 90.0 | 80.0 | 96.0 | 91.0 | 100.0 | — | — | none | — | — | — |" in markdown
     # TA's stored merges: three at 0.5 s and one at 1.5 s (the other validation setting) -> 0.75 s on average
-    assert f"| task_arithmetic | 90.0 | 60.0 | **75.0** | 85.0 | 77.5 | {ta_norm} | lam=0.3 | none | 0.75 | 40 | 4.70M |" in markdown
+    # (no interval: these rows were stored without per-example outcomes, as before they were kept)
+    assert f"| task_arithmetic | 90.0 | 60.0 | **75.0** | 85.0 | 77.5 | {ta_norm} | — | lam=0.3 | none | 0.75 | 40 | 4.70M |" in markdown
     lines = to_csv(table).splitlines()
-    assert lines[0] == "Method,mnist,svhn,cifar10,eurosat,Avg.,Norm.,Setting,Data access,Merge s,Peak MiB,Params"
-    assert lines[3] == f"task_arithmetic,90.0,60.0,75.0,85.0,77.5,{ta_norm},lam=0.3,none,0.75,40,4.70M"
+    assert lines[0] == "Method,mnist,svhn,cifar10,eurosat,Avg.,Norm.,95% CI,Setting,Data access,Merge s,Peak MiB,Params"
+    assert lines[3] == f"task_arithmetic,90.0,60.0,75.0,85.0,77.5,{ta_norm},—,lam=0.3,none,0.75,40,4.70M"
     assert lines[4].endswith(",k=20 lam=1.0,none,3.33,310,4.70M")
 
 
@@ -170,3 +172,27 @@ def test_an_expert_scoring_zero_leaves_the_normalized_score_undefined(tmp_path):
     markdown = to_markdown(table)
     assert "| task_arithmetic | **25.0** | **5.0** | **15.0** | — |" in markdown
     assert "expert of b scores 0 or below" in markdown
+
+
+def test_several_models_report_side_by_side_with_a_scale_table_and_plot(tmp_path, capsys):
+    from mergebench import cli
+
+    store = ResultStore(tmp_path)
+    store.start_run("run-1", "mergebench run", None, {"torch": "x"}, "cpu")
+    for model, parameters, shift in (("efficientnet-lite0", 3_370_000, 0), ("efficientnet-lite1", 4_200_000, -4)):
+        fill_suite(store, f"{model}-4", "mini-vision-4", TASKS_4, shift=shift, model=model, parameters=parameters)
+        fill_suite(store, f"{model}-8", "mini-vision-8", TASKS_8, shift=shift, model=model, parameters=parameters)
+    assert cli.main(["report", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "mini-vision-8 on efficientnet-lite0" in printed and "mini-vision-8 on efficientnet-lite1" in printed
+    scale = (tmp_path / "reports" / "mini-vision-scale.md").read_text()
+    header = scale.splitlines()[0]
+    assert header.index("efficientnet-lite0 (3.4M), 4 tasks") < header.index("efficientnet-lite0 (3.4M), 8 tasks") < header.index("efficientnet-lite1 (4.2M), 4 tasks")
+    ties_row = next(line for line in scale.splitlines() if line.startswith("| ties |"))
+    lite0_4 = load_table(store, "mini-vision-4", "efficientnet-lite0").row("ties")
+    assert f"{100 * lite0_4.mean_accuracy:.1f} ({100 * lite0_4.normalized_accuracy:.1f})" in ties_row
+    for name in ("mini-vision-scale.png", "mini-vision-efficientnet-lite0-task-count.png", "mini-vision-efficientnet-lite1-task-count.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
+    assert cli.main(["report", "--out", str(tmp_path), "--model", "efficientnet-lite1", "--format", "md", "--no-costs"]) == 0
+    only = capsys.readouterr().out
+    assert "efficientnet-lite0" not in only and "Merge s" not in only and only.count("### ") == 2

@@ -64,7 +64,7 @@ def test_database_is_plain_sqlite(tmp_path):
 
 
 def test_a_store_written_before_the_cost_columns_gains_them(tmp_path):
-    old_schema = SCHEMA.replace(",\n    merge_peak_mb REAL,\n    parameters INTEGER\n", "\n")
+    old_schema = SCHEMA.replace(",\n    merge_peak_mb REAL,\n    parameters INTEGER,\n    examples BLOB\n", "\n")
     assert "merge_peak_mb" not in old_schema
     connection = sqlite3.connect(tmp_path / DATABASE_NAME)
     connection.executescript(old_schema)

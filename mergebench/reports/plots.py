@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.figure import Figure  # noqa: E402
 
 from mergebench.errors import MergebenchError  # noqa: E402
-from mergebench.reports.tables import ResultTable, load_table  # noqa: E402
+from mergebench.reports.tables import MethodRow, ResultTable, load_table  # noqa: E402
 from mergebench.store.database import INDIVIDUAL, PRETRAINED, ResultStore  # noqa: E402
 
 DPI = 150
@@ -37,6 +37,7 @@ def plot_task_count(store: ResultStore, suites: list[str], model: str | None, pa
     for method in _merged_methods(tables):
         points = [(len(t.tasks), 100 * t.row(method).normalized_accuracy) for t in tables if _has(t, method)]
         axes.plot(*zip(*points), marker="o", linewidth=2, label=method)
+        _error_bars(axes, [(len(t.tasks), t.row(method)) for t in tables if _has(t, method)])
     axes.set_xticks(sorted(set(counts)))
     axes.set_xlabel("Number of tasks")
     axes.set_ylabel("Normalized test accuracy (%)")
@@ -58,7 +59,7 @@ def plot_per_task(table: ResultTable, path: str | Path) -> Path:
         offsets = [p - group_width / 2 + (index + 0.5) * bar_width for p in positions]
         heights = [100 * row.accuracies[task] for task in table.tasks]
         color = REFERENCE_STYLE.get(row.method, {}).get("color")
-        axes.bar(offsets, heights, width=bar_width, label=row.method, color=color)
+        axes.bar(offsets, heights, width=bar_width, label=row.label, color=color)
     individual = table.row(INDIVIDUAL)
     axes.hlines(
         [100 * individual.accuracies[task] for task in table.tasks],
@@ -76,13 +77,54 @@ def plot_per_task(table: ResultTable, path: str | Path) -> Path:
     return _save(figure, path)
 
 
+def plot_scale(tables: list[ResultTable], path: str | Path) -> Path:
+    """Normalized test accuracy (%) against the model's parameter count (log axis), one line per method,
+    one panel per task count: the scale axis of the merging papers (Iso-C Table 1, as a figure)."""
+    sized = [table for table in tables if table.base_parameters and table.row(PRETRAINED).normalized_accuracy is not None]
+    counts = sorted({len(table.tasks) for table in sized})
+    if not counts or len({table.model for table in sized}) < 2:
+        raise MergebenchError("a scale plot needs results of at least two models of one suite family")
+    figure, panels = plt.subplots(1, len(counts), figsize=(4.2 * len(counts) + 2.5, 4.2), sharey=True, squeeze=False)
+    for axes, count in zip(panels[0], counts):
+        group = sorted((t for t in sized if len(t.tasks) == count), key=lambda t: t.base_parameters)
+        sizes = [t.base_parameters for t in group]
+        axes.plot(sizes, [100 * t.row(PRETRAINED).normalized_accuracy for t in group], marker="s", label=PRETRAINED,
+                  **REFERENCE_STYLE[PRETRAINED])
+        for method in _merged_methods(group):
+            present = [t for t in group if _has(t, method)]
+            axes.plot([t.base_parameters for t in present], [100 * t.row(method).normalized_accuracy for t in present],
+                      marker="o", linewidth=2, label=method)
+            _error_bars(axes, [(t.base_parameters, t.row(method)) for t in present])
+        axes.set_xscale("log")
+        axes.set_xticks(sizes, [f"{t.model}\n{t.base_parameters / 1e6:.1f}M" for t in group], fontsize=8)
+        axes.minorticks_off()
+        axes.set_title(f"{count} tasks")
+        axes.set_xlabel("Model (parameters, log scale)")
+        axes.grid(True, alpha=0.3)
+    panels[0][0].set_ylabel("Normalized test accuracy (%)")
+    panels[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    figure.suptitle("Merging at larger scale (error bars: 95% bootstrap intervals)")
+    return _save(figure, path)
+
+
+def _error_bars(axes, points: list[tuple[float, MethodRow]]) -> None:
+    """95% interval bars of the points whose rows have one."""
+    shown = [(x, row) for x, row in points if row.interval is not None and row.normalized_accuracy is not None]
+    if shown:
+        xs = [x for x, _ in shown]
+        ys = [100 * row.normalized_accuracy for _, row in shown]
+        low = [100 * (row.normalized_accuracy - row.interval.low) for _, row in shown]
+        high = [100 * (row.interval.high - row.normalized_accuracy) for _, row in shown]
+        axes.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor="gray", elinewidth=1, capsize=2)
+
+
 def _has(table: ResultTable, method: str) -> bool:
-    return any(row.method == method for row in table.merged)
+    return any(row.label == method for row in table.merged)
 
 
 def _merged_methods(tables: list[ResultTable]) -> list[str]:
-    """The merged methods of all tables, in order of first appearance."""
-    return list(dict.fromkeys(row.method for table in tables for row in table.merged))
+    """The merged rows of all tables (by label), in order of first appearance."""
+    return list(dict.fromkeys(row.label for table in tables for row in table.merged))
 
 
 def _save(figure: Figure, path: str | Path) -> Path:

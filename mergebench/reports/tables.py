@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mergebench.errors import MergebenchError
-from mergebench.core.scores import ACCURACY, METRIC_LABELS
+from mergebench.core.scores import ACCURACY, METRIC_LABELS, PerExample
 from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
-from mergebench.store.database import INDIVIDUAL, REFERENCE_METHODS, WHOLE_GRID, ResultStore
+from mergebench.reports.intervals import Comparison, Interval, Resampler, compare, suite_interval
+from mergebench.store.database import INDIVIDUAL, PRETRAINED, REFERENCE_METHODS, WHOLE_GRID, ResultStore
 
 REFERENCE_SEED = 0
 SPLIT = "test"
@@ -40,6 +41,10 @@ class MethodRow:
     """``seconds`` (mean per merge), ``peak_mb`` (largest, MiB) and ``parameters`` of the merged model."""
     selection: str = WHOLE_GRID
     """How the setting was chosen: from the method's whole grid, or fixed on the command line (``fixed k=v``)."""
+    examples: Mapping[str, PerExample] = field(default_factory=dict, repr=False)
+    """What each test example contributed, per task (empty for results stored before it was kept)."""
+    interval: Interval | None = None
+    """95% bootstrap interval of the normalized score (of the average where normalization is undefined)."""
 
     @property
     def is_reference(self) -> bool:
@@ -47,8 +52,12 @@ class MethodRow:
 
     @property
     def label(self) -> str:
-        """The row's name in a table: the method, with ``(fixed k=v)`` for a fixed setting."""
-        return self.method if self.selection == WHOLE_GRID else f"{self.method} ({self.selection})"
+        return row_label(self.method, self.selection)
+
+
+def row_label(method: str, selection: str = WHOLE_GRID) -> str:
+    """A row's name in a table: the method, with ``(fixed k=v)`` for a fixed setting."""
+    return method if selection == WHOLE_GRID else f"{method} ({selection})"
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,38 @@ class ResultTable:
     rows: tuple[MethodRow, ...]
     metrics: Mapping[str, str] = field(default_factory=dict)
     """``{task: metric}`` where a task is not scored by accuracy."""
+    resampler: Resampler | None = field(default=None, repr=False)
+    """The bootstrap draws over the test examples (None where a row lacks per-example outcomes)."""
+
+    def compare(self, a: MethodRow, b: MethodRow) -> Comparison | None:
+        """Paired bootstrap of ``a − b`` (normalized where defined), or None without per-example outcomes."""
+        if self.resampler is None or not a.examples or not b.examples:
+            return None
+        experts = self.row(INDIVIDUAL).examples if self.row(PRETRAINED).normalized_accuracy is not None else None
+        return compare(self.resampler, a.examples, b.examples, experts)
+
+    def comparisons(self) -> list[tuple[MethodRow, Comparison]]:
+        """Every other merged method against the best one (by normalized score, else average)."""
+        merged = sorted(self.merged, key=_ranking_score, reverse=True)
+        found = [(row, self.compare(merged[0], row)) for row in merged[1:]] if merged else []
+        return [(row, comparison) for row, comparison in found if comparison is not None]
 
     @property
     def merged(self) -> tuple[MethodRow, ...]:
         return tuple(row for row in self.rows if not row.is_reference)
 
-    def row(self, method: str) -> MethodRow:
+    def row(self, name: str) -> MethodRow:
+        """The row labelled ``name`` (a method's row chosen from its whole grid is labelled by the method)."""
         for row in self.rows:
-            if row.method == method:
+            if row.label == name:
                 return row
-        raise KeyError(method)
+        raise KeyError(name)
+
+    @property
+    def base_parameters(self) -> int | None:
+        """Parameters of the merged model of a method that keeps the base model's size (the scale of a model)."""
+        counts = [row.costs.get("parameters") for row in self.merged if row.costs.get("parameters")]
+        return min(counts) if counts else None
 
 
 # --- reading the store ------------------------------------------------------------------------
@@ -97,7 +128,28 @@ def load_table(store: ResultStore, suite: str, model: str | None = None, seed: i
         row = _method_row(store, context_key, selection["method"], selection["hparams"], seed, selection["data_access"], tasks, individual)
         rows.append(replace(row, selection=selection["selection"]))
     metrics = {task: metric for task, metric in store.metrics(context_key).items() if metric != ACCURACY}
-    return ResultTable(suite, model, context_key, tasks, tuple(rows), metrics)
+    rows, resampler = _with_intervals(rows, tasks, metrics)
+    return ResultTable(suite, model, context_key, tasks, tuple(rows), metrics, resampler)
+
+
+def _with_intervals(rows: list[MethodRow], tasks: tuple[str, ...], metrics: Mapping[str, str]) -> tuple[list[MethodRow], Resampler | None]:
+    """Rows with their 95% intervals, from one set of bootstrap draws over the experts' test examples."""
+    experts = next(row for row in rows if row.method == INDIVIDUAL).examples
+    if set(experts) != set(tasks):
+        return rows, None
+    resampler = Resampler({task: len(experts[task].values) for task in tasks}, metrics)
+    normalizable = next(row for row in rows if row.method == PRETRAINED).normalized_accuracy is not None
+    with_intervals = []
+    for row in rows:
+        interval = None
+        if set(row.examples) == set(tasks) and row.method != INDIVIDUAL:
+            interval = suite_interval(resampler, row.examples, experts if normalizable else None)
+        with_intervals.append(replace(row, interval=interval))
+    return with_intervals, resampler
+
+
+def _ranking_score(row: MethodRow) -> float:
+    return row.normalized_accuracy if row.normalized_accuracy is not None else row.mean_accuracy
 
 
 def _resolve_model(store: ResultStore, suite: str, model: str | None) -> str:
@@ -173,7 +225,8 @@ def _method_row(
     except NormalizationError:
         normalized = None  # an expert scores 0 or below: the ratio is undefined (see the caption)
     costs = {} if method in REFERENCE_METHODS else store.merge_costs(context_key, method, data_access)
-    return MethodRow(method, accuracies, mean_accuracy(accuracies), normalized, json.loads(hparams_json), data_access, costs)
+    examples = store.examples(context_key, method, SPLIT, hparams_json, seed, data_access)
+    return MethodRow(method, accuracies, mean_accuracy(accuracies), normalized, json.loads(hparams_json), data_access, costs, examples=examples)
 
 
 # --- formatting -------------------------------------------------------------------------------
@@ -200,6 +253,7 @@ def _values(table: ResultTable, row: MethodRow) -> list[str]:
 
 
 COST_COLUMNS = ("Merge s", "Peak MiB", "Params")
+CI_COLUMN = "95% CI"
 
 
 def _costs(row: MethodRow, shown: bool = True) -> list[str]:
@@ -247,35 +301,59 @@ def _caption(table: ResultTable, costs: bool = True) -> str:
     return (
         f"{_title(table)}: {scores} "
         f"(merged / individual expert, per task). Merged methods use the setting selected on validation, "
-        f"or the one fixed where a row says (fixed ...)"
+        f"or the one fixed where a row says (fixed ...); 95% CI: bootstrap interval of Norm. over the test examples"
         + ("; costs are seconds per merge, peak memory of a merge, and the merged model's parameters." if costs else ".")
         + undefined
     )
 
 
+def _interval(row: MethodRow) -> str:
+    return "—" if row.interval is None else str(row.interval)
+
+
+def comparison_lines(table: ResultTable) -> list[str]:
+    """One line per merged method: its paired difference from the best one, and whether it is beyond noise."""
+    comparisons = table.comparisons()
+    if not comparisons:
+        return []
+    best = max(table.merged, key=_ranking_score)
+    what = "normalized score" if table.row(PRETRAINED).normalized_accuracy is not None else "average score"
+    lines = [f"Paired comparisons with {best.label} ({what}, bootstrap over the same test examples, 95%):", ""]
+    for row, comparison in comparisons:
+        verdict = "worse beyond noise" if comparison.beyond_noise else "within noise"
+        lines.append(f"- {row.label}: {100 * -comparison.difference:+.1f} points {_flipped(comparison.interval)}, {verdict}")
+    return lines
+
+
+def _flipped(interval: Interval) -> str:
+    """The interval of ``b − a`` from that of ``a − b``."""
+    return str(Interval(-interval.high, -interval.low))
+
+
 def to_markdown(table: ResultTable, costs: bool = True) -> str:
-    header = ["Method", *_columns(table), "Setting", "Data", *_cost_columns(costs)]
+    header = ["Method", *_columns(table), CI_COLUMN, "Setting", "Data", *_cost_columns(costs)]
     lines = [
         f"### {_title(table)}",
         "",
         _caption(table, costs),
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---", *["---:"] * len(_columns(table)), ":---", ":---", *["---:"] * len(_cost_columns(costs))]) + "|",
+        "|" + "|".join([":---", *["---:"] * (len(_columns(table)) + 1), ":---", ":---", *["---:"] * len(_cost_columns(costs))]) + "|",
     ]
     for row in table.rows:
         cells = _cells(table, row, lambda value: f"**{value}**")
         setting = format_setting(row.setting) or "—"
-        lines.append("| " + " | ".join([row.label, *cells, setting, row.data_access, *_costs(row, costs)]) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append("| " + " | ".join([row.label, *cells, _interval(row), setting, row.data_access, *_costs(row, costs)]) + " |")
+    comparisons = comparison_lines(table)
+    return "\n".join(lines + ([""] + comparisons if comparisons else [])) + "\n"
 
 
 def to_csv(table: ResultTable, costs: bool = True) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["Method", *_columns(table), "Setting", "Data access", *_cost_columns(costs)])
+    writer.writerow(["Method", *_columns(table), CI_COLUMN, "Setting", "Data access", *_cost_columns(costs)])
     for row in table.rows:
-        writer.writerow([row.label, *_values(table, row), format_setting(row.setting), row.data_access, *_costs(row, costs)])
+        writer.writerow([row.label, *_values(table, row), _interval(row), format_setting(row.setting), row.data_access, *_costs(row, costs)])
     return buffer.getvalue()
 
 
@@ -294,7 +372,8 @@ def _latex_method_row(table: ResultTable, row: MethodRow, costs: bool) -> str:
     cells = _cells(table, row, lambda value: rf"\textbf{{{value}}}")
     setting = latex_escape(format_setting(row.setting)) or "--"
     cost_cells = [cost.replace("—", "--") for cost in _costs(row, costs)]
-    return _latex_row([latex_escape(row.label), *cells, setting, latex_escape(row.data_access), *cost_cells])
+    interval = _interval(row).replace("—", "--")
+    return _latex_row([latex_escape(row.label), *cells, interval, setting, latex_escape(row.data_access), *cost_cells])
 
 
 def to_latex(table: ResultTable, costs: bool = True) -> str:
@@ -304,9 +383,9 @@ def to_latex(table: ResultTable, costs: bool = True) -> str:
         r"\centering",
         rf"\caption{{{latex_escape(_caption(table, costs))}}}",
         rf"\label{{tab:{report_stem(table)}}}",
-        r"\begin{tabular}{l" + "r" * len(columns) + "ll" + "r" * len(_cost_columns(costs)) + "}",
+        r"\begin{tabular}{l" + "r" * (len(columns) + 1) + "ll" + "r" * len(_cost_columns(costs)) + "}",
         r"\toprule",
-        _latex_row(["Method", *(latex_escape(column) for column in columns), "Setting", "Data", *_cost_columns(costs)]),
+        _latex_row(["Method", *(latex_escape(column) for column in columns), latex_escape(CI_COLUMN), "Setting", "Data", *_cost_columns(costs)]),
         r"\midrule",
     ]
     references = [row for row in table.rows if row.is_reference]
@@ -315,6 +394,31 @@ def to_latex(table: ResultTable, costs: bool = True) -> str:
         lines.append(r"\midrule")
         lines += [_latex_method_row(table, row, costs) for row in table.merged]
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_scale_markdown(tables: list[ResultTable]) -> str:
+    """The paper-style table of a family over models and task counts (Iso-C's Table 1 layout): one row
+    per method, one column per (model, task count), each cell ``absolute (normalized)`` test score."""
+    columns = sorted(tables, key=lambda t: (t.base_parameters or 0, t.model, len(t.tasks)))
+    names = list(dict.fromkeys(row.label for table in columns for row in table.rows))
+    header = [f"{t.model} ({t.base_parameters / 1e6:.1f}M), {len(t.tasks)} tasks" if t.base_parameters else f"{t.model}, {len(t.tasks)} tasks"
+              for t in columns]
+    lines = [
+        "| Method | " + " | ".join(header) + " |",
+        "|:---|" + "|".join(["---:"] * len(columns)) + "|",
+    ]
+    for name in names:
+        cells = []
+        for table in columns:
+            try:
+                row = table.row(name)
+            except KeyError:
+                cells.append("—")
+                continue
+            normalized = "" if row.normalized_accuracy is None or name == INDIVIDUAL else f" ({percent(row.normalized_accuracy)})"
+            cells.append(f"{percent(row.mean_accuracy)}{normalized}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

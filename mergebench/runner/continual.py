@@ -52,7 +52,8 @@ def run_continual(request: ContinualRequest, report: Callable[[str], None] = tqd
     for suite, kind, models, options in plan.suites:
         for model in models:
             evaluator = kind.evaluator(suite, model, device, cache, **options)
-            sweep = SuiteSweep(evaluator, store, run_id, sweep_request.seed, sweep_request.examples)
+            family = kind.checkpoint_family(suite, model, **options)
+            sweep = SuiteSweep(evaluator, store, run_id, sweep_request.seed, sweep_request.examples, family)
             sweep.references()
             for method in plan.methods:
                 access = evaluator.data_access(method, sweep_request.examples)

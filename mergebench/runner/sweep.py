@@ -150,7 +150,9 @@ def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write)
     summaries = []
     for suite, kind, models, options in plan.suites:
         for model in models:
-            sweep = SuiteSweep(kind.evaluator(suite, model, device, cache, **options), store, run_id, request.seed, request.examples)
+            evaluator = kind.evaluator(suite, model, device, cache, **options)
+            family = kind.checkpoint_family(suite, model, **options)
+            sweep = SuiteSweep(evaluator, store, run_id, request.seed, request.examples, family)
             sweep.references()
             for method in plan.methods:
                 summary = sweep.method(method, request.overrides.get(method.name, {}))
@@ -170,8 +172,10 @@ def selection_label(method: MergeMethod, overrides: Mapping[str, Any]) -> str:
 class SuiteSweep:
     """The cells of one suite on one model, evaluated and stored."""
 
-    def __init__(self, evaluator: Evaluator, store: ResultStore, run_id: str, seed: int, examples: int | None = None):
+    def __init__(self, evaluator: Evaluator, store: ResultStore, run_id: str, seed: int, examples: int | None = None,
+                 family: str | None = None):
         self.evaluator = evaluator
+        self.family = family
         self.store = store
         self.run_id = run_id
         self.seed = seed
@@ -191,6 +195,7 @@ class SuiteSweep:
             "data_access": cell.data_access, "suite": self.suite.name, "tasks": list(self.evaluator.columns("test")),
             "model": self.evaluator.model, "method": cell.method, "hparams": dict(cell.hparams), "seed": cell.seed,
             "split": cell.split, "device": str(self.evaluator.device), "selection": self.evaluator.selection.criterion,
+            "checkpoint_family": self.family,
             **self.evaluator.describe(),
         }
         self.store.record(

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import sqlite3
+import struct
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -264,24 +265,29 @@ class ResultStore:
             )
 
 
+BITS, ARRAYS = b"B", b"A"
+
+
 def encode_examples(examples: PerExample | None) -> bytes | None:
-    """Per-example outcomes as a compressed ``.npz``: right/wrong bits for accuracy, else predictions and labels."""
+    """Per-example outcomes, compactly: right/wrong as packed bits (``B``, the count, the bits), or
+    predictions and labels of a correlation metric as two ``.npy`` arrays (``A``)."""
     if examples is None:
         return None
-    buffer = io.BytesIO()
     values = np.asarray(examples.values)
     if values.dtype == bool:
-        np.savez_compressed(buffer, correct=np.packbits(values), count=np.int64(len(values)))
-    else:
-        np.savez_compressed(buffer, values=values, labels=np.asarray(examples.labels))
-    return buffer.getvalue()
+        return BITS + struct.pack("<Q", len(values)) + np.packbits(values).tobytes()
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    np.save(buffer, np.asarray(examples.labels), allow_pickle=False)
+    return ARRAYS + buffer.getvalue()
 
 
 def decode_examples(blob: bytes) -> PerExample:
-    with np.load(io.BytesIO(blob)) as stored:
-        if "correct" in stored:
-            return PerExample(np.unpackbits(stored["correct"], count=int(stored["count"])).astype(bool))
-        return PerExample(stored["values"], stored["labels"])
+    if blob[:1] == BITS:
+        (count,) = struct.unpack("<Q", blob[1:9])
+        return PerExample(np.unpackbits(np.frombuffer(blob[9:], dtype=np.uint8), count=count).astype(bool))
+    buffer = io.BytesIO(blob[1:])
+    return PerExample(np.load(buffer, allow_pickle=False), np.load(buffer, allow_pickle=False))
 
 
 def _migrate_selections(connection: sqlite3.Connection) -> None:

@@ -81,6 +81,11 @@ class Kind:
         """Per task (and base model): whether data and experts are on this machine. Never downloads."""
         raise NotImplementedError
 
+    def checkpoint_family(self, suite: SuiteBase, model: str, **options: Any) -> str:
+        """Who trained the experts that ``options`` select (``tall_masks``, ``fusion_bench``, ``mergebench`` for
+        experts built here…): published numbers compare only within one family. Reads no weights."""
+        raise NotImplementedError
+
     def build(self, suite: SuiteBase, model: str, cache: Path, device: torch.device, **options: Any) -> str:
         """Build or fetch the experts of ``suite`` on ``model``; returns where they are."""
         raise MergebenchError(f"suite {suite.name} is of kind {self.name!r}, whose experts are published checkpoints: "

@@ -122,6 +122,8 @@ from mergebench.store.database import content_key
 from mergebench.suites.schema import Fields, SuiteBase, SuiteDocument, ValidationPolicy
 
 HUB = "hub"
+FAMILIES = {"hub": "fusion_bench", "folders": "fusion_bench", "open_clip": "tall_masks"}
+"""The checkpoint family each layout of ``--checkpoints`` holds."""
 PROJECTION = "visual_projection.weight"
 CPU_EVAL_BATCH = 64
 DECODE_CHUNK = 64
@@ -647,6 +649,10 @@ class ClipKind(Kind):
             data_status, data_hint = clip_data.status(task) if clip_data is not None else data_source.status()
             rows.append(TaskStatus(task.name, data_source.describe(), f"{encoder}; {data_status}", "; ".join(filter(None, (encoder_hint, data_hint))) or None))
         return rows
+
+    def checkpoint_family(self, suite: ClipSuite, model: str, checkpoints=None, allow_pickle=False, **options) -> str:
+        """tall_masks' open_clip files, or FusionBench's encoders (from the Hub or in folders named like its repositories)."""
+        return FAMILIES[CheckpointSource(suite, model, checkpoints, allow_pickle).layout]
 
     def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
         return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options))

@@ -94,6 +94,8 @@ class GlueModelSpec:
     base: str
     max_length: int
     experts: Mapping[str, str | None]
+    family: str
+    """Who trained the experts (``dare_roberta``, ``fusion_bench_gpt2``): published numbers compare within one family."""
 
     def expert(self, task: str) -> tuple[str, str | None]:
         """``(repo id, subfolder or None)`` of a task's expert."""
@@ -330,14 +332,14 @@ def _task(entry: Fields, dataset: str) -> GlueTaskSpec:
 
 
 def _model(name: str, spec: Fields, tasks: Mapping[str, GlueTaskSpec]) -> GlueModelSpec:
-    spec.only("base", "max_length", "experts")
+    spec.only("base", "max_length", "experts", "checkpoint_family")
     experts = spec.fields("experts")
     for task, location in experts.data.items():
         if task not in tasks:
             raise MergebenchError(f"{experts.at(task)}: unknown task")
         if location is not None and len(experts.string(task).split("/")) < 2:
             raise MergebenchError(f"{experts.at(task)}: expected owner/repo[/subfolder], got {location!r}")
-    return GlueModelSpec(name, spec.string("base"), spec.integer("max_length", minimum=2), dict(experts.data))
+    return GlueModelSpec(name, spec.string("base"), spec.integer("max_length", minimum=2), dict(experts.data), spec.string("checkpoint_family"))
 
 
 @register_kind
@@ -380,6 +382,9 @@ class GlueKind(Kind):
             hint = "; ".join(filter(None, (expert_hint, data_hint))) or None
             rows.append(TaskStatus(task.name, data_source.describe(), f"expert {expert}; {data_status}", hint))
         return rows
+
+    def checkpoint_family(self, suite: GlueSuite, model: str, **options) -> str:
+        return suite.model(model).family
 
     def evaluator(self, suite: GlueSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
         return InMemoryEvaluator(prepare_glue_suite(suite, model, device, cache, **options))

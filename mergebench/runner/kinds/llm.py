@@ -111,6 +111,8 @@ class LlmModel:
     name: str
     base: str
     experts: Mapping[str, str]
+    family: str = "mergebench"
+    """Who trained the experts: the suite file's ``checkpoint_family`` for listed experts, ``mergebench`` for built ones."""
 
 
 @dataclass(frozen=True)
@@ -298,14 +300,16 @@ def _task(entry: Fields, recipe: Mapping[str, Any] | None, validation: SampledVa
 
 
 def _model(name: str, spec: Fields, tasks: Sequence[LlmTask]) -> LlmModel:
-    spec.only("base", "experts")
+    spec.only("base", "experts", "checkpoint_family")
     listed = spec.fields("experts", {})
     experts = {task: listed.string(task) for task in listed.data}
     if experts and set(experts) != {task.name for task in tasks}:
         raise MergebenchError(f"{spec.at('experts')}: experts {sorted(experts)} do not match tasks {[t.name for t in tasks]}")
     if not experts and any(task.recipe is None for task in tasks):
         raise MergebenchError(f"{spec.where}: no experts listed and no recipe to build them")
-    return LlmModel(name, spec.string("base"), experts)
+    if experts and "checkpoint_family" not in spec:
+        raise MergebenchError(f"{spec.where}: missing key 'checkpoint_family' (who trained the listed experts)")
+    return LlmModel(name, spec.string("base"), experts, spec.string("checkpoint_family", "mergebench"))
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -495,6 +499,9 @@ class LlmKind(Kind):
                 rows.append(TaskStatus(task.name, f"fine-tuned on {task.train['source']}",
                                        f"{'expert built' if built else 'expert not built'}; scored on {evals}", hint))
         return rows
+
+    def checkpoint_family(self, suite: LlmSuite, model: str, **options: Any) -> str:
+        return suite.model(model).family
 
     def build(self, suite: LlmSuite, model: str, cache: Path, device: torch.device, **options: Any) -> str:
         return ", ".join(str(folder) for folder in expert_folders(suite, model, cache, device).values())

@@ -45,6 +45,8 @@ from mergebench.suites import image_sources, text_sources
 from mergebench.suites.schema import Fields, SampledValidation, SuiteBase, SuiteDocument
 
 SPLITS = ("train", "validation", "test")
+BUILT_HERE = "mergebench"
+"""The checkpoint family of experts fine-tuned by mergebench from a suite's recipe (any machine's build)."""
 BATCHNORM_POLICIES = ("frozen", "recalibrate")
 
 
@@ -278,6 +280,9 @@ class TrainedKind(Kind):
             hint = None if built else f"mergebench build --suite {suite.name} --model {model}"
             rows.append(TaskStatus(task.name, task.source, f"{MODALITIES[suite.modality].source_status(task.source)}; {expert}", hint))
         return rows
+
+    def checkpoint_family(self, suite: Suite, model: str, **options: Any) -> str:
+        return BUILT_HERE
 
     def build(self, suite: Suite, model: str, cache: Path, device: torch.device, **options: Any) -> str:
         folder = expert_folder(suite, model, cache)
