@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -16,33 +18,42 @@ from mergebench.runner.kinds import positive_int
 DEFAULT_OUT = Path("results")
 
 
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+def _names(text: str, what: str = "name") -> list[str]:
+    """Comma-separated names, each given once; an empty name (``a,,b``, a trailing comma) is an error."""
+    names = [name.strip() for name in text.split(",")]
+    if not text.strip() or any(not name for name in names):
+        raise MergebenchError(f"empty {what} in {text!r}: give comma-separated names without empty entries")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise MergebenchError(f"{what} {repeated[0]!r} given twice in {text!r}")
+    return names
 
 
 def _suite_names(args: argparse.Namespace) -> list[str]:
-    return [name for text in args.suite for name in _names(text)]
+    return _names(",".join(args.suite), "suite") if args.suite else []
 
 
 def parse_hparams(entries: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, str]]:
     """``ties.k=30,dare.p=0.3`` (or ``k=30`` when one method is run) → ``{method: {name: value}}``."""
     overrides: dict[str, dict[str, str]] = {}
-    for entry in (item for text in entries for item in _names(text)):
-        name, equals, value = entry.partition("=")
-        if not equals or not value:
+    for entry in (item for text in entries for item in text.split(",")):
+        name, equals, value = entry.strip().partition("=")
+        if not equals or not value.strip() or not name.strip():
             raise MergebenchError(f"--hparams entry {entry!r} is not of the form method.name=value")
-        method, dot, hparam = name.rpartition(".")
+        method, dot, hparam = name.strip().rpartition(".")
         if not dot:
             if len(methods) != 1:
                 raise MergebenchError(f"--hparams entry {entry!r} must name its method (method.{name}=...) when several run")
             method = methods[0]
-        overrides.setdefault(method, {})[hparam] = value
+        if hparam in overrides.get(method, {}):
+            raise MergebenchError(f"--hparams gives {method}.{hparam} twice ({overrides[method][hparam]!r} and {value.strip()!r})")
+        overrides.setdefault(method, {})[hparam] = value.strip()
     return overrides
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
     """``--model a,b`` (or ``all``) as a tuple; None for each suite's default."""
-    return tuple(_names(args.model)) or None if args.model else None
+    return tuple(_names(args.model, "model")) if args.model is not None else None
 
 
 def _kind_options(args: argparse.Namespace) -> dict:
@@ -55,7 +66,7 @@ def _kind_options(args: argparse.Namespace) -> dict:
 def _sweep_request(args: argparse.Namespace):
     from mergebench.runner.sweep import SweepRequest
 
-    methods = _names(args.methods)
+    methods = _names(args.methods, "method")
     return SweepRequest(
         suites=_suite_names(args), methods=methods, overrides=parse_hparams(args.hparams, methods), device=args.device,
         out=args.out, cache=args.cache, models=_models(args), seed=args.seed, examples=args.examples,
@@ -157,9 +168,10 @@ def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed
 
 
 def _write(path: Path, text: str) -> Path:
+    from mergebench.core.atomic import write_text
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_text(path, text)
     except OSError as error:
         raise MergebenchError(f"cannot write {path}: {error.strerror or error}") from error
     return path
@@ -186,7 +198,7 @@ def command_reproduce(args: argparse.Namespace) -> int:
         return 0
     sweep = SweepRequest(suites=(), methods=(), overrides={}, device=args.device, out=args.out, cache=args.cache,
                          seed=args.seed, options=_kind_options(args))
-    methods = tuple(_names(args.methods)) if args.methods else None
+    methods = tuple(_names(args.methods, "method")) if args.methods is not None else None
     for method in methods or ():
         from mergebench.methods.registry import get_method
 
@@ -203,6 +215,15 @@ def command_methods(args: argparse.Namespace) -> None:
     methods = sorted(all_methods().values(), key=lambda method: (DATA_ACCESS.index(method.data), method.name))
     if args.json:
         print(json.dumps([_method_json(method) for method in methods], indent=2, default=str))
+        return
+    if args.markdown:
+        print("| method | data | paper | hyperparameters: default (sweep) |")
+        print("|---|---|---|---|")
+        for method in methods:
+            hparams = "; ".join(
+                f"{name}={h.default}" + (f" ({', '.join(map(str, h.grid))})" if h.grid else "") for name, h in method.hparams.items()
+            )
+            print(f"| `{method.name}` | {method.data} | {method.citation} | {hparams or '—'} |")
         return
     for access in DATA_ACCESS:
         group = [method for method in methods if method.data == access]
@@ -289,9 +310,17 @@ def _add_kind_options(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return sub
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as the command line's one-line errors (not a usage block and exit 2 of its own)."""
+
+    def error(self, message: str):
+        raise MergebenchError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergebench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="mergebench", description=__doc__,
+                                     epilog=f"{DEBUG_FLAG} anywhere on the command line shows the traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def with_common(sub: argparse.ArgumentParser, suite_required: bool) -> argparse.ArgumentParser:
         sub.add_argument("--suite", action="append", default=[], required=suite_required, help="suite name(s), comma-separated or repeated")
@@ -343,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kind_options(reproduce).set_defaults(handler=command_reproduce)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
+    methods.add_argument("--markdown", action="store_true", help="print the methods as a Markdown table (for docs)")
     methods.set_defaults(handler=command_methods)
     suites = with_tasks(commands.add_parser("suites", help="list suites, their tasks, and whether data and checkpoints are here"))
     suites.add_argument("--model", default=None, help="model(s) whose checkpoints to look for (default: each suite's)")
@@ -373,21 +403,46 @@ def _task_folders(folders: Sequence[Path]):
             os.environ[TASKS_VARIABLE] = before
 
 
+DEBUG_FLAG = "--debug"
+BUG = 70  # sysexits' EX_SOFTWARE: an error inside mergebench, not in what it was asked
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. What the user can cause or fix (input, files, disk, a damaged store) ends in one line
+    ``mergebench: error: …`` and exit status 2; ``--debug`` (anywhere on the line) shows its traceback. A
+    traceback without ``--debug`` means a bug in mergebench, and says so."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [argument for argument in argv if argument != DEBUG_FLAG]
     try:
         args = build_parser().parse_args(argv)
         with _task_folders(getattr(args, "tasks", [])):
             status = args.handler(args)
-    except MergebenchError as error:
-        print(f"mergebench: error: {error}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into a reader that stopped early (| head)
         sys.stderr.close()
         return 0
+    except (MergebenchError, OSError, sqlite3.Error) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"mergebench: error: {_one_line(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("mergebench: interrupted; finished cells are stored — run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 (a bug: shown in full, with where to report it)
+        traceback.print_exc()
+        print(f"mergebench: internal error: {type(error).__name__}: {_one_line(error)} — a bug in mergebench; please report it "
+              "with the command line and the traceback above", file=sys.stderr)
+        return BUG
     return status or 0
+
+
+def _one_line(error: BaseException) -> str:
+    """An error as one line: an operating-system error with its file, anything else by its message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -92,6 +92,38 @@ def check_compatible(pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[
                 )
 
 
+Header = dict[str, tuple[tuple[int, ...], str]]
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def safetensors_header(path: str | os.PathLike) -> Header:
+    """``{name: (shape, dtype)}`` of a safetensors file, read from its header alone (no weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            return {name: (tuple(s.get_shape()), SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())) for name, s in slices.items()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise MergebenchError(f"checkpoint {path} is not a readable safetensors file ({error})") from None
+
+
+def check_header(reference: Header, header: Header, what: str) -> None:
+    """Raise naming the first tensor whose presence, shape or dtype differs from ``reference``."""
+    missing = [name for name in reference if name not in header]
+    if missing:
+        raise MergebenchError(f"{what} lacks tensor {missing[0]!r} of the pretrained model")
+    extra = [name for name in header if name not in reference]
+    if extra:
+        raise MergebenchError(f"{what} has tensor {extra[0]!r} that the pretrained model lacks")
+    for name, (shape, dtype) in reference.items():
+        if header[name] != (shape, dtype):
+            raise MergebenchError(f"{what}: tensor {name!r} is {header[name][1]} {list(header[name][0])}, the pretrained model's {dtype} {list(shape)}")
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     """A fresh folder beside ``out_dir`` that replaces it when the block succeeds and is removed if it fails.

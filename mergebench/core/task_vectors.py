@@ -104,18 +104,22 @@ def build_task_vectors(
     exclude: Iterable[str] = (),
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    sources: Mapping[str, str] | None = None,
 ) -> TaskVectors:
-    """Check the checkpoints agree, then stack τ_t = θ_t − θ₀ over all mergeable parameters."""
+    """Check the checkpoints agree, then stack τ_t = θ_t − θ₀ over all mergeable parameters.
+
+    ``sources`` (``{"pretrained" or task: file}``) names the files in the messages about bad values."""
     if not finetuned:
         raise MergebenchError("no fine-tuned checkpoints to merge")
     check_compatible(pretrained, finetuned)
     layout = ParamLayout.of(pretrained, mergeable_names(pretrained, exclude))
     theta0 = _flatten(pretrained, layout, device, dtype)
-    _require_finite(theta0, "pretrained", pretrained, layout)
+    sources = dict(sources or {})
+    _require_finite(theta0, "pretrained", pretrained, layout, sources.get("pretrained"))
     vectors = torch.empty((len(finetuned), layout.numel), device=device, dtype=dtype)
     for row, (task, state) in enumerate(finetuned.items()):
         theta = _flatten(state, layout, device, dtype)
-        _require_finite(theta, task, state, layout)
+        _require_finite(theta, task, state, layout, sources.get(task))
         torch.sub(theta, theta0, out=vectors[row])
     return TaskVectors(theta0, vectors, layout, tuple(finetuned))
 
@@ -135,9 +139,10 @@ def _flatten(state: Mapping[str, torch.Tensor], layout: ParamLayout, device, dty
     return flat
 
 
-def _require_finite(flat: torch.Tensor, owner: str, state, layout: ParamLayout) -> None:
+def _require_finite(flat: torch.Tensor, owner: str, state, layout: ParamLayout, source: str | None = None) -> None:
     if bool(torch.isfinite(flat).all()):
         return
+    where = f" ({source})" if source else ""
     for slot in layout.slots:
         if not bool(torch.isfinite(state[slot.name]).all()):
-            raise MergebenchError(f"checkpoint {owner!r} has NaN or infinite values in {slot.name!r}")
+            raise MergebenchError(f"checkpoint {owner!r}{where} has NaN or infinite values in {slot.name!r}")

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.figure import Figure  # noqa: E402
 
+from mergebench.core.atomic import atomic_path  # noqa: E402
 from mergebench.errors import MergebenchError  # noqa: E402
 from mergebench.reports.tables import MethodRow, ResultTable, load_table  # noqa: E402
 from mergebench.store.database import INDIVIDUAL, PRETRAINED, ResultStore  # noqa: E402
@@ -130,8 +131,8 @@ def _merged_methods(tables: list[ResultTable]) -> list[str]:
 def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=DPI, bbox_inches="tight")
+        with atomic_path(path) as partial:
+            figure.savefig(partial, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     except OSError as error:
         raise MergebenchError(f"cannot write figure {path}: {error.strerror or error}") from error
     finally:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from mergebench.core.atomic import write_text
 from mergebench.errors import MergebenchError
 from mergebench.core.scores import ACCURACY, METRIC_LABELS, PerExample
 from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
@@ -440,9 +441,8 @@ def write_reports(table: ResultTable, directory: str | Path, costs: bool = True)
     documents = {f".{suffix}": render(table, costs) for suffix, render in FORMATS.items()}
     paths = [directory / f"{report_stem(table)}{suffix}" for suffix in documents]
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         for path, text in zip(paths, documents.values()):
-            path.write_text(text, encoding="utf-8")
+            write_text(path, text)
     except OSError as error:
         raise MergebenchError(f"cannot write reports to {directory}: {error.strerror or error}") from error
     return paths

@@ -118,15 +118,11 @@ class InMemoryEvaluator:
         self.splits = ("validation", "test")
         self.selection = NORMALIZED_VALIDATION
         self.statistics: dict = {}  # Fisher diagonals, Gram matrices…: shared by every method and setting
-        self._task_vectors: TaskVectors | None = None
-
-    @property
-    def task_vectors(self) -> TaskVectors:
-        """τ_t = θ_t − θ₀ of every expert, stacked once (after the reference rows, which do not need them)."""
-        if self._task_vectors is None:
-            prepared = self.prepared
-            self._task_vectors = build_task_vectors(prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=self.device)
-        return self._task_vectors
+        # τ_t = θ_t − θ₀ of every expert, stacked once; building them checks every checkpoint (keys, shapes,
+        # dtypes, finite values) before the first row of the suite is stored
+        self.task_vectors: TaskVectors = build_task_vectors(
+            prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=self.device, sources=prepared.checkpoint_files
+        )
 
     def columns(self, split: str) -> tuple[str, ...]:
         return self.suite.task_names

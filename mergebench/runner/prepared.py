@@ -74,6 +74,8 @@ class PreparedSuite:
     """Loads a task's training split on first use (data-using methods); ``None`` if the family has none."""
     after_load: Callable[["PreparedSuite"], None] | None = None
     """Runs after merged weights are loaded, before evaluation (e.g. BatchNorm re-estimation)."""
+    checkpoint_files: dict[str, str] = field(default_factory=dict)
+    """Where each checkpoint (``pretrained``, each task) was read from, for messages about its contents."""
     examples_evaluated: int = 0
     seconds_evaluating: float = 0.0
     """Totals behind the examples/s (images/s) of the run summary."""

@@ -138,6 +138,8 @@ def checked(request: SweepRequest, *, continual: bool = False) -> Plan:
         models = suite.resolve_models(tuple(request.models or ()))
         options = kind.accepted(dict(request.options), suite)
         kind.check(suite, methods, options)
+        for model in models:
+            kind.check_checkpoints(suite, model, cache_directory(request.cache), **options)
         suites.append((suite, kind, models, options))
     return Plan(methods, suites)
 

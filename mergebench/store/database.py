@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import sqlite3
 import struct
 import time
@@ -132,10 +133,25 @@ class ResultStore:
     """The SQLite file ``<directory>/mergebench.sqlite``."""
 
     def __init__(self, directory: str | Path):
-        self.path = Path(directory) / DATABASE_NAME
+        directory = Path(directory)
+        self.path = directory / DATABASE_NAME
+        self._pending_runs: dict[str, tuple] = {}
+        if directory.exists() and not directory.is_dir():
+            raise MergebenchError(f"results folder {directory} is a file, not a folder (choose another --out)")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MergebenchError(f"cannot create the results folder {directory}: {error.strerror or error}") from None
+        if not os.access(directory, os.W_OK):
+            raise MergebenchError(f"results folder {directory} is not writable (choose another --out)")
+        try:
             with closing(self._connect()) as connection, connection:
+                damage = connection.execute("PRAGMA quick_check").fetchone()[0]
+                if damage != "ok":
+                    raise MergebenchError(
+                        f"results database {self.path} is damaged ({damage.splitlines()[0]}): its intact cells can be saved with "
+                        f"`sqlite3 {self.path} .recover | sqlite3 recovered.sqlite`; move the damaged file away to start a new store"
+                    )
                 _migrate_selections(connection)
                 connection.executescript(SCHEMA)
                 present = {row["name"] for row in connection.execute("PRAGMA table_info(results)")}
@@ -145,7 +161,7 @@ class ResultStore:
                 if "score" not in present:  # its rows are all accuracies
                     connection.execute("UPDATE results SET score = accuracy, metric = ?", (ACCURACY,))
         except sqlite3.DatabaseError as error:
-            raise MergebenchError(f"cannot open results database {self.path}: {error}") from error
+            raise MergebenchError(f"cannot open results database {self.path}: {error}") from None
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=30)
@@ -155,15 +171,34 @@ class ResultStore:
         return connection
 
     def query(self, sql: str, parameters: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with closing(self._connect()) as connection:
-            return connection.execute(sql, tuple(parameters)).fetchall()
+        try:
+            with closing(self._connect()) as connection:
+                return connection.execute(sql, tuple(parameters)).fetchall()
+        except sqlite3.DatabaseError as error:
+            raise MergebenchError(f"cannot read results database {self.path}: {error}") from None
 
     def start_run(self, run_id: str, command: str, git_commit: str | None, versions: Mapping[str, str], device: str) -> None:
-        with closing(self._connect()) as connection, connection:
-            connection.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, time.time(), command, git_commit, canonical_json(versions), device),
-            )
+        """Describe a run; its row is written with its first cell, so a run refused before storing anything leaves none."""
+        self._pending_runs[run_id] = (run_id, time.time(), command, git_commit, canonical_json(versions), device)
+
+    def _write(self, what: str, statements: Iterable[tuple[str, Any]], run_id: str | None = None) -> None:
+        """Execute ``statements`` (``(sql, parameters)``; ``executemany`` for a list of rows) in one transaction,
+        the run's row first if it is not stored yet: a failure (a full disk, a lock) leaves the store as it was."""
+        try:
+            with closing(self._connect()) as connection, connection:
+                if run_id in self._pending_runs:
+                    connection.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?)", self._pending_runs[run_id])
+                for sql, parameters in statements:
+                    if isinstance(parameters, list):
+                        connection.executemany(sql, parameters)
+                    else:
+                        connection.execute(sql, parameters)
+        except sqlite3.Error as error:
+            raise MergebenchError(
+                f"cannot store {what} in {self.path} ({error}); every cell stored before it is kept: free the space or "
+                "the lock, then run the same command again to resume"
+            ) from None
+        self._pending_runs.pop(run_id, None)
 
     def finished_tasks(self, cell: Cell, tasks: Iterable[str]) -> set[str]:
         tasks = list(tasks)
@@ -199,10 +234,8 @@ class ResultStore:
             )
             for task, score in scores.items()
         ]
-        with closing(self._connect()) as connection, connection:
-            connection.executemany(
-                f"INSERT OR IGNORE INTO results ({','.join(RESULT_COLUMNS)}) VALUES ({','.join('?' * len(RESULT_COLUMNS))})", rows
-            )
+        sql = f"INSERT OR IGNORE INTO results ({','.join(RESULT_COLUMNS)}) VALUES ({','.join('?' * len(RESULT_COLUMNS))})"
+        self._write(f"the results of {cell.method} on {cell.suite}", [(sql, rows)], run_id)
 
     def accuracies(
         self, context_key: str, method: str, split: str, seed: int | None = None, data_access: str = "none"
@@ -254,15 +287,15 @@ class ResultStore:
         """Record the setting ``cell`` as the one reported for its method under ``selection``: chosen on
         validation from the whole grid, or a fixed setting (its own row: it never replaces the validated one)."""
         score = None if validation_score is None or math.isnan(validation_score) else validation_score
-        with closing(self._connect()) as connection, connection:
-            connection.execute(
-                "INSERT OR REPLACE INTO selections (context_key, suite, model, method, seed, hparams, data_access, "
-                "validation_score, criterion, run_id, created_at, selection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    cell.context_key, cell.suite, cell.model, cell.method, cell.seed, canonical_json(dict(cell.hparams)),
-                    cell.data_access, score, criterion, run_id, time.time(), selection,
-                ),
-            )
+        sql = (
+            "INSERT OR REPLACE INTO selections (context_key, suite, model, method, seed, hparams, data_access, "
+            "validation_score, criterion, run_id, created_at, selection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        parameters = (
+            cell.context_key, cell.suite, cell.model, cell.method, cell.seed, canonical_json(dict(cell.hparams)),
+            cell.data_access, score, criterion, run_id, time.time(), selection,
+        )
+        self._write(f"the selection of {cell.method} on {cell.suite}", [(sql, parameters)], run_id)
 
 
 BITS, ARRAYS = b"B", b"A"

@@ -94,6 +94,10 @@ class Kind:
     def check(self, suite: SuiteBase, methods: Sequence["MergeMethod"], options: dict[str, Any]) -> None:
         """Refuse, in one line and before any work, what this kind cannot run."""
 
+    def check_checkpoints(self, suite: SuiteBase, model: str, cache: Path, **options: Any) -> None:
+        """Before any work: the headers (tensor names, shapes, dtypes) of the experts already on this machine
+        against the pretrained model's, without reading weights. Values are checked as they are loaded."""
+
     def evaluator(self, suite: SuiteBase, model: str, device: torch.device, cache: Path, **options: Any) -> "Evaluator":
         """Experts, heads and data made ready for merging and scoring ``suite`` on ``model``."""
         raise NotImplementedError

@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergebench.core.scores import TaskScore
-from mergebench.core.streaming import stream_merge, streaming_support
+from mergebench.core.streaming import check_streaming_compatible, open_checkpoint, stream_merge, streaming_support
 from mergebench.errors import MergebenchError
 from mergebench.evaluation import lm_harness
 from mergebench.methods.registry import SCALE, MergeMethod
@@ -502,6 +502,14 @@ class LlmKind(Kind):
 
     def checkpoint_family(self, suite: LlmSuite, model: str, **options: Any) -> str:
         return suite.model(model).family
+
+    def check_checkpoints(self, suite: LlmSuite, model: str, cache: Path, **options: Any) -> None:
+        """The headers of the base and experts that are local folders (or built already), without reading weights."""
+        spec = suite.model(model)
+        local = {task.name: Path(spec.experts[task.name]) if spec.experts else expert_folder(suite, model, task, cache) for task in suite.tasks}
+        present = {task: open_checkpoint(folder) for task, folder in local.items() if folder.is_dir()}
+        if present and Path(spec.base).is_dir():
+            check_streaming_compatible(open_checkpoint(spec.base), present)
 
     def build(self, suite: LlmSuite, model: str, cache: Path, device: torch.device, **options: Any) -> str:
         return ", ".join(str(folder) for folder in expert_folders(suite, model, cache, device).values())

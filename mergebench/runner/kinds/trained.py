@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.core.checkpoints import StateDict, file_sha256, load_state_dict, save_state_dict
+from mergebench.core.checkpoints import StateDict, check_header, file_sha256, load_state_dict, safetensors_header, save_state_dict
 from mergebench.core.recipe import Recipe
 from mergebench.core.task_vectors import buffer_names
 from mergebench.errors import MergebenchError
@@ -210,10 +210,11 @@ def prepare_trained_suite(suite: Suite, model: str, device: torch.device, cache:
         hashes[task.name] = file_sha256(folder / f"{expert_stem(task)}.safetensors")
         hashes[f"{task.name}.head"] = file_sha256(folder / f"{expert_stem(task)}.head.safetensors")
     train = {task.name: task for task in suite.tasks}
+    files = {"pretrained": str(folder / "pretrained.safetensors")} | {t.name: str(folder / f"{expert_stem(t)}.safetensors") for t in suite.tasks}
     return PreparedSuite(
         suite, model, device, backbone, pretrained, finetuned, heads, data, hashes, buffer_names(backbone),
         load_train=lambda name: load_task_data(suite, model, train[name], "train"),
-        after_load=recalibrate if suite.batchnorm == "recalibrate" else None,
+        after_load=recalibrate if suite.batchnorm == "recalibrate" else None, checkpoint_files=files,
     )
 
 
@@ -283,6 +284,16 @@ class TrainedKind(Kind):
 
     def checkpoint_family(self, suite: Suite, model: str, **options: Any) -> str:
         return BUILT_HERE
+
+    def check_checkpoints(self, suite: Suite, model: str, cache: Path, **options: Any) -> None:
+        folder = expert_folder(suite, model, cache)
+        if not (folder / "pretrained.safetensors").is_file():
+            return
+        reference = safetensors_header(folder / "pretrained.safetensors")
+        for task in suite.tasks:
+            path = folder / f"{expert_stem(task)}.safetensors"
+            if path.is_file():
+                check_header(reference, safetensors_header(path), f"expert {task.name!r} ({path})")
 
     def build(self, suite: Suite, model: str, cache: Path, device: torch.device, **options: Any) -> str:
         folder = expert_folder(suite, model, cache)
