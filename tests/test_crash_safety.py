@@ -89,6 +89,19 @@ def test_a_killed_sweep_resumes_to_the_same_store_and_reports(tasks, uninterrupt
     assert not list(out.rglob("*.partial"))
 
 
+def test_ctrl_c_while_building_experts_is_one_line_and_resumes(tasks, uninterrupted, tmp_path):
+    root, expected_cells, expected_report = uninterrupted
+    out = tmp_path / "out"
+    interrupted = mergebench(tasks, tmp_path / "cache", *RUN, "--out", str(out), step="interrupt:build", count=2)
+    assert interrupted.returncode == 130
+    shown = [line.rsplit("\r", 1)[-1] for line in interrupted.stderr.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+    assert shown == ["mergebench: interrupted; finished cells are stored — run the same command again to resume"]
+    assert not list((tmp_path / "cache").rglob("*.partial"))  # the expert being written is not left half-written
+    resumed = mergebench(tasks, tmp_path / "cache", *RUN, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert cells(out) == expected_cells and report(tasks, tmp_path / "cache", out) == expected_report
+
+
 def test_two_concurrent_sweeps_on_one_store_equal_a_serial_one(tasks, uninterrupted, tmp_path):
     root, expected_cells, expected_report = uninterrupted
     out = tmp_path / "out"

@@ -74,3 +74,44 @@ def test_a_store_written_before_the_cost_columns_gains_them(tmp_path):
     store.start_run("r", "cmd", None, {}, "cpu")
     store.record(cell, "r", {"a": (3, 4)}, config={}, checkpoints={}, merge_seconds=1.5, merge_peak_mb=12.0, parameters=7)
     assert store.merge_costs("ctx", "ties") == {"seconds": 1.5, "peak_mb": 12.0, "parameters": 7}
+
+
+def test_a_full_disk_is_one_error_and_keeps_every_earlier_cell(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    store.start_run("r1", "mergebench run", None, {}, "cpu")
+    store.record(cell(), "r1", {"a": (1, 2)}, config={}, checkpoints={})
+    connect = ResultStore._connect
+
+    def full(self):  # SQLite's own "database or disk is full": no page may be added
+        connection = connect(self)
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages}")
+        return connection
+
+    monkeypatch.setattr(ResultStore, "_connect", full)
+    big = {f"task{i}": (1, 2) for i in range(200)}
+    with pytest.raises(MergebenchError, match="cannot store the results of ties on s .*database or disk is full.*every cell stored before it is kept"):
+        store.record(cell(split="test"), "r1", big, config={"padding": "x" * 100_000}, checkpoints={})
+    monkeypatch.undo()
+    assert [row["task"] for row in store.query("SELECT task FROM results")] == ["a"]  # the failed cell left nothing behind
+
+
+def test_a_fixed_setting_is_its_own_row_beside_the_validated_one(tmp_path):
+    from mergebench.store.database import WHOLE_GRID
+
+    store = ResultStore(tmp_path)
+    chosen, fixed = cell(split="test", hparams={"lam": 0.4}), cell(split="test", hparams={"lam": 0.9})
+    for c in (chosen, fixed):
+        store.record(c, "r1", {"a": (1, 2)}, config={}, checkpoints={})
+    store.select(chosen, 0.9, "mean normalized validation accuracy", "r1")
+    store.select(fixed, 0.7, "mean normalized validation accuracy", "r1", selection="fixed lam=0.9")
+    rows = store.query("SELECT hparams, selection FROM selections ORDER BY selection")
+    assert [(row["hparams"], row["selection"]) for row in rows] == [('{"lam":0.9}', "fixed lam=0.9"), ('{"lam":0.4}', WHOLE_GRID)]
+
+
+def test_a_run_that_stores_nothing_leaves_no_run_row(tmp_path):
+    store = ResultStore(tmp_path)
+    store.start_run("r1", "mergebench run", None, {}, "cpu")
+    assert store.query("SELECT COUNT(*) AS n FROM runs")[0]["n"] == 0
+    store.record(cell(), "r1", {"a": (1, 2)}, config={}, checkpoints={})
+    assert [row["run_id"] for row in store.query("SELECT run_id FROM runs")] == ["r1"]

@@ -10,7 +10,6 @@ from mergebench.core.task_vectors import merged_state_dict
 from mergebench.errors import MergebenchError
 from mergebench.methods import get_method
 from mergebench.methods.wemoe import WeightEnsemblingMoE, adapt_routers, routers, upscale
-from mergebench.runner.sweep import Merge
 from tests.method_helpers import merge, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +176,7 @@ def test_registered_method_is_seeded_and_counts_every_stored_tensor():
         assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
     mlp = sum(p.numel() for p in TokenBackbone().mlp.parameters())  # 4·6+6 + 6·4+4 = 58
     router = 4 * 4 + 4 + 4 * TASKS + TASKS
-    assert Merge(setting, a, tv.layout, 0.0, None).parameters == tv.layout.numel + TASKS * mlp + router
+    assert sum(p.numel() for p in a.parameters()) == tv.layout.numel + TASKS * mlp + router  # what the runner stores
     assert isinstance(routers(a)[0], WeightEnsemblingMoE)
 
 

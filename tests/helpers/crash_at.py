@@ -3,7 +3,8 @@
     python tests/helpers/crash_at.py STEP N mergebench-arguments...
 
 Steps: ``build`` (fine-tuning an expert), ``merge`` (a method computing a merged task vector),
-``evaluate`` (scoring a model on a split), ``report`` (half-way through writing a report file).
+``evaluate`` (scoring a model on a split), ``report`` (half-way through writing a report file). A step
+written ``interrupt:STEP`` sends SIGINT (Ctrl-C) there instead.
 """
 
 import os
@@ -11,8 +12,11 @@ import signal
 import sys
 
 
+SIGNAL = signal.SIGKILL
+
+
 def kill() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), SIGNAL)
 
 
 def on_call(owner, name: str, count: int, before=None) -> None:
@@ -41,6 +45,8 @@ def half_written(path, text):
 
 if __name__ == "__main__":
     step, count, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    if step.startswith("interrupt:"):
+        step, SIGNAL = step.removeprefix("interrupt:"), signal.SIGINT
     if step == "build":
         from mergebench.runner.kinds import trained
 

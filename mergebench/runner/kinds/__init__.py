@@ -83,8 +83,9 @@ class Kind:
 
     def checkpoint_family(self, suite: SuiteBase, model: str, **options: Any) -> str:
         """Who trained the experts that ``options`` select (``tall_masks``, ``fusion_bench``, ``mergebench`` for
-        experts built here…): published numbers compare only within one family. Reads no weights."""
-        raise NotImplementedError
+        experts built here…): published numbers compare only within one family. Reads no weights. A kind that
+        does not say is ``unspecified``, comparable with no published table."""
+        return "unspecified"
 
     def build(self, suite: SuiteBase, model: str, cache: Path, device: torch.device, **options: Any) -> str:
         """Build or fetch the experts of ``suite`` on ``model``; returns where they are."""
