@@ -51,6 +51,27 @@ def parse_hparams(entries: Sequence[str], methods: Sequence[str]) -> dict[str, d
     return overrides
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, slash, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
+    if not slash or shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 <= I < N")
+    return shard
+
+
+def command_merge_stores(args: argparse.Namespace) -> None:
+    from mergebench.store.database import ResultStore, export_rows, import_rows
+
+    sources = [ResultStore(folder) for folder in args.stores]  # every source opened (and checked) before writing
+    into = ResultStore(args.into)
+    for folder, store in zip(args.stores, sources):
+        added = import_rows(into, export_rows(store), str(store.path))
+        print(f"{folder}: {added} new results")
+
+
 def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
     """``--model a,b`` (or ``all``) as a tuple; None for each suite's default."""
     return tuple(_names(args.model, "model")) if args.model is not None else None
@@ -70,12 +91,12 @@ def _sweep_request(args: argparse.Namespace):
     return SweepRequest(
         suites=_suite_names(args), methods=methods, overrides=parse_hparams(args.hparams, methods), device=args.device,
         out=args.out, cache=args.cache, models=_models(args), seed=args.seed, examples=args.examples,
-        options=_kind_options(args),
+        options=_kind_options(args), executor=args.executor, address=args.ray_address, shard=args.shard,
     )
 
 
 def command_run(args: argparse.Namespace) -> None:
-    from mergebench.runner.sweep import run_sweep
+    from mergebench.runner.executors import run_sweep
 
     request = _sweep_request(args)
     run_sweep(request)
@@ -341,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
         sub.add_argument("--examples", type=positive_int, default=None, help="examples per task for train-samples methods (default: each paper's)")
         sub.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
+        sub.add_argument("--executor", default="serial", help="where jobs run: serial (default, this process) or ray")
+        sub.add_argument("--ray-address", default=None, help="--executor ray: the cluster to join (ray://head:10001, auto); "
+                                                             "default: start a local one")
+        sub.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                         help="run the I-th of N disjoint parts of the method jobs (0-based; for scheduler job arrays), "
+                              "then join the stores with mergebench merge-stores")
         return _add_kind_options(sub)
 
     with_merging(commands.add_parser("run", help="sweep methods on suites, store and report")).set_defaults(handler=command_run)
@@ -370,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     reproduce.add_argument("--cache", type=Path, default=None, help="checkpoint cache (default: $MERGEBENCH_CACHE or ~/.cache/mergebench)")
     _add_kind_options(reproduce).set_defaults(handler=command_reproduce)
+    merge = commands.add_parser("merge-stores", help="join results stores (shards of a sweep) into one, refusing conflicting cells")
+    merge.add_argument("stores", nargs="+", type=Path, help="results folders to read")
+    merge.add_argument("--into", type=Path, required=True, help="results folder to add them to")
+    merge.set_defaults(handler=command_merge_stores)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.add_argument("--markdown", action="store_true", help="print the methods as a Markdown table (for docs)")

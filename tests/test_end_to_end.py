@@ -7,7 +7,8 @@ import torch
 
 from mergebench import cli
 from mergebench.runner.prepared import PreparedSuite
-from mergebench.runner.sweep import SweepRequest, run_sweep
+from mergebench.runner.executors import run_sweep
+from mergebench.runner.sweep import SweepRequest
 from mergebench.store.database import ResultStore
 from test_method_registry import install_plugin, reloaded_registry  # noqa: F401 (a fixture)
 

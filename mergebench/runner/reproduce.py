@@ -27,7 +27,8 @@ from mergebench.reports.tables import ResultTable, load_table, row_label
 from mergebench.runner.catalog import get_suite
 from mergebench.runner.kinds import kind_of
 from mergebench.runner.references import ReferenceCell, ReferenceTable, get_table
-from mergebench.runner.sweep import SweepRequest, run_sweep, selection_label
+from mergebench.runner.executors import run_sweep
+from mergebench.runner.sweep import SweepRequest, selection_label
 from mergebench.store.database import REFERENCE_METHODS, ResultStore
 
 WITHIN, OUTSIDE, NOT_RUN, NOT_COMPARABLE = "within", "outside", "not run", "not comparable"

@@ -55,6 +55,12 @@ class SweepRequest:
     examples: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     """Kind options (``checkpoints``, ``data``, ``limit``…): each suite's kind takes the ones it declares."""
+    executor: str = "serial"
+    """Where the sweep's jobs run (:mod:`mergebench.runner.executors`): ``serial`` here, ``ray`` on a Ray cluster."""
+    address: str | None = None
+    """The Ray cluster to join (``ray://host:10001``, ``auto``); None starts a local one."""
+    shard: tuple[int, int] | None = None
+    """``(i, n)``: run only the i-th of n disjoint parts of the method jobs (a scheduler's array task)."""
 
 
 @dataclass(frozen=True)
@@ -144,23 +150,64 @@ def checked(request: SweepRequest, *, continual: bool = False) -> Plan:
     return Plan(methods, suites)
 
 
-def run_sweep(request: SweepRequest, report: Callable[[str], None] = tqdm.write) -> list[MethodSummary]:
-    """Run (or resume) every cell of the request; returns one summary per suite, model and method."""
-    plan = checked(request)
-    store, run_id, device = start_run(request)
-    cache = cache_directory(request.cache)
-    summaries = []
-    for suite, kind, models, options in plan.suites:
+@dataclass(frozen=True)
+class SweepJob:
+    """One unit of a sweep: the reference rows of a suite on a model (``method`` None), or one method's
+    validation grid and chosen test cell there. Jobs of one suite and model share its evaluator."""
+
+    suite: str
+    model: str
+    method: str | None = None
+
+    @property
+    def target(self) -> tuple[str, str]:
+        return (self.suite, self.model)
+
+
+def jobs(plan: Plan, shard: tuple[int, int] | None = None) -> list[SweepJob]:
+    """Every job of ``plan``: each (suite, model)'s references, then its methods. With ``shard = (i, n)``, the
+    i-th of n disjoint parts of the method jobs (every part keeps the references its selections need)."""
+    found = []
+    for suite, _, models, _ in plan.suites:
         for model in models:
-            evaluator = kind.evaluator(suite, model, device, cache, **options)
-            family = kind.checkpoint_family(suite, model, **options)
-            sweep = SuiteSweep(evaluator, store, run_id, request.seed, request.examples, family)
-            sweep.references()
-            for method in plan.methods:
-                summary = sweep.method(method, request.overrides.get(method.name, {}))
-                report(summary.line())
-                summaries.append(summary)
-    return summaries
+            found.append(SweepJob(suite.name, model))
+            found += [SweepJob(suite.name, model, method.name) for method in plan.methods]
+    if shard is None:
+        return found
+    index, count = shard
+    methods = [job for job in found if job.method is not None]
+    mine = set(methods[index::count])
+    return [job for job in found if job.method is None and any(j.target == job.target for j in mine) or job in mine]
+
+
+class Evaluators:
+    """The evaluator of each (suite, model), prepared on first use; only the newest is kept in memory."""
+
+    def __init__(self, plan: Plan, request: SweepRequest, device: torch.device):
+        self.plan, self.request, self.device = plan, request, device
+        self.cache = cache_directory(request.cache)
+        self._held: tuple[tuple[str, str], Evaluator, str] | None = None
+
+    def get(self, target: tuple[str, str]) -> tuple[Evaluator, str]:
+        """The evaluator of ``target`` and the checkpoint family of its experts."""
+        if self._held is None or self._held[0] != target:
+            self._held = None  # free the previous suite's checkpoints before loading the next
+            suite, kind, _, options = next(entry for entry in self.plan.suites if entry[0].name == target[0])
+            evaluator = kind.evaluator(suite, target[1], self.device, self.cache, **options)
+            self._held = (target, evaluator, kind.checkpoint_family(suite, target[1], **options))
+        return self._held[1], self._held[2]
+
+
+def run_job(job: SweepJob, evaluators: Evaluators, store: ResultStore, run_id: str) -> MethodSummary | None:
+    """Evaluate and store every missing cell of ``job``; a method job returns its summary."""
+    request = evaluators.request
+    evaluator, family = evaluators.get(job.target)
+    sweep = SuiteSweep(evaluator, store, run_id, request.seed, request.examples, family)
+    if job.method is None:
+        sweep.references()
+        return None
+    method = next(method for method in evaluators.plan.methods if method.name == job.method)
+    return sweep.method(method, request.overrides.get(method.name, {}))
 
 
 def selection_label(method: MergeMethod, overrides: Mapping[str, Any]) -> str:

@@ -93,6 +93,11 @@ WHOLE_GRID = "grid"
 """The ``selection`` of a setting chosen from a method's whole grid (by its suite's rule, on validation where
 there is a validation split); a setting fixed on the command line is its own row, labelled ``fixed k=v …``."""
 
+SELECTION_COLUMNS = (
+    "context_key", "suite", "model", "method", "seed", "hparams", "data_access", "validation_score", "criterion", "run_id",
+    "created_at", "selection",
+)
+SELECTION_KEY = ("context_key", "method", "seed", "data_access", "selection")
 ADDED_COLUMNS = {"merge_peak_mb": "REAL", "parameters": "INTEGER", "score": "REAL", "metric": "TEXT", "examples": "BLOB"}
 RESULT_COLUMNS = (
     "cell_key", "context_key", "run_id", "suite", "model", "method", "hparams", "seed", "split", "task", "data_access",
@@ -180,6 +185,16 @@ class ResultStore:
     def start_run(self, run_id: str, command: str, git_commit: str | None, versions: Mapping[str, str], device: str) -> None:
         """Describe a run; its row is written with its first cell, so a run refused before storing anything leaves none."""
         self._pending_runs[run_id] = (run_id, time.time(), command, git_commit, canonical_json(versions), device)
+
+    def adopt_run(self, row: tuple) -> None:
+        """Write cells under another store's run (its :meth:`pending_run` row), the row going with the first cell."""
+        self._pending_runs[row[0]] = tuple(row)
+
+    def pending_run(self, run_id: str) -> tuple:
+        """The row of a described run (:meth:`start_run`), stored or not yet."""
+        if run_id in self._pending_runs:
+            return self._pending_runs[run_id]
+        return tuple(self.query("SELECT * FROM runs WHERE run_id=?", (run_id,))[0])
 
     def _write(self, what: str, statements: Iterable[tuple[str, Any]], run_id: str | None = None) -> None:
         """Execute ``statements`` (``(sql, parameters)``; ``executemany`` for a list of rows) in one transaction,
@@ -287,10 +302,7 @@ class ResultStore:
         """Record the setting ``cell`` as the one reported for its method under ``selection``: chosen on
         validation from the whole grid, or a fixed setting (its own row: it never replaces the validated one)."""
         score = None if validation_score is None or math.isnan(validation_score) else validation_score
-        sql = (
-            "INSERT OR REPLACE INTO selections (context_key, suite, model, method, seed, hparams, data_access, "
-            "validation_score, criterion, run_id, created_at, selection) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )
+        sql = f"INSERT OR REPLACE INTO selections ({','.join(SELECTION_COLUMNS)}) VALUES ({','.join('?' * len(SELECTION_COLUMNS))})"
         parameters = (
             cell.context_key, cell.suite, cell.model, cell.method, cell.seed, canonical_json(dict(cell.hparams)),
             cell.data_access, score, criterion, run_id, time.time(), selection,
@@ -299,6 +311,66 @@ class ResultStore:
 
 
 BITS, ARRAYS = b"B", b"A"
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """Rows of a store's three tables, as tuples in column order: what one store hands another."""
+
+    runs: list[tuple]
+    results: list[tuple]
+    selections: list[tuple]
+
+    def __len__(self) -> int:
+        return len(self.results) + len(self.selections)
+
+
+MEASURED = ("correct", "total", "score", "metric", "examples")
+"""The columns that must agree when two stores hold the same cell."""
+
+
+def export_rows(store: "ResultStore", context_key: str | None = None) -> StoredRows:
+    """Every row of ``store`` (of one context, if given), with the run rows they refer to."""
+    where, parameters = ("WHERE context_key=?", (context_key,)) if context_key else ("", ())
+    results = [tuple(row) for row in store.query(f"SELECT {','.join(RESULT_COLUMNS)} FROM results {where} ORDER BY cell_key", parameters)]
+    selections = [tuple(row) for row in store.query(f"SELECT {','.join(SELECTION_COLUMNS)} FROM selections {where}", parameters)]
+    run_ids = {row[RESULT_COLUMNS.index("run_id")] for row in results} | {row[SELECTION_COLUMNS.index("run_id")] for row in selections}
+    runs = [tuple(row) for row in store.query("SELECT * FROM runs") if row["run_id"] in run_ids]
+    return StoredRows(runs, results, selections)
+
+
+def import_rows(store: "ResultStore", rows: StoredRows, source: str) -> int:
+    """Add ``rows`` to ``store`` in one transaction, refusing (in one line, adding nothing) a cell that the store
+    holds with other measurements, or a selection of another setting; returns the number of new results."""
+    cell_key, measured = RESULT_COLUMNS.index("cell_key"), [RESULT_COLUMNS.index(column) for column in MEASURED]
+    keys = [row[cell_key] for row in rows.results]
+    existing: dict[str, tuple] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        for row in store.query(f"SELECT cell_key, {','.join(MEASURED)} FROM results WHERE cell_key IN ({','.join('?' * len(chunk))})", chunk):
+            existing[row["cell_key"]] = tuple(row)[1:]
+    for row in rows.results:
+        held = existing.get(row[cell_key])
+        if held is not None and held != tuple(row[i] for i in measured):
+            describe = {column: row[RESULT_COLUMNS.index(column)] for column in ("suite", "model", "method", "hparams", "split", "task")}
+            raise MergebenchError(f"{source} holds cell {describe} with other results than {store.path}: refusing to merge")
+    chosen = {tuple(row[SELECTION_COLUMNS.index(c)] for c in SELECTION_KEY): row[SELECTION_COLUMNS.index("hparams")]
+              for row in store.query(f"SELECT {','.join(SELECTION_COLUMNS)} FROM selections")}
+    for row in rows.selections:
+        key = tuple(row[SELECTION_COLUMNS.index(c)] for c in SELECTION_KEY)
+        if key in chosen and chosen[key] != row[SELECTION_COLUMNS.index("hparams")]:
+            raise MergebenchError(f"{source} selects {key[1]} {row[SELECTION_COLUMNS.index('hparams')]} where {store.path} selects "
+                                  f"{chosen[key]}: refusing to merge")
+    new = sum(row[cell_key] not in existing for row in rows.results)
+    store._write(
+        f"the rows of {source}",
+        [
+            (f"INSERT OR IGNORE INTO runs VALUES ({','.join('?' * 6)})", rows.runs),
+            (f"INSERT OR IGNORE INTO results ({','.join(RESULT_COLUMNS)}) VALUES ({','.join('?' * len(RESULT_COLUMNS))})", rows.results),
+            (f"INSERT OR REPLACE INTO selections ({','.join(SELECTION_COLUMNS)}) VALUES ({','.join('?' * len(SELECTION_COLUMNS))})", rows.selections),
+        ],
+    )
+    return new
 
 
 def encode_examples(examples: PerExample | None) -> bytes | None:
