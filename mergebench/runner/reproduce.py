@@ -56,6 +56,8 @@ class ReproduceRequest:
     run: bool = True
     methods: Sequence[str] | None = None
     """Only these of the table's methods (all by default)."""
+    models: Sequence[str] | None = None
+    """Only the table's cells of these models (all by default)."""
 
 
 def _families(table: ReferenceTable, request: SweepRequest) -> dict[tuple[str, str], str]:
@@ -156,9 +158,21 @@ def _label(table: ReferenceTable, cell: ReferenceCell) -> str:
     return row_label(cell.method, selection_label(get_method(cell.method), _overrides(table, cell.method)))
 
 
+def selected(request: ReproduceRequest) -> ReferenceTable:
+    """The table of ``request``, with only the cells of the models it names."""
+    table = get_table(request.table)
+    if not request.models:
+        return table
+    cells = tuple(cell for cell in table.cells if cell.model in request.models)
+    if not cells:
+        models = sorted({cell.model for cell in table.cells})
+        raise MergebenchError(f"table {table.id} has no cells of model {', '.join(request.models)} (it has {', '.join(models)})")
+    return replace(table, cells=cells)
+
+
 def reproduce(request: ReproduceRequest, report: Callable[[str], None] = print) -> list[Verdict]:
     """Run the missing cells (unless ``request.run`` is False), then compare every cell."""
-    table = get_table(request.table)
+    table = selected(request)
     if request.run:
         for sweep in plan(table, request):
             run_sweep(sweep, report=report)
