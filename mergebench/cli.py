@@ -16,6 +16,7 @@ from mergebench.errors import MergebenchError
 from mergebench.runner.kinds import positive_int
 
 DEFAULT_OUT = Path("results")
+DEFAULT_LEADERBOARD = Path("leaderboard")
 
 
 def _names(text: str, what: str = "name") -> list[str]:
@@ -70,6 +71,36 @@ def command_merge_stores(args: argparse.Namespace) -> None:
     for folder, store in zip(args.stores, sources):
         added = import_rows(into, export_rows(store), str(store.path))
         print(f"{folder}: {added} new results")
+
+
+def command_export(args: argparse.Namespace) -> None:
+    from mergebench.store.bundle import write_bundle
+    from mergebench.store.database import ResultStore
+
+    _existing_store(args.source)
+    counts = write_bundle(ResultStore(args.source), args.out, _suite_names(args))
+    print(f"wrote {args.out}: {counts['results']} results, {counts['selections']} selections, {counts['runs']} runs")
+
+
+def _existing_store(folder: Path) -> None:
+    """Reading commands refuse a folder without a store rather than create an empty one."""
+    from mergebench.store.database import DATABASE_NAME
+
+    if not (folder / DATABASE_NAME).is_file():
+        raise MergebenchError(f"no results store in {folder} (no {DATABASE_NAME}): run `mergebench run --out {folder}` first")
+
+
+def command_leaderboard_add(args: argparse.Namespace) -> None:
+    from mergebench.store.bundle import admit, read_bundle, relabel
+    from mergebench.store.database import ResultStore
+
+    bundle = read_bundle(args.bundle)  # checked whole before the leaderboard's store is opened
+    if args.family:
+        bundle = relabel(bundle, _names(args.family, "family")[0])
+    admitted = admit(ResultStore(args.into), bundle)
+    print(f"{args.bundle}: {admitted.new_results} new results in {args.into}")
+    for (suite, model, family), status in sorted(admitted.families.items()):
+        print(f"  {suite} on {model}, checkpoints {family}: {status}")
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -401,6 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("stores", nargs="+", type=Path, help="results folders to read")
     merge.add_argument("--into", type=Path, required=True, help="results folder to add them to")
     merge.set_defaults(handler=command_merge_stores)
+    export = commands.add_parser("export", help="write a results store as a bundle (JSON Lines) to publish or submit")
+    export.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="the bundle file to write (.jsonl)")
+    export.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help="results folder to export (default: results/)")
+    export.add_argument("--suite", action="append", default=[], help="only these suite(s), comma-separated or repeated")
+    export.set_defaults(handler=command_export)
+    leaderboard = commands.add_parser("leaderboard", help="submit bundles to a leaderboard and build its static site")
+    actions = leaderboard.add_subparsers(dest="action", required=True, parser_class=Parser)
+    add = actions.add_parser("add", help="check a bundle (schema, checkpoints, duplicate and conflicting cells) and add it")
+    add.add_argument("bundle", type=Path, help="a bundle written by mergebench export")
+    add.add_argument("--into", type=Path, default=DEFAULT_LEADERBOARD, metavar="DIR",
+                     help=f"the leaderboard's results folder (default: {DEFAULT_LEADERBOARD}/)")
+    add.add_argument("--family", default=None, metavar="NAME",
+                     help="record the bundle's experts as checkpoint family NAME (experts other than the family its runs named)")
+    add.set_defaults(handler=command_leaderboard_add)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.add_argument("--markdown", action="store_true", help="print the methods as a Markdown table (for docs)")
