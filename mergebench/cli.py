@@ -103,6 +103,13 @@ def command_leaderboard_add(args: argparse.Namespace) -> None:
         print(f"  {suite} on {model}, checkpoints {family}: {status}")
 
 
+def command_leaderboard_build(args: argparse.Namespace) -> None:
+    from mergebench.runner.publish import build_leaderboard
+
+    pages = build_leaderboard(args.sources, args.out)
+    print(f"wrote {len(pages)} pages to {args.out}: open {pages[0]}")
+
+
 def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
     """``--model a,b`` (or ``all``) as a tuple; None for each suite's default."""
     return tuple(_names(args.model, "model")) if args.model is not None else None
@@ -191,14 +198,14 @@ def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed
     """Print and write the tables (unless ``tables`` is False) and the plots of ``suites`` on every stored model
     (or the ``models`` named)."""
     from mergebench.reports.plots import plot_per_task, plot_scale, plot_task_count
-    from mergebench.reports.tables import to_markdown, to_scale_markdown, write_reports
+    from mergebench.reports.tables import suite_family, to_markdown, to_scale_markdown, write_reports
     from mergebench.store.database import PRETRAINED, ResultStore
 
     store = ResultStore(out)
     written = []
     by_family: dict[str, dict[str, list]] = {}
     for table in _tables(store, suites, models, seed):
-        by_family.setdefault(_family(table.suite), {}).setdefault(table.model, []).append(table)
+        by_family.setdefault(suite_family(table.suite), {}).setdefault(table.model, []).append(table)
     for family, by_model in by_family.items():
         for model, family_tables in by_model.items():
             for table in family_tables:
@@ -227,12 +234,6 @@ def _write(path: Path, text: str) -> Path:
     except OSError as error:
         raise MergebenchError(f"cannot write {path}: {error.strerror or error}") from error
     return path
-
-
-def _family(suite: str) -> str:
-    """The name shared by suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
-    stem, _, count = suite.rpartition("-")
-    return stem if count.isdigit() else suite
 
 
 def command_plot(args: argparse.Namespace) -> None:
@@ -447,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--family", default=None, metavar="NAME",
                      help="record the bundle's experts as checkpoint family NAME (experts other than the family its runs named)")
     add.set_defaults(handler=command_leaderboard_add)
+    site = actions.add_parser("build", help="render results folders and bundles as a static site (HTML, opens from the file system)")
+    site.add_argument("--from", dest="sources", type=Path, nargs="+", required=True, metavar="STORE_OR_BUNDLE",
+                       help="results folders (a leaderboard's) and bundles to publish")
+    site.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write the site to")
+    site.set_defaults(handler=command_leaderboard_build)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.add_argument("--markdown", action="store_true", help="print the methods as a Markdown table (for docs)")
