@@ -16,6 +16,7 @@ from mergebench.errors import MergebenchError
 from mergebench.runner.kinds import positive_int
 
 DEFAULT_OUT = Path("results")
+DEFAULT_LEADERBOARD = Path("leaderboard")
 
 
 def _names(text: str, what: str = "name") -> list[str]:
@@ -70,6 +71,43 @@ def command_merge_stores(args: argparse.Namespace) -> None:
     for folder, store in zip(args.stores, sources):
         added = import_rows(into, export_rows(store), str(store.path))
         print(f"{folder}: {added} new results")
+
+
+def command_export(args: argparse.Namespace) -> None:
+    from mergebench.store.bundle import write_bundle
+    from mergebench.store.database import ResultStore
+
+    _existing_store(args.source)
+    counts = write_bundle(ResultStore(args.source), args.out, _suite_names(args))
+    print(f"wrote {args.out}: {counts['results']} results, {counts['selections']} selections, {counts['runs']} runs")
+
+
+def _existing_store(folder: Path) -> None:
+    """Reading commands refuse a folder without a store rather than create an empty one."""
+    from mergebench.store.database import DATABASE_NAME
+
+    if not (folder / DATABASE_NAME).is_file():
+        raise MergebenchError(f"no results store in {folder} (no {DATABASE_NAME}): run `mergebench run --out {folder}` first")
+
+
+def command_leaderboard_add(args: argparse.Namespace) -> None:
+    from mergebench.store.bundle import admit, read_bundle, relabel
+    from mergebench.store.database import ResultStore
+
+    bundle = read_bundle(args.bundle)  # checked whole before the leaderboard's store is opened
+    if args.family:
+        bundle = relabel(bundle, _names(args.family, "family")[0])
+    admitted = admit(ResultStore(args.into), bundle)
+    print(f"{args.bundle}: {admitted.new_results} new results in {args.into}")
+    for (suite, model, family), status in sorted(admitted.families.items()):
+        print(f"  {suite} on {model}, checkpoints {family}: {status}")
+
+
+def command_leaderboard_build(args: argparse.Namespace) -> None:
+    from mergebench.runner.publish import build_leaderboard
+
+    pages = build_leaderboard(args.sources, args.out)
+    print(f"wrote {len(pages)} pages to {args.out}: open {pages[0]}")
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -168,14 +206,14 @@ def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed
     """Print and write the tables (unless ``tables`` is False) and the plots of ``suites`` on every stored model
     (or the ``models`` named)."""
     from mergebench.reports.plots import plot_per_task, plot_scale, plot_task_count
-    from mergebench.reports.tables import to_markdown, to_scale_markdown, write_reports
+    from mergebench.reports.tables import suite_family, to_markdown, to_scale_markdown, write_reports
     from mergebench.store.database import PRETRAINED, ResultStore
 
     store = ResultStore(out)
     written = []
     by_family: dict[str, dict[str, list]] = {}
     for table in _tables(store, suites, models, seed):
-        by_family.setdefault(_family(table.suite), {}).setdefault(table.model, []).append(table)
+        by_family.setdefault(suite_family(table.suite), {}).setdefault(table.model, []).append(table)
     for family, by_model in by_family.items():
         for model, family_tables in by_model.items():
             for table in family_tables:
@@ -204,12 +242,6 @@ def _write(path: Path, text: str) -> Path:
     except OSError as error:
         raise MergebenchError(f"cannot write {path}: {error.strerror or error}") from error
     return path
-
-
-def _family(suite: str) -> str:
-    """The name shared by suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
-    stem, _, count = suite.rpartition("-")
-    return stem if count.isdigit() else suite
 
 
 def command_plot(args: argparse.Namespace) -> None:
@@ -414,6 +446,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("stores", nargs="+", type=Path, help="results folders to read")
     merge.add_argument("--into", type=Path, required=True, help="results folder to add them to")
     merge.set_defaults(handler=command_merge_stores)
+    export = commands.add_parser("export", help="write a results store as a bundle (JSON Lines) to publish or submit")
+    export.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="the bundle file to write (.jsonl)")
+    export.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help="results folder to export (default: results/)")
+    export.add_argument("--suite", action="append", default=[], help="only these suite(s), comma-separated or repeated")
+    export.set_defaults(handler=command_export)
+    leaderboard = commands.add_parser("leaderboard", help="submit bundles to a leaderboard and build its static site")
+    actions = leaderboard.add_subparsers(dest="action", required=True, parser_class=Parser)
+    add = actions.add_parser("add", help="check a bundle (schema, checkpoints, duplicate and conflicting cells) and add it")
+    add.add_argument("bundle", type=Path, help="a bundle written by mergebench export")
+    add.add_argument("--into", type=Path, default=DEFAULT_LEADERBOARD, metavar="DIR",
+                     help=f"the leaderboard's results folder (default: {DEFAULT_LEADERBOARD}/)")
+    add.add_argument("--family", default=None, metavar="NAME",
+                     help="record the bundle's experts as checkpoint family NAME (experts other than the family its runs named)")
+    add.set_defaults(handler=command_leaderboard_add)
+    site = actions.add_parser("build", help="render results folders and bundles as a static site (HTML, opens from the file system)")
+    site.add_argument("--from", dest="sources", type=Path, nargs="+", required=True, metavar="STORE_OR_BUNDLE",
+                       help="results folders (a leaderboard's) and bundles to publish")
+    site.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write the site to")
+    site.set_defaults(handler=command_leaderboard_build)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.add_argument("--markdown", action="store_true", help="print the methods as a Markdown table (for docs)")

@@ -119,10 +119,11 @@ def available(store: ResultStore) -> list[tuple[str, str]]:
     return [(row["suite"], row["model"]) for row in rows]
 
 
-def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0) -> ResultTable:
-    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None)."""
+def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0, context_key: str | None = None) -> ResultTable:
+    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None), under the context
+    with the most recent result or the one given."""
     model = _resolve_model(store, suite, model)
-    context_key = _latest_context(store, suite, model)
+    context_key = context_key or _latest_context(store, suite, model)
     tasks = _suite_tasks(store, context_key)
     individual = _test_rows(store, context_key, INDIVIDUAL, "{}", REFERENCE_SEED, "none", tasks)
     rows = [
@@ -433,6 +434,12 @@ def to_scale_markdown(tables: list[ResultTable]) -> str:
 
 
 # --- files ------------------------------------------------------------------------------------
+
+
+def suite_family(suite: str) -> str:
+    """The name shared by suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
+    stem, _, count = suite.rpartition("-")
+    return stem if count.isdigit() else suite
 
 
 def report_stem(table: ResultTable) -> str:
