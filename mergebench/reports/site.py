@@ -196,7 +196,7 @@ def _leaderboard_table(entries: Sequence[Entry], published: Sequence[PublishedNu
     tasks = entries[0].table.tasks
     header = ["Rank", "Method", "Setting", "Data access", "Norm. %", "95% CI", "Avg. %", *tasks, "Merge s", "Peak MiB", "Params",
               "Checkpoints", "Seed", "Versions", "Published (not ranked)"]
-    lines = ['<table id="leaderboard" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
+    lines = ['<div class="wide"><table id="leaderboard" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
              + "</tr></thead>", "<tbody>"]
     for rank, entry in ranked(entries):
         row = entry.row
@@ -216,7 +216,7 @@ def _leaderboard_table(entries: Sequence[Entry], published: Sequence[PublishedNu
             _cell(_published_text(number for number in published if number.method == row.method and number.task is None) or "—"),
         ]
         lines.append(f'<tr data-method="{_e(row.method)}">' + "".join(cells) + "</tr>")
-    lines += ["</tbody>", "</table>"]
+    lines += ["</tbody>", "</table></div>"]
     return _filters("leaderboard", {"Data access": 3, "Checkpoints": header.index("Checkpoints")}, entries) + "\n" + "\n".join(lines)
 
 
