@@ -114,6 +114,17 @@ def test_a_page_shows_every_stored_number_of_its_rows(built):
         "mini-vision-8-efficientnet-lite0-per-task.png", "mini-vision-efficientnet-lite0-task-count.png", "mini-vision-scale.png"}
 
 
+def test_the_bundle_s_rows_reach_the_page_unchanged(built):
+    site, _, submitted = built
+    rows = rows_of(Page(site / "vit-8-ViT-B-32.html"), "leaderboard")
+    context = submitted.query("SELECT context_key FROM results WHERE config LIKE '%tall_masks%' LIMIT 1")[0]["context_key"]
+    table = load_table(submitted, "vit-8", "ViT-B-32", context_key=context)
+    for row in table.merged:
+        shown = next(shown for shown in rows if shown["Method"] == row.label and shown["Checkpoints"] == "tall_masks")
+        assert [shown[task] for task in VIT_8] == [f"{100 * row.accuracies[task]:.1f}" for task in VIT_8]
+        assert shown["95% CI"] == str(row.interval) and shown["Setting"] == " ".join(f"{k}={v}" for k, v in row.setting.items())
+
+
 def test_published_numbers_are_beside_ours_and_never_ranked(built):
     site, _, _ = built
     page = Page(site / "vit-8-ViT-B-32.html")

@@ -102,9 +102,9 @@ def _versions(store: ResultStore, table: ResultTable, row: MethodRow, seed: int)
     short, detail = [], []
     for run in runs:
         versions = json.loads(run["versions"])
-        commit = f" @{run['git_commit'][:8]}" if run["git_commit"] else ""
-        short.append(" ".join(f"{name} {versions[name]}" for name in ("mergebench", "torch") if name in versions) + commit)
-        detail.append(", ".join(f"{name} {value}" for name, value in sorted(versions.items())) + commit)
+        commit = run["git_commit"] or ""
+        short.append(" ".join(f"{name} {versions[name]}" for name in ("mergebench", "torch") if name in versions) + (f" @{commit[:8]}" if commit else ""))
+        detail.append(", ".join(f"{name} {value}" for name, value in sorted(versions.items())) + (f", commit {commit}" if commit else ""))
     return "; ".join(short) or "—", "; ".join(detail)
 
 
