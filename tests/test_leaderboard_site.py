@@ -14,7 +14,9 @@ import pytest
 
 from leaderboard_helpers import fill
 from mergebench.cli import main
-from mergebench.reports.tables import load_table
+from mergebench.reports.intervals import Interval
+from mergebench.reports.site import Entry, ranked
+from mergebench.reports.tables import MethodRow, ResultTable, load_table
 from mergebench.store.database import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,16 @@ def test_ranks_are_shared_within_noise(built):
     assert ranks == sorted(ranks) and ranks[0] == 1
     # the two families' ties rows hold the same numbers (the same fabricated outcomes): neither is better beyond noise
     assert len({row["Rank"] for row in ranked if row["Method"] == "ties"}) == 1
+
+
+def test_rows_of_other_checkpoints_rank_apart_only_where_their_intervals_do_not_overlap():
+    def entry(context: str, method: str, score: float, low: float, high: float) -> Entry:
+        row = MethodRow(method, {"a": score}, score, score, {}, "none", interval=Interval(low, high))
+        return Entry(ResultTable("s", "m", context, ("a",), (row,)), row, context, 0, "", "")
+
+    best, middle, last = entry("one", "x", 0.90, 0.85, 0.95), entry("two", "y", 0.82, 0.79, 0.86), entry("three", "z", 0.80, 0.75, 0.84)
+    # x − z is at least 0.85 − 0.84 > 0: beyond noise; x − y and y − z intervals contain 0
+    assert [(rank, item.row.method) for rank, item in ranked([last, best, middle])] == [(1, "x"), (1, "y"), (2, "z")]
 
 
 def test_build_refuses_a_source_that_is_neither_a_store_nor_a_bundle(tmp_path, capsys):

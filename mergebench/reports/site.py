@@ -11,7 +11,7 @@ never ranked with them.
 
 Ranks: the merged rows sorted by normalized score (the average where an expert scores 0 or below); a row's
 rank is 1 + the number of rows above it that are better beyond noise (:func:`~mergebench.reports.intervals.ranks`),
-by the paired bootstrap where both rows were scored on the same examples with the same experts, and
+by the paired bootstrap where both rows were scored on the same examples with the same experts (one context), and
 otherwise only where their 95% intervals do not overlap. Rows within noise of each other share a rank.
 """
 
@@ -124,9 +124,9 @@ def load_entries(store: ResultStore, suite: str, model: str) -> list[Entry]:
 
 
 def _comparison(a: Entry, b: Entry) -> Comparison | None:
-    """``a − b``: paired where both rows share their examples and experts, else the conservative interval of two
-    independent ones (beyond noise only where they do not overlap)."""
-    if a.table is b.table:
+    """``a − b``: paired where both rows share their examples and experts (one context, any seed), else the
+    conservative interval of two independent ones (beyond noise only where they do not overlap)."""
+    if a.table.context_key == b.table.context_key:
         return a.table.compare(a.row, b.row)
     normalized = (a.row.normalized_accuracy is None) == (b.row.normalized_accuracy is None)
     if a.row.interval is None or b.row.interval is None or not normalized:
