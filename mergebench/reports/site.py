@@ -11,7 +11,7 @@ never ranked with them.
 
 Ranks: the merged rows sorted by normalized score (the average where an expert scores 0 or below); a row's
 rank is 1 + the number of rows above it that are better beyond noise (:func:`~mergebench.reports.intervals.ranks`),
-by the paired bootstrap where both rows were scored on the same examples with the same experts, and
+by the paired bootstrap where both rows were scored on the same examples with the same experts (one context), and
 otherwise only where their 95% intervals do not overlap. Rows within noise of each other share a rank.
 """
 
@@ -102,9 +102,9 @@ def _versions(store: ResultStore, table: ResultTable, row: MethodRow, seed: int)
     short, detail = [], []
     for run in runs:
         versions = json.loads(run["versions"])
-        commit = f" @{run['git_commit'][:8]}" if run["git_commit"] else ""
-        short.append(" ".join(f"{name} {versions[name]}" for name in ("mergebench", "torch") if name in versions) + commit)
-        detail.append(", ".join(f"{name} {value}" for name, value in sorted(versions.items())) + commit)
+        commit = run["git_commit"] or ""
+        short.append(" ".join(f"{name} {versions[name]}" for name in ("mergebench", "torch") if name in versions) + (f" @{commit[:8]}" if commit else ""))
+        detail.append(", ".join(f"{name} {value}" for name, value in sorted(versions.items())) + (f", commit {commit}" if commit else ""))
     return "; ".join(short) or "—", "; ".join(detail)
 
 
@@ -124,9 +124,9 @@ def load_entries(store: ResultStore, suite: str, model: str) -> list[Entry]:
 
 
 def _comparison(a: Entry, b: Entry) -> Comparison | None:
-    """``a − b``: paired where both rows share their examples and experts, else the conservative interval of two
-    independent ones (beyond noise only where they do not overlap)."""
-    if a.table is b.table:
+    """``a − b``: paired where both rows share their examples and experts (one context, any seed), else the
+    conservative interval of two independent ones (beyond noise only where they do not overlap)."""
+    if a.table.context_key == b.table.context_key:
         return a.table.compare(a.row, b.row)
     normalized = (a.row.normalized_accuracy is None) == (b.row.normalized_accuracy is None)
     if a.row.interval is None or b.row.interval is None or not normalized:
@@ -196,7 +196,7 @@ def _leaderboard_table(entries: Sequence[Entry], published: Sequence[PublishedNu
     tasks = entries[0].table.tasks
     header = ["Rank", "Method", "Setting", "Data access", "Norm. %", "95% CI", "Avg. %", *tasks, "Merge s", "Peak MiB", "Params",
               "Checkpoints", "Seed", "Versions", "Published (not ranked)"]
-    lines = ['<table id="leaderboard" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
+    lines = ['<div class="wide"><table id="leaderboard" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
              + "</tr></thead>", "<tbody>"]
     for rank, entry in ranked(entries):
         row = entry.row
@@ -216,7 +216,7 @@ def _leaderboard_table(entries: Sequence[Entry], published: Sequence[PublishedNu
             _cell(_published_text(number for number in published if number.method == row.method and number.task is None) or "—"),
         ]
         lines.append(f'<tr data-method="{_e(row.method)}">' + "".join(cells) + "</tr>")
-    lines += ["</tbody>", "</table>"]
+    lines += ["</tbody>", "</table></div>"]
     return _filters("leaderboard", {"Data access": 3, "Checkpoints": header.index("Checkpoints")}, entries) + "\n" + "\n".join(lines)
 
 
