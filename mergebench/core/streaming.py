@@ -2,8 +2,12 @@
 
 The base model and every expert are opened as safetensors (a folder with
 ``model.safetensors.index.json`` and its shards, a folder with one ``*.safetensors`` file, or such a
-file itself) through ``safetensors.safe_open``, which memory-maps the files: only the header of each
-file is read up front. Before anything is written, the headers are compared; the first tensor whose
+file itself): only the header of each file is read up front (checked by ``safetensors.safe_open``), and
+each tensor is read when asked for by a positioned read of its bytes into a fresh tensor. Nothing stays
+mapped into the process: pages of a memory-mapped checkpoint, once touched, count in the process's
+resident memory until the map is closed, which would grow with the number of experts; read this way,
+the checkpoints' pages live in the kernel's page cache, shared and reclaimable, and the process holds
+only the tensors it is working on. Before anything is written, the headers are compared; the first tensor whose
 name, shape or dtype differs between the base and an expert is named in a :class:`MergebenchError`.
 
 Then, for each tensor name of the base (shard by shard, in name order within a shard), the base
@@ -80,6 +84,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
+TV_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Storage dtypes of task vectors (``--tv-dtype``): ``bf16`` rounds each τ_t = θ_t − θ₀ to bfloat16."""
+
 PER_TENSOR_NOTES: dict[str, str] = {
     "consensus_ties": "the TIES trim of consensus_ties is taken per tensor when streaming",
 }
@@ -151,7 +158,8 @@ class SafetensorsCheckpoint(Mapping):
         self.path = Path(path)
         self.tracker = tracker
         self.index_metadata: dict[str, Any] | None = None
-        self._handles: dict[str, Any] = {}
+        self._descriptors: dict[str, int] = {}
+        self._starts: dict[str, int] = {}
         if self.path.is_file():
             if self.path.suffix != ".safetensors":
                 raise MergebenchError(f"not a safetensors file: {self.path}")
@@ -164,15 +172,19 @@ class SafetensorsCheckpoint(Mapping):
         self.files = files
         self.infos: dict[str, TensorInfo] = {}
         for file in files:
-            handle = self._handle(file)
-            for name in sorted(handle.keys()):
-                if name in self.infos:
-                    raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} is in both {self.infos[name].file} and {file}")
-                piece = handle.get_slice(name)
-                dtype = piece.get_dtype()
-                if dtype not in SAFETENSORS_DTYPES:
-                    raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} has unsupported dtype {dtype}")
-                self.infos[name] = TensorInfo(name, dtype, tuple(piece.get_shape()), file)
+            try:
+                with safe_open(str(self.folder / file), framework="pt", device="cpu") as handle:
+                    for name in sorted(handle.keys()):
+                        if name in self.infos:
+                            raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} is in both {self.infos[name].file} and {file}")
+                        piece = handle.get_slice(name)
+                        dtype = piece.get_dtype()
+                        if dtype not in SAFETENSORS_DTYPES:
+                            raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} has unsupported dtype {dtype}")
+                        self.infos[name] = TensorInfo(name, dtype, tuple(piece.get_shape()), file)
+            except (SafetensorError, OSError, ValueError) as error:
+                raise MergebenchError(f"cannot read safetensors file {self.folder / file}: {error}") from error
+            self._starts.update(_data_starts(self.folder / file))
         if self.index_metadata is not None:
             self._check_index()
 
@@ -208,13 +220,13 @@ class SafetensorsCheckpoint(Mapping):
         if extra:
             raise MergebenchError(f"checkpoint {self.folder}: tensor {extra[0]!r} is in a shard but not in {INDEX_FILE}")
 
-    def _handle(self, file: str):
-        if file not in self._handles:
+    def _descriptor(self, file: str) -> int:
+        if file not in self._descriptors:
             try:
-                self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as error:
+                self._descriptors[file] = os.open(self.folder / file, os.O_RDONLY)
+            except OSError as error:
                 raise MergebenchError(f"cannot read safetensors file {self.folder / file}: {error}") from error
-        return self._handles[file]
+        return self._descriptors[file]
 
     @property
     def names(self) -> list[str]:
@@ -228,11 +240,18 @@ class SafetensorsCheckpoint(Mapping):
         return [name for name, info in self.infos.items() if info.file == file]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a copy out of the memory map), counted by the tracker if there is one."""
+        """Read one tensor into a fresh tensor, counted by the tracker if there is one."""
         info = self.infos.get(name)
         if info is None:
             raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
-        tensor = self._handle(info.file).get_tensor(name)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, offset, descriptor = memoryview(data.numpy()), self._starts[name], self._descriptor(info.file)
+        while view.nbytes:
+            read = os.preadv(descriptor, [view], offset)
+            if read <= 0:
+                raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {name!r}")
+            view, offset = view[read:], offset + read
+        tensor = data.view(info.torch_dtype).reshape(info.shape)
         return self.tracker.track(tensor) if self.tracker is not None else tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -250,13 +269,23 @@ class SafetensorsCheckpoint(Mapping):
         return self.infos[name].shape
 
     def close(self) -> None:
-        self._handles.clear()
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _data_starts(path: Path) -> dict[str, int]:
+    """Byte offset in the file of each tensor's data (after the 8-byte length and the JSON header)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
 
 
 def open_checkpoint(path: str | os.PathLike, *, tracker: LiveTensorTracker | None = None) -> SafetensorsCheckpoint:

@@ -116,7 +116,7 @@ from mergebench.runner.hub import (
     repo_name,
 )
 from mergebench.runner.evaluators import InMemoryEvaluator
-from mergebench.runner.kinds import Kind, TaskStatus, register_kind
+from mergebench.runner.kinds import TV_DTYPE, Kind, TaskStatus, register_kind
 from mergebench.runner.prepared import LazyInputs, PreparedSuite, TaskData
 from mergebench.store.database import content_key
 from mergebench.suites.schema import Fields, SuiteBase, SuiteDocument, ValidationPolicy
@@ -608,7 +608,7 @@ class ClipKind(Kind):
 
     name = "clip"
     settings = frozenset({"open_clip_checkpoints", "classnames", "templates"})
-    options = (CHECKPOINTS, ALLOW_PICKLE, DATA)
+    options = (CHECKPOINTS, ALLOW_PICKLE, DATA, TV_DTYPE)
 
     def suites(self, document: SuiteDocument) -> list[ClipSuite]:
         top = document.settings
@@ -654,5 +654,5 @@ class ClipKind(Kind):
         """tall_masks' open_clip files, or FusionBench's encoders (from the Hub or in folders named like its repositories)."""
         return FAMILIES[CheckpointSource(suite, model, checkpoints, allow_pickle).layout]
 
-    def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
-        return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options))
+    def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, tv_dtype: str = "fp32", **options) -> InMemoryEvaluator:
+        return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options), tv_dtype)
