@@ -217,6 +217,10 @@ class CheckpointSource:
         else:
             self.layout = "folders"
 
+    def require_root(self) -> None:
+        if self.root is not None and not self.root.is_dir():
+            raise MergebenchError(f"--checkpoints {self.root}: no such folder (or pass --checkpoints hub)")
+
     # base model: text encoder, tokenizer, preprocessing (and the pre-trained vision weights unless open_clip)
 
     def base_local(self) -> Path | None:
@@ -489,8 +493,7 @@ def prepare_clip_suite(
 ) -> PreparedSuite:
     """Checkpoints, zero-shot heads and cached evaluation data of a ``kind: clip`` suite (module docstring)."""
     source = CheckpointSource(suite, model, checkpoints, allow_pickle)
-    if source.root is not None and not source.root.is_dir():
-        raise MergebenchError(f"--checkpoints {source.root}: no such folder (or pass --checkpoints hub)")
+    source.require_root()
     # every checkpoint is found (downloaded, converted) before any data is decoded
     base = source.base_folder()
     if source.layout == "open_clip":
@@ -652,7 +655,9 @@ class ClipKind(Kind):
 
     def checkpoint_family(self, suite: ClipSuite, model: str, checkpoints=None, allow_pickle=False, **options) -> str:
         """tall_masks' open_clip files, or FusionBench's encoders (from the Hub or in folders named like its repositories)."""
-        return FAMILIES[CheckpointSource(suite, model, checkpoints, allow_pickle).layout]
+        source = CheckpointSource(suite, model, checkpoints, allow_pickle)
+        source.require_root()
+        return FAMILIES[source.layout]
 
     def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, tv_dtype: str = "fp32", **options) -> InMemoryEvaluator:
         return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options), tv_dtype)
