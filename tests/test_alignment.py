@@ -214,3 +214,11 @@ def test_partial_zipping_shares_the_zipped_trunk_and_keeps_each_models_later_lay
     copy = model("mlp", 3)
     copy.load_state_dict(same[1])
     torch.testing.assert_close(copy(inputs(2)), a(inputs(2)), atol=1e-5, rtol=1e-5)
+
+
+def test_zipping_four_models_always_ends_with_the_width_of_one():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(500, 4 * 6, generator=generator)
+    correlation = torch.corrcoef(features.T)
+    clusters = matching.zip_units(correlation, [6, 6, 6, 6])
+    assert len(clusters) == 6 and sorted(u for c in clusters for u in c) == list(range(24))
