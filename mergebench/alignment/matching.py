@@ -116,10 +116,13 @@ def zip_units(correlation: torch.Tensor, sizes: Sequence[int]) -> list[list[int]
     while int(alive.sum()) > sizes[0]:
         size = torch.tensor([len(c) for c in clusters], dtype=torch.float64)
         allowed = (size[:, None] + size[None, :] <= models) & alive[:, None] & alive[None, :]
+        allowed.fill_diagonal_(False)
         if not allowed.any():  # the clusters left cannot fill up to T members each: merge past the cap
             allowed = alive[:, None] & alive[None, :]
+            allowed.fill_diagonal_(False)
         masked = torch.where(allowed, score, torch.tensor(-torch.inf, dtype=torch.float64))
         a, b = divmod(int(masked.argmax()), masked.shape[1])
+        assert allowed[a, b], "zipping picked a pair it may not merge"
         weight_a, weight_b = len(clusters[a]), len(clusters[b])
         merged_row = (weight_a * score[a] + weight_b * score[b]) / (weight_a + weight_b)  # mean linkage
         score[a], score[:, a] = merged_row, merged_row
