@@ -15,7 +15,8 @@ import pytest
 from leaderboard_helpers import fill
 from mergebench.cli import main
 from mergebench.reports.intervals import Interval
-from mergebench.reports.site import Entry, ranked
+from mergebench.errors import MergebenchError
+from mergebench.reports.site import Entry, build_site, ranked
 from mergebench.reports.tables import MethodRow, ResultTable, load_table
 from mergebench.store.database import ResultStore
 
@@ -158,6 +159,23 @@ def test_rows_of_other_checkpoints_rank_apart_only_where_their_intervals_do_not_
     best, middle, last = entry("one", "x", 0.90, 0.85, 0.95), entry("two", "y", 0.82, 0.79, 0.86), entry("three", "z", 0.80, 0.75, 0.84)
     # x − z is at least 0.85 − 0.84 > 0: beyond noise; x − y and y − z intervals contain 0
     assert [(rank, item.row.method) for rank, item in ranked([last, best, middle])] == [(1, "x"), (1, "y"), (2, "z")]
+
+
+def test_a_rebuild_replaces_the_site_and_another_folder_is_refused(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    fill(store, "mini-vision-4", TASKS_4, "efficientnet-lite0")
+    site = tmp_path / "site"
+    (site / "plots").mkdir(parents=True)
+    (site / "notes.txt").write_text("mine")
+    with pytest.raises(MergebenchError, match="is not a leaderboard site"):
+        build_site(store, [], site)
+    (site / "notes.txt").unlink()
+    for stale in (site / "site.js", site / "gone-suite.html", site / "plots" / "gone-suite-per-task.png"):
+        stale.write_text("an earlier build")
+    pages = build_site(store, [], site)
+    assert sorted(path.name for path in site.rglob("*") if path.is_file()) == [
+        "index.html", "mini-vision-4-efficientnet-lite0-per-task.png", "mini-vision-4-efficientnet-lite0.html", "site.css", "site.js"]
+    assert pages == [site / "index.html", site / "mini-vision-4-efficientnet-lite0.html"]
 
 
 def test_build_refuses_a_source_that_is_neither_a_store_nor_a_bundle(tmp_path, capsys):
