@@ -158,7 +158,15 @@ def command_continual(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    if args.format:
+    if args.format == "reference":
+        from importlib.metadata import version
+
+        from mergebench.reports.tables import to_reference
+        from mergebench.store.database import ResultStore
+
+        tables = list(_tables(ResultStore(args.out), _suite_names(args), _models(args), args.seed))
+        print(to_reference(tables, args.source or f"mergebench {version('mergebench')}, store {args.out}", args.tolerance), end="")
+    elif args.format:
         _print_tables(args.out, _suite_names(args), _models(args), args.seed, args.format, not args.no_costs)
     else:
         _report(args.out, _suite_names(args), _models(args), args.seed, costs=not args.no_costs)
@@ -241,8 +249,8 @@ def command_plot(args: argparse.Namespace) -> None:
 
 
 def command_reproduce(args: argparse.Namespace) -> int:
-    from mergebench.runner.references import all_tables, get_table
-    from mergebench.runner.reproduce import OUTSIDE, ReproduceRequest, reproduce, to_markdown
+    from mergebench.runner.references import all_tables
+    from mergebench.runner.reproduce import OUTSIDE, ReproduceRequest, reproduce, selected, to_markdown
     from mergebench.runner.sweep import SweepRequest
 
     if args.list or not args.table:
@@ -256,8 +264,9 @@ def command_reproduce(args: argparse.Namespace) -> int:
         from mergebench.methods.registry import get_method
 
         get_method(method)
-    found = reproduce(ReproduceRequest(args.table, sweep, run=not args.no_run, methods=methods))
-    print(to_markdown(get_table(args.table), found))
+    request = ReproduceRequest(args.table, sweep, run=not args.no_run, methods=methods, models=_models(args))
+    found = reproduce(request)
+    print(to_markdown(selected(request), found))
     return 1 if any(item.verdict == OUTSIDE for item in found) else 0
 
 
@@ -410,8 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     continual.set_defaults(handler=command_continual)
 
     report = with_common(commands.add_parser("report", help="print and write the results tables"), False)
-    report.add_argument("--format", choices=("md", "csv", "tex"), default=None,
-                        help="print only the tables in this format to standard output, writing nothing (for docs)")
+    report.add_argument("--format", choices=("md", "csv", "tex", "reference"), default=None,
+                        help="print only the tables in this format to standard output, writing nothing (for docs); "
+                             "reference: as a reference table of tasks/references (the store's runs as the numbers to reproduce)")
+    report.add_argument("--source", default=None, help="--format reference: the command that produced the store")
+    report.add_argument("--tolerance", type=float, default=1.5, help="--format reference: percentage points (default 1.5)")
     report.add_argument("--no-costs", action="store_true",
                         help="leave out the cost columns (seconds, memory), which differ from run to run: the tables then "
                              "repeat byte for byte")
@@ -423,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("table", nargs="?", help="a reference table id, e.g. iso/table1 (none: list them)")
     reproduce.add_argument("--list", action="store_true", help="list the reference tables")
     reproduce.add_argument("--methods", default=None, help="only these of the table's methods (comma-separated)")
+    reproduce.add_argument("--model", default=None, help="only the table's cells of these models (comma-separated)")
     reproduce.add_argument("--no-run", action="store_true", help="compare what the store holds, run nothing")
     reproduce.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: results/)")
     reproduce.add_argument("--seed", type=int, default=0, help="seed of randomized methods")

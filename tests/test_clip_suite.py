@@ -389,3 +389,61 @@ def test_a_new_clip_task_is_one_file(world, env, tmp_path, capsys):
     assert scores[("Digits", "test")] == 1.0  # the MNIST expert, scored with the same head, on its own predictions
     assert {row["task"] for row in ResultStore(out).query("SELECT DISTINCT task FROM results")} == {"Digits"}
     assert "mine-1" in capsys.readouterr().out
+
+
+def tiny_reference(checkpoint_family: str) -> str:
+    """A published-table file for the tiny suite: each expert scores 100% on the labels it predicted (by construction)."""
+    return f"""
+title: "tiny CLIP experts on their own predictions"
+source: "tests/test_clip_suite.py (labels are each expert's predictions)"
+checkpoint_family: {checkpoint_family}
+split: test
+tolerance: 0.5
+hyperparameters: validation
+methods: {{Fine-tuned: individual}}
+traps: []
+cells:
+  - {{row: Fine-tuned, suite: tinyclip-3, model: ViT-B-32, metric: accuracy, absolute: 100.0}}
+"""
+
+
+def verdict_lines(printed):
+    return [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| Row")]
+
+
+def test_reproduce_compares_only_the_checkpoint_family_of_the_table(world, env, tmp_path, capsys, monkeypatch):
+    """iso/table1 (tall_masks) on the tiny FusionBench-style folders: every cell not comparable, nothing run."""
+    tasks = tmp_path / "tasks"
+    shutil.copytree(world["tasks"], tasks)
+    for family in ("fusion_bench", "tall_masks"):
+        (tasks / "references" / "tiny").mkdir(parents=True, exist_ok=True)
+        (tasks / "references" / "tiny" / f"{family}.yaml").write_text(tiny_reference(family))
+    monkeypatch.setenv("MERGEBENCH_TASKS", str(tasks))
+    out = tmp_path / "results"
+    args = ("--data", str(world["data"]), "--device", "cpu", "--out", str(out))
+
+    assert cli.main(["reproduce", "iso/table1", "--checkpoints", str(world["checkpoints"]), *args]) == 0
+    printed = capsys.readouterr().out
+    rows = verdict_lines(printed)
+    assert len(rows) == 81
+    assert all("| not comparable: checkpoints are fusion_bench, the table's tall_masks |" in row for row in rows)
+    assert "Cells: 81 not comparable." in printed
+    assert not (out / "mergebench.sqlite").exists() or ResultStore(out).query("SELECT COUNT(*) AS n FROM results")[0]["n"] == 0
+
+    assert cli.main(["reproduce", "iso/table1", "--checkpoints", str(tmp_path / "absent"), *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"mergebench: error: --checkpoints {tmp_path / 'absent'}: no such folder (or pass --checkpoints hub)"
+
+    # the table of the folders' own family runs (the reference rows only) and compares
+    assert cli.main(["reproduce", "tiny/fusion_bench", "--checkpoints", str(world["checkpoints"]), *args]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "| 100.0 | 100.0 | +0.0 | within |" in rows[0]
+    families = ResultStore(out).query("SELECT DISTINCT json_extract(config, '$.checkpoint_family') AS f FROM results")
+    assert [row["f"] for row in families] == ["fusion_bench"]
+
+    # a tall_masks layout asked for, but the stored results are the folders': not compared
+    tall_masks = tmp_path / "tall_masks"
+    (tall_masks / "ViT-B-32").mkdir(parents=True)
+    assert cli.main(["reproduce", "tiny/tall_masks", "--checkpoints", str(tall_masks), "--no-run", *args]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "not comparable: stored results are of fusion_bench checkpoints, the table's tall_masks" in rows[0]

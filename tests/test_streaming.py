@@ -102,10 +102,12 @@ def test_task_arithmetic_streamed_equals_in_memory_and_by_hand(family, tmp_path)
 def test_at_most_one_tensor_per_checkpoint_is_held(family, tmp_path):
     base_dir, experts = family
     tracker = LiveTensorTracker()
-    stream_merge(base_dir, experts, get_method("ties"), tmp_path / "out", {"scope": "per_tensor"}, tracker=tracker)
+    report = stream_merge(base_dir, experts, get_method("ties"), tmp_path / "out", {"scope": "per_tensor"}, tracker=tracker)
     infos = open_checkpoint(base_dir).infos
     checkpoints = 1 + len(experts)
-    assert tracker.loaded == checkpoints * len(infos)
+    # one counting pass (the majority sign over every tensor), then the merging pass
+    assert report.passes == 2
+    assert tracker.loaded == report.passes * checkpoints * report.tensors_merged + report.tensors_copied
     assert tracker.peak == checkpoints and tracker.live == 0
     assert tracker.peak_bytes <= checkpoints * max(info.nbytes for info in infos.values())
 
@@ -117,13 +119,28 @@ def test_ties_per_tensor_streamed_equals_in_memory(family, tmp_path):
     expected = in_memory_merge(base_dir, experts, "ties", {"k": 30.0, "scope": "per_tensor", "lam": 0.8})
     assert all(torch.equal(streamed[name], expected[name]) for name in expected)
     assert report.notes == []
-    # with the default global scope the streamed merge trims per tensor, and says so
-    report = stream_merge(base_dir, experts, get_method("ties"), tmp_path / "global", {"k": 30.0, "lam": 0.8})
-    global_streamed = folder_state(tmp_path / "global")
-    assert all(torch.equal(global_streamed[name], expected[name]) for name in expected)
-    assert report.notes and "per tensor" in report.notes[0]
-    global_in_memory = in_memory_merge(base_dir, experts, "ties", {"k": 30.0, "scope": "global", "lam": 0.8})
-    assert any(not torch.equal(global_in_memory[name], expected[name]) for name in expected)
+
+
+@pytest.mark.parametrize("method, setting", [
+    ("ties", {"k": 30.0, "lam": 0.8}),
+    ("ties", {"k": 7.5, "lam": 1.0}),
+    ("pcb", {"ratio": 0.1, "lam": 1.0}),
+    ("pcb", {"ratio": 0.2, "variant": "reference", "lam": 1.2}),
+])
+def test_whole_vector_statistics_streamed_equal_in_memory_exactly(family, tmp_path, method, setting):
+    """Global TIES (top-k over the whole task vector) and PCB (quantiles over the whole task vector):
+    counted in passes over every tensor, the streamed merge is bit for bit the in-memory one."""
+    base_dir, experts = family
+    report = stream_merge(base_dir, experts, get_method(method), tmp_path / "out", setting)
+    streamed = folder_state(tmp_path / "out")
+    expected = in_memory_merge(base_dir, experts, method, setting)
+    assert all(torch.equal(streamed[name], expected[name]) for name in expected)
+    assert report.notes == []
+    # TIES: 2 rounds for the threshold, 1 for the majority sign; PCB: 2 for the clip bounds, 2 for the score threshold
+    assert report.passes == {"ties": 4, "pcb": 5}[method]
+    # and per tensor is a different merge
+    per_tensor = in_memory_merge(base_dir, experts, "ties", {"k": 30.0, "scope": "per_tensor", "lam": 0.8})
+    assert any(not torch.equal(per_tensor[name], expected[name]) for name in expected)
 
 
 def test_bf16_checkpoints_stay_bf16_and_match(tmp_path):

@@ -2,8 +2,12 @@
 
 The base model and every expert are opened as safetensors (a folder with
 ``model.safetensors.index.json`` and its shards, a folder with one ``*.safetensors`` file, or such a
-file itself) through ``safetensors.safe_open``, which memory-maps the files: only the header of each
-file is read up front. Before anything is written, the headers are compared; the first tensor whose
+file itself): only the header of each file is read up front (checked by ``safetensors.safe_open``), and
+each tensor is read when asked for by a positioned read of its bytes into a fresh tensor. Nothing stays
+mapped into the process: pages of a memory-mapped checkpoint, once touched, count in the process's
+resident memory until the map is closed, which would grow with the number of experts; read this way,
+the checkpoints' pages live in the kernel's page cache, shared and reclaimable, and the process holds
+only the tensors it is working on. Before anything is written, the headers are compared; the first tensor whose
 name, shape or dtype differs between the base and an expert is named in a :class:`MergebenchError`.
 
 Then, for each tensor name of the base (shard by shard, in name order within a shard), the base
@@ -20,15 +24,17 @@ tokenizer, generation config) are copied, so it loads with ``from_pretrained``.
 
 Tensors that are not floating point, and names passed in ``exclude``, are copied from the base.
 
-**What changes when a method sees one tensor at a time.** A method whose statistics span the whole
-task vector computes them per tensor here:
+**Whole-vector statistics are exact.** A method asks its whole-vector thresholds of the
+:class:`~mergebench.core.task_vectors.TaskVectors` it is given (``order_statistics``, ``total``): TIES's
+global top-k threshold and majority sign, PCB's magnitude quantiles and score threshold. A streamed merge
+answers them in passes over every tensor before the merging pass (:class:`WholeVectorPasses`: a
+histogram of the values' top 16 bits, then of the low 16 bits inside the bin that holds the rank), so
+the streamed result equals the in-memory one exactly; each statistic costs one or two extra reading
+passes. What stays per tensor:
 
-* ``ties`` with ``scope="global"`` trims the top-k% of each tensor, i.e. behaves as
-  ``scope="per_tensor"`` (mergekit's trim); ``consensus_ties`` trims its TIES step per tensor;
-  ``pcb`` takes its magnitude quantiles and balancing threshold per tensor.
-* The TIES sign election resolves an entry whose trimmed task values sum to exactly zero with the
-  majority sign of that tensor rather than of the whole model (``ties``, ``dare_ties``, ``della``,
-  ``breadcrumbs_ties``, ``consensus_ties``); such entries are all-zero in practice and merge to 0.
+* ``consensus_ties`` trims its TIES step per tensor;
+* the TIES sign election of ``dare_ties``, ``della``, ``breadcrumbs_ties`` and ``consensus_ties``
+  resolves an entry whose task values sum to exactly zero with the majority sign of that tensor;
 * Randomized methods (DARE, DELLA) draw tensor ``name``'s masks from a generator seeded with
   :func:`tensor_seed` ``(seed, name)``, so masks differ across tensors but are reproducible; they are
   not the masks of an in-memory merge with the same seed.
@@ -41,6 +47,7 @@ every layer's depth.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -48,12 +55,13 @@ import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from mergebench.core.checkpoints import atomic_folder
+from mergebench.core.order_statistics import RowOrderStatistics
 from mergebench.core.task_vectors import ParamLayout, TaskVectors, TensorSlot
 from mergebench.errors import MergebenchError
 
@@ -76,10 +84,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
+TV_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""Storage dtypes of task vectors (``--tv-dtype``): ``bf16`` rounds each τ_t = θ_t − θ₀ to bfloat16."""
+
 PER_TENSOR_NOTES: dict[str, str] = {
-    "ties": "scope=global trims the top-k% per tensor when streaming (as scope=per_tensor)",
     "consensus_ties": "the TIES trim of consensus_ties is taken per tensor when streaming",
-    "pcb": "PCB's magnitude quantiles and balancing threshold are taken per tensor when streaming",
 }
 """Methods whose whole-vector statistics become per-tensor statistics in a streamed merge."""
 
@@ -139,14 +148,18 @@ class LiveTensorTracker:
         self.live_bytes -= nbytes
 
 
-class SafetensorsCheckpoint:
-    """A safetensors checkpoint (sharded folder, single-file folder, or file), memory-mapped lazily."""
+class SafetensorsCheckpoint(Mapping):
+    """A safetensors checkpoint (sharded folder, single-file folder, or file), memory-mapped lazily.
+
+    It is a read-only ``{name: tensor}`` mapping whose tensors are read when asked for, so it stands in
+    for a state dict that is never loaded whole."""
 
     def __init__(self, path: str | os.PathLike, *, tracker: LiveTensorTracker | None = None) -> None:
         self.path = Path(path)
         self.tracker = tracker
         self.index_metadata: dict[str, Any] | None = None
-        self._handles: dict[str, Any] = {}
+        self._descriptors: dict[str, int] = {}
+        self._starts: dict[str, int] = {}
         if self.path.is_file():
             if self.path.suffix != ".safetensors":
                 raise MergebenchError(f"not a safetensors file: {self.path}")
@@ -159,15 +172,19 @@ class SafetensorsCheckpoint:
         self.files = files
         self.infos: dict[str, TensorInfo] = {}
         for file in files:
-            handle = self._handle(file)
-            for name in sorted(handle.keys()):
-                if name in self.infos:
-                    raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} is in both {self.infos[name].file} and {file}")
-                piece = handle.get_slice(name)
-                dtype = piece.get_dtype()
-                if dtype not in SAFETENSORS_DTYPES:
-                    raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} has unsupported dtype {dtype}")
-                self.infos[name] = TensorInfo(name, dtype, tuple(piece.get_shape()), file)
+            try:
+                with safe_open(str(self.folder / file), framework="pt", device="cpu") as handle:
+                    for name in sorted(handle.keys()):
+                        if name in self.infos:
+                            raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} is in both {self.infos[name].file} and {file}")
+                        piece = handle.get_slice(name)
+                        dtype = piece.get_dtype()
+                        if dtype not in SAFETENSORS_DTYPES:
+                            raise MergebenchError(f"checkpoint {self.path}: tensor {name!r} has unsupported dtype {dtype}")
+                        self.infos[name] = TensorInfo(name, dtype, tuple(piece.get_shape()), file)
+            except (SafetensorError, OSError, ValueError) as error:
+                raise MergebenchError(f"cannot read safetensors file {self.folder / file}: {error}") from error
+            self._starts.update(_data_starts(self.folder / file))
         if self.index_metadata is not None:
             self._check_index()
 
@@ -203,13 +220,13 @@ class SafetensorsCheckpoint:
         if extra:
             raise MergebenchError(f"checkpoint {self.folder}: tensor {extra[0]!r} is in a shard but not in {INDEX_FILE}")
 
-    def _handle(self, file: str):
-        if file not in self._handles:
+    def _descriptor(self, file: str) -> int:
+        if file not in self._descriptors:
             try:
-                self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as error:
+                self._descriptors[file] = os.open(self.folder / file, os.O_RDONLY)
+            except OSError as error:
                 raise MergebenchError(f"cannot read safetensors file {self.folder / file}: {error}") from error
-        return self._handles[file]
+        return self._descriptors[file]
 
     @property
     def names(self) -> list[str]:
@@ -223,21 +240,52 @@ class SafetensorsCheckpoint:
         return [name for name, info in self.infos.items() if info.file == file]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a copy out of the memory map), counted by the tracker if there is one."""
+        """Read one tensor into a fresh tensor, counted by the tracker if there is one."""
         info = self.infos.get(name)
         if info is None:
             raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
-        tensor = self._handle(info.file).get_tensor(name)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, offset, descriptor = memoryview(data.numpy()), self._starts[name], self._descriptor(info.file)
+        while view.nbytes:
+            read = os.preadv(descriptor, [view], offset)
+            if read <= 0:
+                raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {name!r}")
+            view, offset = view[read:], offset + read
+        tensor = data.view(info.torch_dtype).reshape(info.shape)
         return self.tracker.track(tensor) if self.tracker is not None else tensor
 
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.infos:
+            raise KeyError(name)
+        return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name].shape
+
     def close(self) -> None:
-        self._handles.clear()
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
 
     def __enter__(self) -> "SafetensorsCheckpoint":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _data_starts(path: Path) -> dict[str, int]:
+    """Byte offset in the file of each tensor's data (after the 8-byte length and the JSON header)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
 
 
 def open_checkpoint(path: str | os.PathLike, *, tracker: LiveTensorTracker | None = None) -> SafetensorsCheckpoint:
@@ -345,6 +393,194 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**31 - 1)
 
 
+class StatisticAsked(Exception):
+    """A method asked a whole-vector statistic that is not known yet; this tensor's part of it is counted."""
+
+
+class _Total:
+    """Σ of every entry over all tensors, in float64 (one round)."""
+
+    def __init__(self) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64)
+        self.done = False
+
+    def add(self, values: torch.Tensor) -> None:
+        self.sum = self.sum.to(values.device) + values.sum(dtype=torch.float64)
+
+    def next_round(self) -> None:
+        self.done = True
+
+    def values(self) -> torch.Tensor:
+        return self.sum
+
+
+class WholeVectorPasses:
+    """The answers to a method's whole-vector statistics in a streamed merge, counted pass by pass.
+
+    A method asks its statistics in the same order for every tensor. In a counting pass, the first
+    statistic without an answer counts this tensor's part (and :class:`StatisticAsked` stops the method
+    there); at the end of the pass, :meth:`end_pass` closes a round of it (an order statistic takes two).
+    A pass in which the method asks only answered statistics is the merging pass.
+    """
+
+    def __init__(self, entries: int, device: str | torch.device = "cpu") -> None:
+        self.entries = entries
+        self.device = device
+        self.answers: list[Any] = []
+        self.counting: RowOrderStatistics | _Total | None = None
+        self.passes = 0
+        self._asked = 0
+
+    def start_tensor(self) -> None:
+        self._asked = 0
+
+    def ask(self, make: Callable[[], RowOrderStatistics | _Total], values: torch.Tensor) -> Any:
+        index, self._asked = self._asked, self._asked + 1
+        if index < len(self.answers):
+            return self.answers[index]
+        if self.counting is None:
+            self.counting = make()
+        self.counting.add(values)
+        raise StatisticAsked
+
+    def end_pass(self) -> None:
+        self.passes += 1
+        self.counting.next_round()
+        if self.counting.done:
+            self.answers.append(self.counting.values())
+            self.counting = None
+
+
+class TensorOfTaskVectors(TaskVectors):
+    """The task vectors of one tensor whose whole-vector statistics are those of every streamed tensor."""
+
+    def __init__(self, part: TaskVectors, passes: WholeVectorPasses) -> None:
+        super().__init__(part.pretrained, part.vectors, part.layout, part.tasks)
+        self.passes = passes
+
+    @property
+    def entries(self) -> int:
+        return self.passes.entries
+
+    def order_statistics(self, values: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+        return self.passes.ask(lambda: RowOrderStatistics(values.shape[0], ranks, self.passes.device), values)
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        return self.passes.ask(_Total, values)
+
+
+def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    return state.shape(name) if isinstance(state, SafetensorsCheckpoint) else tuple(state[name].shape)
+
+
+class StreamedTaskVectors:
+    """τ_t = θ_t − θ₀ of every expert over the tensors ``names``, read one tensor at a time.
+
+    ``base`` and each expert are ``{name: tensor}`` mappings: state dicts, or memory-mapped
+    :class:`SafetensorsCheckpoint` objects whose tensors are read on demand. At any moment the engine
+    holds one tensor of every checkpoint and its ``[T, n]`` task vectors, so memory is bounded by the
+    largest tensor, whatever the number of tasks. ``dtype`` is how task vectors are stored: with
+    ``torch.bfloat16`` each τ_t is rounded to bfloat16 (methods still compute in float32).
+    """
+
+    def __init__(
+        self,
+        base: Mapping[str, torch.Tensor],
+        experts: Mapping[str, Mapping[str, torch.Tensor]],
+        names: Sequence[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not experts:
+            raise MergebenchError("no expert checkpoints to merge")
+        self.base = base
+        self.experts = dict(experts)
+        self.tasks = tuple(self.experts)
+        self.dtype = dtype
+        self.device = device
+        slots, offset = [], 0
+        for name in names:
+            shape = _shape(base, name)
+            numel = math.prod(shape)
+            slots.append(TensorSlot(name, shape, offset, offset + numel))
+            offset += numel
+        self.layout = ParamLayout(tuple(slots))
+        self._checked: set[str] = set()
+        self.passes_run = 0
+        """Reading passes over the checkpoints made by the last :meth:`each_tensor` (counting and merging)."""
+
+    def subset(self, tasks: Iterable[str]) -> "StreamedTaskVectors":
+        experts = {task: self.experts[task] for task in tasks}
+        return StreamedTaskVectors(self.base, experts, self.layout.names, dtype=self.dtype, device=self.device)
+
+    def tensor(self, slot: TensorSlot) -> TaskVectors:
+        """The task vectors of one tensor, θ₀ and τ in float32 (τ rounded through :attr:`dtype`).
+
+        The first time a tensor is read, every checkpoint's copy of it is checked for NaN and infinite values."""
+        base = self.base[slot.name]
+        experts = {task: expert[slot.name] for task, expert in self.experts.items()}
+        if slot.name not in self._checked:
+            for owner, tensor in {"base": base, **experts}.items():
+                _require_finite(tensor, owner, slot.name)
+            self._checked.add(slot.name)
+        part = tensor_task_vectors(slot.name, base, experts, device=self.device)
+        if self.dtype != torch.float32:
+            part.vectors = part.vectors.to(self.dtype).to(torch.float32)
+        return part
+
+    def require_finite(self, sources: Mapping[str, str] | None = None) -> None:
+        """Raise naming the first checkpoint and tensor holding NaN or infinite values (reads every tensor once)."""
+        sources = dict(sources or {})
+        for owner, state in {"pretrained": self.base, **self.experts}.items():
+            for slot in self.layout.slots:
+                where = f" ({sources[owner]})" if owner in sources else ""
+                _require_finite(state[slot.name], f"{owner}{where}" if where else owner, slot.name)
+
+    def each_tensor(self, merge: Callable[[TaskVectors, int], torch.Tensor], seed: int = 0) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
+        """``(slot, merge(task vectors of the tensor, its seed))`` for every tensor, in layout order.
+
+        Whole-vector statistics the method asks for are counted first, in passes over every tensor
+        (:class:`WholeVectorPasses`); the tensors are then merged in one more pass.
+        """
+        passes = WholeVectorPasses(self.layout.numel, self.device)
+        while True:
+            merging = None
+            for slot in self.layout.slots:
+                passes.start_tensor()
+                part = TensorOfTaskVectors(self.tensor(slot), passes)
+                try:
+                    result = merge(part, tensor_seed(seed, slot.name))
+                except StatisticAsked:
+                    if merging:
+                        raise MergebenchError(f"the method asked a whole-vector statistic at tensor {slot.name!r} that earlier tensors did not ask") from None
+                    merging = False
+                    continue
+                if merging is False:
+                    raise MergebenchError(f"the method asked fewer whole-vector statistics at tensor {slot.name!r} than at earlier tensors")
+                if merging is None:
+                    self.passes_run = passes.passes + 1
+                merging = True
+                yield slot, result
+            if merging is not False:
+                return
+            passes.end_pass()
+
+    def merged_vector(self, method, setting: Mapping[str, Any], seed: int = 0) -> torch.Tensor:
+        """τ_m of ``method`` at ``setting`` over every tensor, ``[N]`` (without λ), merged tensor by tensor."""
+        merged = torch.empty(self.layout.numel, device=self.device)
+        for slot, part in self.each_tensor(lambda part, tensor_seed: method.merged_vector(part, setting, seed=tensor_seed), seed):
+            merged[slot.start : slot.stop] = part
+        return merged
+
+    def pretrained(self) -> torch.Tensor:
+        """θ₀ flattened over every tensor, ``[N]`` float32."""
+        flat = torch.empty(self.layout.numel, device=self.device)
+        for slot in self.layout.slots:
+            flat[slot.start : slot.stop] = self.base[slot.name].reshape(-1).to(device=self.device, dtype=torch.float32)
+        return flat
+
+
 @dataclass
 class StreamMergeReport:
     """What a streamed merge did."""
@@ -357,6 +593,8 @@ class StreamMergeReport:
     files: list[str]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    passes: int = 1
+    """Reading passes over the checkpoints: one per round of whole-vector statistics, then the merge."""
 
 
 def streaming_support(method) -> str | None:
@@ -378,19 +616,21 @@ def stream_merge(
     copy_files: bool = True,
     tracker: LiveTensorTracker | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    tv_dtype: torch.dtype = torch.float32,
 ) -> StreamMergeReport:
     """Merge ``experts`` (task name -> checkpoint) onto ``base`` with ``method``, tensor by tensor, into ``out_dir``.
 
     ``method`` is a registered :class:`~mergebench.methods.registry.MergeMethod`; ``setting`` overrides its
     defaults (checked as on the command line). ``on_tensor(i, n, name)`` is called after
-    each tensor. Returns a :class:`StreamMergeReport`; its ``notes`` say where the method's statistics
-    became per-tensor.
+    each tensor is written. ``tv_dtype`` is the storage dtype of the task vectors
+    (:class:`StreamedTaskVectors`). Returns a :class:`StreamMergeReport`; its ``notes`` say where the
+    method's statistics became per-tensor.
     """
     refused = streaming_support(method)
     if refused:
         raise MergebenchError(refused)
     full_setting = method.defaults() | method.check_overrides(dict(setting or {}))
-    notes = _notes(method.name, full_setting)
+    notes = _notes(method.name)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise MergebenchError(f"output folder {out_dir} is not empty (pass overwrite=True to replace it)")
@@ -404,22 +644,27 @@ def stream_merge(
     if unknown:
         raise MergebenchError(f"excluded tensor {unknown[0]!r} is not in the base checkpoint")
 
-    merged = copied = 0
-    total = len(base_ckpt.infos)
+    order = [base_ckpt.infos[name] for file in base_ckpt.files for name in sorted(base_ckpt.names_in(file))]
+    mergeable = {info.name for info in order if info.torch_dtype.is_floating_point and info.name not in excluded}
+    streamed = StreamedTaskVectors(base_ckpt, expert_ckpts, [info.name for info in order if info.name in mergeable], dtype=tv_dtype, device=device)
+    total = len(order)
     done = 0
     try:
+        merged_tensors = streamed.each_tensor(lambda part, tensor_seed: method.merge(part, full_setting, seed=tensor_seed), seed)
         with atomic_folder(out_dir) as partial:
             for file in base_ckpt.files:
                 entries = [base_ckpt.infos[name] for name in sorted(base_ckpt.names_in(file))]
                 writer = SafetensorsStreamWriter(partial / file, entries)
                 try:
                     for entry in entries:
-                        tensor = base_ckpt.get(entry.name)
-                        if tensor.is_floating_point() and entry.name not in excluded:
-                            tensor = _merge_one(entry.name, tensor, expert_ckpts, method, full_setting, seed, device)
-                            merged += 1
+                        if entry.name in mergeable:
+                            _, flat = next(merged_tensors)
+                            if not bool(torch.isfinite(flat).all()):
+                                raise MergebenchError(f"method {method.name} produced NaN or infinite values in {entry.name!r}")
+                            tensor = flat.reshape(entry.shape).to(device="cpu", dtype=entry.torch_dtype)
+                            del flat
                         else:
-                            copied += 1
+                            tensor = base_ckpt.get(entry.name)
                         writer.write(entry.name, tensor)
                         del tensor
                         done += 1
@@ -441,21 +686,10 @@ def stream_merge(
         for checkpoint in expert_ckpts.values():
             checkpoint.close()
     files = list(base_ckpt.files) + ([INDEX_FILE] if base_ckpt.sharded else [])
-    return StreamMergeReport(out_dir, method.name, full_setting, merged, copied, files, notes, time.perf_counter() - started)
-
-
-def _merge_one(name, base_tensor, expert_ckpts, method, setting, seed, device) -> torch.Tensor:
-    _require_finite(base_tensor, "base", name)
-    tensors = {}
-    for task, checkpoint in expert_ckpts.items():
-        tensors[task] = checkpoint.get(name)
-        _require_finite(tensors[task], task, name)
-    task_vectors = tensor_task_vectors(name, base_tensor, tensors, device=device)
-    del tensors
-    flat = method.merge(task_vectors, setting, seed=tensor_seed(seed, name))
-    if not bool(torch.isfinite(flat).all()):
-        raise MergebenchError(f"method {method.name} produced NaN or infinite values in {name!r}")
-    return flat.reshape(base_tensor.shape).to(device="cpu", dtype=base_tensor.dtype)
+    return StreamMergeReport(
+        out_dir, method.name, full_setting, len(mergeable), total - len(mergeable), files, notes,
+        time.perf_counter() - started, streamed.passes_run,
+    )
 
 
 def _require_finite(tensor: torch.Tensor, owner: str, name: str) -> None:
@@ -463,11 +697,8 @@ def _require_finite(tensor: torch.Tensor, owner: str, name: str) -> None:
         raise MergebenchError(f"checkpoint {owner!r} has NaN or infinite values in {name!r}")
 
 
-def _notes(name: str, setting: Mapping[str, Any]) -> list[str]:
-    notes = []
-    if name in PER_TENSOR_NOTES and (name != "ties" or setting.get("scope") == "global"):
-        notes.append(PER_TENSOR_NOTES[name])
-    return notes
+def _notes(name: str) -> list[str]:
+    return [PER_TENSOR_NOTES[name]] if name in PER_TENSOR_NOTES else []
 
 
 def _copy_side_files(source: Path, target: Path) -> None:

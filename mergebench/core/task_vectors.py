@@ -9,11 +9,12 @@ all tasks and all layers in a single vectorized pass, and lets a hyperparameter 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from mergebench.core.checkpoints import StateDict, check_compatible
+from mergebench.core.order_statistics import row_order_statistics
 from mergebench.errors import MergebenchError
 
 
@@ -71,6 +72,26 @@ class TaskVectors:
     @property
     def num_tasks(self) -> int:
         return self.vectors.shape[0]
+
+    @property
+    def entries(self) -> int:
+        """d, the entries of each whole task vector (a streamed merge hands a method one tensor of it)."""
+        return self.layout.numel
+
+    def order_statistics(self, values: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+        """The entries of ``ranks`` (0-based, ascending) of each row of ``values`` over the whole task vector.
+
+        ``values`` is ``[T, n]``, an entry-wise function of :attr:`vectors`; the answer is exact
+        (:mod:`mergebench.core.order_statistics`), one ``[T, 1]`` column per rank. Methods ask their
+        whole-vector thresholds here so that a streamed merge, which holds one tensor at a time, gets the
+        same thresholds as an in-memory one.
+        """
+        return row_order_statistics(values, ranks)
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ of every entry of ``values`` (an entry-wise function of :attr:`vectors`) over the whole task
+        vector, in float64 (exact for signs and counts)."""
+        return values.sum(dtype=torch.float64)
 
     def slices(self) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
         """Each parameter's ``[T, numel]`` block of the stacked task vectors (a view)."""

@@ -43,10 +43,9 @@ from mergebench.methods.registry import HParam, lam_grid, register
 CLIP_RATIOS = {"reference": 0.0001, "vision": 0.01}
 
 
-def sorted_value(rows: torch.Tensor, index: int) -> torch.Tensor:
-    """``sort(rows, dim=1)[:, index]`` as a ``[T, 1]`` column, with ``index`` kept inside the row."""
-    index = min(max(index, 0), rows.shape[1] - 1)
-    return rows.kthvalue(index + 1, dim=1, keepdim=True).values
+def within(rank: int, d: int) -> int:
+    """A rank kept inside 0..d−1 (the authors index sorted arrays with it)."""
+    return min(max(rank, 0), d - 1)
 
 
 def min_max(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -55,32 +54,27 @@ def min_max(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.
     return torch.where(span > 0, (rows - low) / torch.where(span > 0, span, 1.0), 0.0)
 
 
-def normalize(rows: torch.Tensor) -> torch.Tensor:
-    """The authors' Norm: min–max over each task's entries."""
-    return min_max(rows, rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True))
+def balancing_weights(task_vectors: TaskVectors, variant: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped task vectors τ̃ and the weights w after dropping all but the top-r scores, ``[T, N]`` each.
 
-
-def clip_magnitudes(vectors: torch.Tensor, ratio: float) -> torch.Tensor:
-    """|τ| clamped to the ⌊c·d⌋-th and (⌊(1−c)·d⌋ − 1)-th smallest magnitude of its own task."""
-    d = vectors.shape[1]
+    Quantiles, minima and maxima are taken over each task's whole task vector
+    (:meth:`~mergebench.core.task_vectors.TaskVectors.order_statistics`), also when ``task_vectors``
+    holds one tensor of a streamed merge."""
+    vectors = task_vectors.vectors
+    num_tasks, d = vectors.shape[0], task_vectors.entries
+    clip = CLIP_RATIOS[variant]
     magnitudes = vectors.abs()
-    low = sorted_value(magnitudes, int(d * ratio))
-    high = sorted_value(magnitudes, int(d * (1 - ratio)) - 1)
-    return torch.clamp(magnitudes, low, high)
-
-
-def balancing_weights(vectors: torch.Tensor, variant: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped task vectors τ̃ and the weights w after dropping all but the top-r scores, ``[T, N]`` each."""
-    num_tasks, d = vectors.shape
-    clipped_magnitudes = clip_magnitudes(vectors, CLIP_RATIOS[variant])
+    low, high = task_vectors.order_statistics(magnitudes, [within(int(d * clip), d), within(int(d * (1 - clip)) - 1, d)])
+    clipped_magnitudes = torch.clamp(magnitudes, low, high)
     signs = torch.sign(vectors)
-    normalized = normalize(clipped_magnitudes)
+    # Norm over the clipped magnitudes: their minimum and maximum are the clipping bounds themselves
+    normalized = min_max(clipped_magnitudes, low, high)
     intra = torch.exp(num_tasks * normalized**2)
     partners = vectors if variant == "reference" else signs * normalized
     inter = torch.tanh(vectors * partners.sum(dim=0))
     scores = intra * inter
-    threshold = sorted_value(scores, int(d * (1 - ratio)))
-    weights = min_max(torch.maximum(scores, threshold), threshold, scores.amax(dim=1, keepdim=True))
+    threshold, best = task_vectors.order_statistics(scores, [within(int(d * (1 - ratio)), d), d - 1])
+    weights = min_max(torch.maximum(scores, threshold), threshold, best)
     return signs * clipped_magnitudes, weights
 
 
@@ -96,5 +90,5 @@ def pcb(
     variant: Annotated[str, HParam("the authors' vision script or their reference pcb-merging.py", choices=tuple(CLIP_RATIOS))] = "vision",
 ) -> torch.Tensor:
     """Score entries by intra- and inter-task competition, drop low scores, score-weighted mean."""
-    clipped, weights = balancing_weights(task_vectors.vectors, variant, ratio)
+    clipped, weights = balancing_weights(task_vectors, variant, ratio)
     return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)

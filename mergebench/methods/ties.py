@@ -44,33 +44,40 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return in_bin.kthvalue(in_bin.numel() - (k - above_bin) + 1).values
 
 
-def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float) -> torch.Tensor:
-    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``."""
-    d = vectors.shape[1]
+def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, whole: TaskVectors | None = None) -> torch.Tensor:
+    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``.
+
+    With ``whole``, ``vectors`` is (part of) ``whole``'s task vectors and d and the threshold are taken
+    over ``whole``'s entire task vectors (a streamed merge hands over one tensor at a time)."""
+    d = vectors.shape[1] if whole is None else whole.entries
     keep = int(d * k_percent / 100)
     if keep <= 0:
         return torch.zeros_like(vectors)
     if keep >= d:
         return vectors.clone()
     magnitudes = vectors.abs()
-    thresholds = torch.stack([kth_largest(row, keep) for row in magnitudes]).unsqueeze(1)
+    if whole is None:
+        thresholds = torch.stack([kth_largest(row, keep) for row in magnitudes]).unsqueeze(1)
+    else:
+        (thresholds,) = whole.order_statistics(magnitudes, [d - keep])
     return vectors * (magnitudes >= thresholds)
 
 
 def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str) -> torch.Tensor:
     """TIES trim step, over the whole task vector or per parameter tensor."""
     if scope == "global":
-        return keep_top_magnitudes(vectors, k_percent)
+        return keep_top_magnitudes(vectors, k_percent, task_vectors)
     trimmed = torch.empty_like(vectors)
     for slot in task_vectors.layout.slots:
         trimmed[:, slot.start : slot.stop] = keep_top_magnitudes(vectors[:, slot.start : slot.stop], k_percent)
     return trimmed
 
 
-def elect_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """γ = sgn(Σ_t τ_t), zeros resolved to the majority sign (then +1)."""
+def elect_signs(vectors: torch.Tensor, whole: TaskVectors | None = None) -> torch.Tensor:
+    """γ = sgn(Σ_t τ_t), zeros resolved to the majority sign (then +1); with ``whole``, the majority of
+    ``whole``'s entire task vectors, of which ``vectors`` is (part of) the trimmed form."""
     signs = torch.sign(vectors.sum(dim=0))
-    majority = torch.sign(signs.sum())
+    majority = torch.sign(signs.sum() if whole is None else whole.total(signs))
     fill = majority if majority != 0 else torch.ones_like(majority)
     return torch.where(signs == 0, fill, signs)
 
@@ -83,9 +90,9 @@ def disjoint_mean(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
-def elect_and_merge(vectors: torch.Tensor) -> torch.Tensor:
-    """TIES steps 2–3 on already sparsified task vectors."""
-    return disjoint_mean(vectors, elect_signs(vectors))
+def elect_and_merge(vectors: torch.Tensor, whole: TaskVectors | None = None) -> torch.Tensor:
+    """TIES steps 2–3 on already sparsified task vectors (majority sign over ``whole``, see :func:`elect_signs`)."""
+    return disjoint_mean(vectors, elect_signs(vectors, whole))
 
 
 @register(
@@ -100,4 +107,4 @@ def ties(
     scope: Annotated[str, HParam("top-k over the whole task vector or per tensor", choices=("global", "per_tensor"))] = "global",
 ) -> torch.Tensor:
     """Trim, elect sign, disjoint mean."""
-    return elect_and_merge(trim(task_vectors, task_vectors.vectors, k, scope))
+    return elect_and_merge(trim(task_vectors, task_vectors.vectors, k, scope), task_vectors)

@@ -5,9 +5,14 @@ reference rows (the pretrained model and each expert on its own tasks), produces
 each hyperparameter setting of a method, and scores it. The sweep (:mod:`mergebench.runner.sweep`) is
 written once against this interface; two implementations exist:
 
-* :class:`InMemoryEvaluator` (trained, CLIP and GLUE suites): the task vectors are stacked in memory
-  once, a method's merged weights are loaded into the suite's backbone and scored with each task's own
-  head (:class:`~mergebench.runner.prepared.PreparedSuite`);
+* :class:`InMemoryEvaluator` (trained, CLIP and GLUE suites): the merged model is held in memory,
+  loaded into the suite's backbone and scored with each task's own head
+  (:class:`~mergebench.runner.prepared.PreparedSuite`). A method that merges tensor by tensor (every
+  data-free method) is merged by the one merge engine,
+  :class:`~mergebench.core.streaming.StreamedTaskVectors`, reading one tensor of every expert at a
+  time (from memory-mapped safetensors where the kind keeps its experts so), so memory is flat in the
+  number of tasks; only a method that needs every task vector at once (data-using methods, LiNeS,
+  upscaling) gets the ``[T, N]`` stack, built on first use;
 * the LLM kind's evaluator (:mod:`mergebench.runner.kinds.llm`): each merge is streamed tensor by
   tensor into a checkpoint folder and scored through lm-eval.
 
@@ -24,10 +29,13 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from mergebench.core.checkpoints import check_compatible
 from mergebench.core.scores import TaskScore
-from mergebench.core.task_vectors import TaskVectors, build_task_vectors, merged_state_dict
+from mergebench.core.streaming import TV_DTYPES, StreamedTaskVectors
+from mergebench.core.task_vectors import TaskVectors, build_task_vectors, merged_state_dict, mergeable_names
+from mergebench.store.database import content_key
 from mergebench.evaluation.metrics import NormalizationError, mean_accuracy, normalized_accuracy
-from mergebench.methods.registry import MergeMethod
+from mergebench.methods.registry import SCALE, MergeMethod, scale_onto
 from mergebench.runner.access import GrantedAccess
 from mergebench.runner.prepared import PreparedSuite
 
@@ -106,23 +114,41 @@ class Evaluator(Protocol):
 
 
 class InMemoryEvaluator:
-    """Task vectors stacked in memory; merged weights scored with the suite's backbone and heads."""
+    """Merged models held in memory and scored with the suite's backbone and heads (module docstring)."""
 
-    def __init__(self, prepared: PreparedSuite):
+    def __init__(self, prepared: PreparedSuite, tv_dtype: str = "fp32"):
         self.prepared = prepared
         self.suite = prepared.suite
         self.model = prepared.model
         self.device = prepared.device
-        self.context_key = prepared.context_key
+        self.tv_dtype = tv_dtype
+        # results with task vectors rounded to bf16 are other results than fp32 ones
+        self.context_key = prepared.context_key if tv_dtype == "fp32" else content_key(prepared.context_key, f"tv_dtype={tv_dtype}")
         self.checkpoint_hashes = prepared.checkpoint_hashes
         self.splits = ("validation", "test")
         self.selection = NORMALIZED_VALIDATION
         self.statistics: dict = {}  # Fisher diagonals, Gram matrices…: shared by every method and setting
-        # τ_t = θ_t − θ₀ of every expert, stacked once; building them checks every checkpoint (keys, shapes,
-        # dtypes, finite values) before the first row of the suite is stored
-        self.task_vectors: TaskVectors = build_task_vectors(
-            prepared.pretrained, prepared.finetuned, exclude=prepared.buffers, device=self.device, sources=prepared.checkpoint_files
+        # every checkpoint is checked (keys, shapes, dtypes, finite values) before the first row of the suite is stored
+        check_compatible(prepared.pretrained, prepared.finetuned)
+        self.streamed = StreamedTaskVectors(
+            prepared.pretrained, prepared.finetuned, mergeable_names(prepared.pretrained, prepared.buffers),
+            dtype=TV_DTYPES[tv_dtype], device=self.device,
         )
+        self.streamed.require_finite(prepared.checkpoint_files)
+        self.pretrained_flat = self.streamed.pretrained()
+        self._task_vectors: TaskVectors | None = None
+
+    @property
+    def task_vectors(self) -> TaskVectors:
+        """τ_t = θ_t − θ₀ of every expert stacked ``[T, N]``, for the methods that need them all at once."""
+        if self._task_vectors is None:
+            self._task_vectors = build_task_vectors(
+                self.prepared.pretrained, self.prepared.finetuned, exclude=self.prepared.buffers, device=self.device,
+                sources=self.prepared.checkpoint_files,
+            )
+            if self.tv_dtype != "fp32":
+                self._task_vectors.vectors = self._task_vectors.vectors.to(TV_DTYPES[self.tv_dtype]).float()
+        return self._task_vectors
 
     def columns(self, split: str) -> tuple[str, ...]:
         return self.suite.task_names
@@ -148,13 +174,27 @@ class InMemoryEvaluator:
         """The model and data slice ``method`` declared, or None for a data-free method."""
         if not method.uses_data:
             return None
-        return GrantedAccess(self.prepared, self.task_vectors.layout, method.data, examples or method.examples, self.statistics)
+        return GrantedAccess(self.prepared, self.streamed.layout, method.data, examples or method.examples, self.statistics)
 
     def merges(self, method: MergeMethod, settings: Sequence[dict], seed: int, examples: int | None) -> Iterator[tuple[dict, Any]]:
+        if method.tensorwise:
+            return self._streamed_sweep(self.streamed, method, settings, seed)
         return method.sweep(self.task_vectors, list(settings), seed=seed, model=self.granted(method, examples))
+
+    def _streamed_sweep(self, streamed: StreamedTaskVectors, method: MergeMethod, settings: Sequence[dict], seed: int):
+        """As :meth:`MergeMethod.sweep`: τ_m merged tensor by tensor once per setting of the hyperparameters
+        other than λ, then θ₀ + λ·τ_m for each λ."""
+        cached_key, merged_vector = None, None
+        for setting in settings:
+            key = tuple((name, value) for name, value in setting.items() if name != SCALE)
+            if key != cached_key:
+                cached_key, merged_vector = key, streamed.merged_vector(method, setting, seed)
+            yield setting, scale_onto(self.pretrained_flat, merged_vector, setting)
 
     def merge_subset(self, method: MergeMethod, setting: dict, tasks: Sequence[str], seed: int, examples: int | None) -> Any:
         """The merge of the experts of ``tasks`` alone (continual merging: the models arrived so far)."""
+        if method.tensorwise:
+            return next(self._streamed_sweep(self.streamed.subset(tuple(tasks)), method, [setting], seed))[1]
         return method.merge(self.task_vectors.subset(tuple(tasks)), setting, seed=seed, model=self.granted(method, examples))
 
     def evaluate(self, merged: torch.Tensor | nn.Module, split: str, columns: tuple[str, ...] | None = None) -> Evaluation:
@@ -163,13 +203,16 @@ class InMemoryEvaluator:
             parameters = sum(p.numel() for p in merged.parameters())
             backbone = merged
         else:
-            parameters = self.task_vectors.layout.numel
-            backbone = merged_state_dict(self.prepared.pretrained, self.task_vectors.layout, merged)
+            parameters = self.streamed.layout.numel
+            backbone = merged_state_dict(self.prepared.pretrained, self.streamed.layout, merged)
         outcomes = self.prepared.evaluate(backbone, split, columns)
         return Evaluation(outcomes, time.perf_counter() - started, parameters)
 
     def describe(self) -> dict[str, Any]:
-        return dict(self.suite.describe())
+        described = dict(self.suite.describe())
+        if self.tv_dtype != "fp32":
+            described["tv_dtype"] = self.tv_dtype
+        return described
 
     @property
     def examples_per_second(self) -> float | None:

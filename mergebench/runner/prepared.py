@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -65,7 +65,8 @@ class PreparedSuite:
     device: torch.device
     backbone: nn.Module
     pretrained: StateDict
-    finetuned: dict[str, StateDict]
+    finetuned: dict[str, Mapping[str, torch.Tensor]]
+    """Each expert's backbone: a state dict, or a memory-mapped checkpoint read tensor by tensor."""
     heads: dict[str, nn.Module]
     data: dict[str, dict[str, TaskData]]
     checkpoint_hashes: dict[str, str]

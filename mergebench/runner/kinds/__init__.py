@@ -114,6 +114,13 @@ class Kind:
         return {name: value for name, value in given.items() if name in mine}
 
 
+TV_DTYPE = KindOption(
+    "tv_dtype", "storage of task vectors: fp32 (default) or bf16 (each τ rounded to bfloat16; stored apart from fp32 results)",
+    {"choices": ("fp32", "bf16")},
+)
+"""Taken by every kind whose merges go through the merge engine (:mod:`mergebench.core.streaming`)."""
+
+
 def positive_int(text: str) -> int:
     """A command-line value that must be a positive integer."""
     import argparse

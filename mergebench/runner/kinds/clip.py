@@ -116,7 +116,7 @@ from mergebench.runner.hub import (
     repo_name,
 )
 from mergebench.runner.evaluators import InMemoryEvaluator
-from mergebench.runner.kinds import Kind, TaskStatus, register_kind
+from mergebench.runner.kinds import TV_DTYPE, Kind, TaskStatus, register_kind
 from mergebench.runner.prepared import LazyInputs, PreparedSuite, TaskData
 from mergebench.store.database import content_key
 from mergebench.suites.schema import Fields, SuiteBase, SuiteDocument, ValidationPolicy
@@ -216,6 +216,10 @@ class CheckpointSource:
             self.layout = "open_clip"
         else:
             self.layout = "folders"
+
+    def require_root(self) -> None:
+        if self.root is not None and not self.root.is_dir():
+            raise MergebenchError(f"--checkpoints {self.root}: no such folder (or pass --checkpoints hub)")
 
     # base model: text encoder, tokenizer, preprocessing (and the pre-trained vision weights unless open_clip)
 
@@ -489,8 +493,7 @@ def prepare_clip_suite(
 ) -> PreparedSuite:
     """Checkpoints, zero-shot heads and cached evaluation data of a ``kind: clip`` suite (module docstring)."""
     source = CheckpointSource(suite, model, checkpoints, allow_pickle)
-    if source.root is not None and not source.root.is_dir():
-        raise MergebenchError(f"--checkpoints {source.root}: no such folder (or pass --checkpoints hub)")
+    source.require_root()
     # every checkpoint is found (downloaded, converted) before any data is decoded
     base = source.base_folder()
     if source.layout == "open_clip":
@@ -608,7 +611,7 @@ class ClipKind(Kind):
 
     name = "clip"
     settings = frozenset({"open_clip_checkpoints", "classnames", "templates"})
-    options = (CHECKPOINTS, ALLOW_PICKLE, DATA)
+    options = (CHECKPOINTS, ALLOW_PICKLE, DATA, TV_DTYPE)
 
     def suites(self, document: SuiteDocument) -> list[ClipSuite]:
         top = document.settings
@@ -652,7 +655,9 @@ class ClipKind(Kind):
 
     def checkpoint_family(self, suite: ClipSuite, model: str, checkpoints=None, allow_pickle=False, **options) -> str:
         """tall_masks' open_clip files, or FusionBench's encoders (from the Hub or in folders named like its repositories)."""
-        return FAMILIES[CheckpointSource(suite, model, checkpoints, allow_pickle).layout]
+        source = CheckpointSource(suite, model, checkpoints, allow_pickle)
+        source.require_root()
+        return FAMILIES[source.layout]
 
-    def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
-        return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options))
+    def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, tv_dtype: str = "fp32", **options) -> InMemoryEvaluator:
+        return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options), tv_dtype)

@@ -62,7 +62,7 @@ from mergebench.runner.evaluators import InMemoryEvaluator
 from mergebench.runner.hub import (
     CHECKPOINTS, DATA, TaskDataSource, data_root, folder_sha256, hub_cached, hub_download_hint, hub_folder, repo_name,
 )
-from mergebench.runner.kinds import Kind, TaskStatus, register_kind
+from mergebench.runner.kinds import TV_DTYPE, Kind, TaskStatus, register_kind
 from mergebench.runner.prepared import LazyInputs, PreparedSuite, TaskData
 from mergebench.store.database import content_key
 from mergebench.suites.schema import Fields, SuiteBase, SuiteDocument, ValidationPolicy
@@ -348,7 +348,7 @@ class GlueKind(Kind):
 
     name = "glue"
     settings = frozenset({"dataset"})
-    options = (CHECKPOINTS, DATA)
+    options = (CHECKPOINTS, DATA, TV_DTYPE)
 
     def suites(self, document: SuiteDocument) -> list[GlueSuite]:
         dataset = document.settings.string("dataset")
@@ -386,5 +386,5 @@ class GlueKind(Kind):
     def checkpoint_family(self, suite: GlueSuite, model: str, **options) -> str:
         return suite.model(model).family
 
-    def evaluator(self, suite: GlueSuite, model: str, device: torch.device, cache: Path, **options) -> InMemoryEvaluator:
-        return InMemoryEvaluator(prepare_glue_suite(suite, model, device, cache, **options))
+    def evaluator(self, suite: GlueSuite, model: str, device: torch.device, cache: Path, tv_dtype: str = "fp32", **options) -> InMemoryEvaluator:
+        return InMemoryEvaluator(prepare_glue_suite(suite, model, device, cache, **options), tv_dtype)

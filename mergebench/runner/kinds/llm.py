@@ -53,14 +53,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mergebench.core.scores import TaskScore
-from mergebench.core.streaming import check_streaming_compatible, open_checkpoint, stream_merge, streaming_support
+from mergebench.core.streaming import TV_DTYPES, check_streaming_compatible, open_checkpoint, stream_merge, streaming_support
 from mergebench.errors import MergebenchError
 from mergebench.evaluation import lm_harness
 from mergebench.methods.registry import SCALE, MergeMethod
 from mergebench.models import llm
 from mergebench.runner.evaluators import FIXED_DEFAULTS, MEAN_VALIDATION, Evaluation
 from mergebench.runner.hub import folder_sha256
-from mergebench.runner.kinds import Kind, KindOption, TaskStatus, positive_int, register_kind
+from mergebench.runner.kinds import TV_DTYPE, Kind, KindOption, TaskStatus, positive_int, register_kind
 from mergebench.store.database import content_key
 from mergebench.suites import llm_sources, llm_tasks
 from mergebench.suites.llm_sources import MATH_SOURCES, MINI_MATH_TASK
@@ -346,16 +346,16 @@ class LlmEvaluator:
     """An LLM suite on one model: streamed merges scored through lm-eval (module docstring)."""
 
     def __init__(self, suite: LlmSuite, model: str, device: torch.device, cache: Path, *, limit: int | None = None,
-                 allow_code_execution: bool = False):
+                 allow_code_execution: bool = False, tv_dtype: str = "fp32"):
         self.suite, self.model, self.device, self.cache = suite, model, device, cache
-        self.limit, self.allow_code_execution = limit, allow_code_execution
+        self.limit, self.allow_code_execution, self.tv_dtype = limit, allow_code_execution, tv_dtype
         self.base = checkpoint_folder(suite.model(model).base, cache)
         self.experts_folders = expert_folders(suite, model, cache, device)
         self.checkpoint_hashes = {"pretrained": checkpoint_hash(self.base), **{t: checkpoint_hash(f) for t, f in self.experts_folders.items()}}
         described = suite.describe()
         self.context_key = content_key(
             suite.task_names, model, self.checkpoint_hashes, described["splits"], described["sources"], described["max_gen_toks"],
-            suite.data_seed, limit,
+            suite.data_seed, limit, *([f"tv_dtype={tv_dtype}"] if tv_dtype != "fp32" else []),
         )
         self.splits = ("validation", "test") if suite.validated else ("test",)
         self.selection = MEAN_VALIDATION if suite.validated else FIXED_DEFAULTS
@@ -414,14 +414,18 @@ class LlmEvaluator:
                     bar.total = total
                     bar.update()
 
-                stream_merge(self.base, self.experts_folders, method, merged.path, setting, seed=seed, device=self.device, on_tensor=on_tensor)
+                stream_merge(
+                    self.base, self.experts_folders, method, merged.path, setting, seed=seed, device=self.device, on_tensor=on_tensor,
+                    tv_dtype=TV_DTYPES[self.tv_dtype],
+                )
             yield setting, merged
 
     def evaluate(self, merged: TemporaryCheckpoint, split: str, columns: tuple[str, ...] | None = None) -> Evaluation:
         return self._score(merged.path, split, self._tasks(split))
 
     def describe(self) -> dict[str, Any]:
-        return {"limit": self.limit, "merge": "streamed, tensor by tensor", **self.suite.describe()}
+        described = {"limit": self.limit, "merge": "streamed, tensor by tensor", **self.suite.describe()}
+        return described | ({"tv_dtype": self.tv_dtype} if self.tv_dtype != "fp32" else {})
 
 
 def evaluate_checkpoint(
@@ -463,7 +467,7 @@ class LlmKind(Kind):
 
     name = "llm"
     settings = frozenset({"data_seed", "recipe", "lam_grid"})
-    options = (LIMIT, ALLOW_CODE_EXECUTION)
+    options = (LIMIT, ALLOW_CODE_EXECUTION, TV_DTYPE)
     continual = False
 
     def suites(self, document: SuiteDocument) -> list[LlmSuite]:

@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from mergebench.core.checkpoints import StateDict, check_header, file_sha256, load_state_dict, safetensors_header, save_state_dict
 from mergebench.core.recipe import Recipe
+from mergebench.core.streaming import open_checkpoint
 from mergebench.core.task_vectors import buffer_names
 from mergebench.errors import MergebenchError
 from mergebench.evaluation.classification import recalibrate_batchnorm
 from mergebench.models import efficientnet, text_encoder
 from mergebench.models.finetune import finetune
 from mergebench.runner.evaluators import InMemoryEvaluator
-from mergebench.runner.kinds import Kind, TaskStatus, register_kind
+from mergebench.runner.kinds import TV_DTYPE, Kind, TaskStatus, register_kind
 from mergebench.runner.prepared import PreparedSuite, TaskData
 from mergebench.store.database import content_key
 from mergebench.suites import image_sources, text_sources
@@ -197,7 +198,8 @@ def prepare_trained_suite(suite: Suite, model: str, device: torch.device, cache:
     folder = expert_folder(suite, model, cache)
     build_missing_experts(suite, model, folder, device)
     pretrained = load_state_dict(folder / "pretrained.safetensors")
-    finetuned = {task.name: load_state_dict(folder / f"{expert_stem(task)}.safetensors") for task in suite.tasks}
+    # experts stay memory-mapped: the merge engine reads one tensor of each at a time
+    finetuned = {task.name: open_checkpoint(folder / f"{expert_stem(task)}.safetensors") for task in suite.tasks}
     backbone = MODALITIES[suite.modality].backbone(suite, model).to(device)
     heads = {}
     for task in suite.tasks:
@@ -236,6 +238,7 @@ class TrainedKind(Kind):
 
     name = "trained"
     settings = frozenset({"modality", "image_size", "max_length", "data_seed", "splits", "recipe", "batchnorm"})
+    options = (TV_DTYPE,)
 
     def suites(self, document: SuiteDocument) -> list[Suite]:
         top = document.settings
@@ -300,5 +303,5 @@ class TrainedKind(Kind):
         build_missing_experts(suite, model, folder, device)
         return str(folder)
 
-    def evaluator(self, suite: Suite, model: str, device: torch.device, cache: Path, **options: Any) -> InMemoryEvaluator:
-        return InMemoryEvaluator(prepare_trained_suite(suite, model, device, cache))
+    def evaluator(self, suite: Suite, model: str, device: torch.device, cache: Path, tv_dtype: str = "fp32", **options: Any) -> InMemoryEvaluator:
+        return InMemoryEvaluator(prepare_trained_suite(suite, model, device, cache), tv_dtype)
