@@ -28,7 +28,7 @@ from mergebench.errors import MergebenchError
 from mergebench.reports.intervals import Comparison, Interval, ranks
 from mergebench.reports.plots import plot_per_task, plot_scale, plot_task_count
 from mergebench.reports.tables import (
-    SPLIT, MethodRow, ResultTable, available, format_setting, load_table, percent, report_stem, suite_family,
+    SPLIT, MethodRow, ResultTable, available, format_setting, load_table, percent, report_stem, suite_family, task_labels,
 )
 from mergebench.store.bundle import family_of
 from mergebench.store.database import PRETRAINED, ResultStore, canonical_json
@@ -194,8 +194,8 @@ def _filters(table_id: str, columns: Mapping[str, int], entries: Sequence[Entry]
 
 def _leaderboard_table(entries: Sequence[Entry], published: Sequence[PublishedNumber]) -> str:
     tasks = entries[0].table.tasks
-    header = ["Rank", "Method", "Setting", "Data access", "Norm. %", "95% CI", "Avg. %", *tasks, "Merge s", "Peak MiB", "Params",
-              "Checkpoints", "Seed", "Versions", "Published (not ranked)"]
+    header = ["Rank", "Method", "Setting", "Data access", "Norm. %", "95% CI", "Avg. %", *task_labels(entries[0].table),
+              "Merge s", "Peak MiB", "Params", "Checkpoints", "Seed", "Versions", "Published (not ranked)"]
     lines = ['<div class="wide"><table id="leaderboard" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
              + "</tr></thead>", "<tbody>"]
     for rank, entry in ranked(entries):
@@ -224,7 +224,7 @@ def _reference_table(entries: Sequence[Entry]) -> str:
     """Our pretrained and individual rows, per checkpoint family: what normalization divides by; not ranked."""
     references = [entry for entry in entries if entry.row.is_reference]
     tasks = entries[0].table.tasks
-    header = ["Row", "Checkpoints", "Norm. %", "95% CI", "Avg. %", *tasks, "Versions"]
+    header = ["Row", "Checkpoints", "Norm. %", "95% CI", "Avg. %", *task_labels(entries[0].table), "Versions"]
     lines = ['<table id="references" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
              + "</tr></thead>", "<tbody>"]
     for entry in references:
