@@ -15,7 +15,8 @@ import pytest
 from leaderboard_helpers import fill
 from mergebench.cli import main
 from mergebench.reports.intervals import Interval
-from mergebench.reports.site import Entry, ranked
+from mergebench.errors import MergebenchError
+from mergebench.reports.site import Entry, build_site, ranked
 from mergebench.reports.tables import MethodRow, ResultTable, load_table
 from mergebench.store.database import ResultStore
 
@@ -160,6 +161,23 @@ def test_rows_of_other_checkpoints_rank_apart_only_where_their_intervals_do_not_
     assert [(rank, item.row.method) for rank, item in ranked([last, best, middle])] == [(1, "x"), (1, "y"), (2, "z")]
 
 
+def test_a_rebuild_replaces_the_site_and_another_folder_is_refused(tmp_path):
+    store = ResultStore(tmp_path / "results")
+    fill(store, "mini-vision-4", TASKS_4, "efficientnet-lite0")
+    site = tmp_path / "site"
+    (site / "plots").mkdir(parents=True)
+    (site / "notes.txt").write_text("mine")
+    with pytest.raises(MergebenchError, match="is not a leaderboard site"):
+        build_site(store, [], site)
+    (site / "notes.txt").unlink()
+    for stale in (site / "site.js", site / "gone-suite.html", site / "plots" / "gone-suite-per-task.png"):
+        stale.write_text("an earlier build")
+    pages = build_site(store, [], site)
+    assert sorted(path.name for path in site.rglob("*") if path.is_file()) == [
+        "index.html", "mini-vision-4-efficientnet-lite0-per-task.png", "mini-vision-4-efficientnet-lite0.html", "site.css", "site.js"]
+    assert pages == [site / "index.html", site / "mini-vision-4-efficientnet-lite0.html"]
+
+
 def test_build_refuses_a_source_that_is_neither_a_store_nor_a_bundle(tmp_path, capsys):
     assert main(["leaderboard", "build", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "site")]) == 2
     assert "neither a results bundle nor a results folder" in capsys.readouterr().err
@@ -271,8 +289,16 @@ def test_the_index_links_open_the_pages(built, browser):
     assert browser.find_element(By.TAG_NAME, "h1").text.endswith("on efficientnet-lite0")
 
 
+def test_the_committed_site_links_only_to_files_it_holds():
+    pages = sorted(COMMITTED_SITE.glob("*.html"))
+    assert (COMMITTED_SITE / "index.html") in pages and len(pages) > 1
+    for page in pages:
+        parsed = Page(page)
+        for target in [*parsed.links, *parsed.images]:
+            assert (COMMITTED_SITE / target).is_file(), f"{page.name} links to {target}, which is not in {COMMITTED_SITE}"
+
+
 @needs_browser
-@pytest.mark.skipif(not (COMMITTED_SITE / "index.html").is_file(), reason="no site committed under leaderboards/site yet")
 def test_the_committed_site_opens_from_the_file_system(browser):
     pages = sorted(COMMITTED_SITE.glob("*.html"))
     for page in pages:

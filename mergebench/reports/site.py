@@ -28,7 +28,7 @@ from mergebench.errors import MergebenchError
 from mergebench.reports.intervals import Comparison, Interval, ranks
 from mergebench.reports.plots import plot_per_task, plot_scale, plot_task_count
 from mergebench.reports.tables import (
-    SPLIT, MethodRow, ResultTable, available, format_setting, load_table, percent, report_stem, suite_family,
+    SPLIT, MethodRow, ResultTable, available, format_setting, load_table, percent, report_stem, suite_family, task_labels,
 )
 from mergebench.store.bundle import family_of
 from mergebench.store.database import PRETRAINED, ResultStore, canonical_json
@@ -194,8 +194,8 @@ def _filters(table_id: str, columns: Mapping[str, int], entries: Sequence[Entry]
 
 def _leaderboard_table(entries: Sequence[Entry], published: Sequence[PublishedNumber]) -> str:
     tasks = entries[0].table.tasks
-    header = ["Rank", "Method", "Setting", "Data access", "Norm. %", "95% CI", "Avg. %", *tasks, "Merge s", "Peak MiB", "Params",
-              "Checkpoints", "Seed", "Versions", "Published (not ranked)"]
+    header = ["Rank", "Method", "Setting", "Data access", "Norm. %", "95% CI", "Avg. %", *task_labels(entries[0].table),
+              "Merge s", "Peak MiB", "Params", "Checkpoints", "Seed", "Versions", "Published (not ranked)"]
     lines = ['<div class="wide"><table id="leaderboard" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
              + "</tr></thead>", "<tbody>"]
     for rank, entry in ranked(entries):
@@ -224,7 +224,7 @@ def _reference_table(entries: Sequence[Entry]) -> str:
     """Our pretrained and individual rows, per checkpoint family: what normalization divides by; not ranked."""
     references = [entry for entry in entries if entry.row.is_reference]
     tasks = entries[0].table.tasks
-    header = ["Row", "Checkpoints", "Norm. %", "95% CI", "Avg. %", *tasks, "Versions"]
+    header = ["Row", "Checkpoints", "Norm. %", "95% CI", "Avg. %", *task_labels(entries[0].table), "Versions"]
     lines = ['<table id="references" class="sortable">', "<thead><tr>" + "".join(f"<th>{_e(name)}</th>" for name in header)
              + "</tr></thead>", "<tbody>"]
     for entry in references:
@@ -249,10 +249,6 @@ def _published_table(published: Sequence[PublishedNumber]) -> str:
                  _cell(_number(number.normalized), number.normalized), _cell(number.checkpoint_family)]
         lines.append("<tr>" + "".join(cells) + "</tr>")
     return "\n".join(lines + ["</tbody>", "</table>"])
-
-
-def _figure(path: Path, site: Path, caption: str) -> str:
-    return f'<figure><img src="{_e(path.relative_to(site).as_posix())}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
 CAPTION = (
@@ -319,49 +315,67 @@ def _filters_index() -> str:
 
 
 def build_site(store: ResultStore, published: Sequence[PublishedNumber], out: str | Path) -> list[Path]:
-    """Write the site of every (suite, model) in ``store`` to ``out``; returns the pages written."""
+    """Write the site of every (suite, model) in ``store`` to ``out`` (new, empty, or a site built before, whose
+    pages and plots of suites no longer there are removed); returns the pages written, the index first."""
     out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SCRIPT).is_file())):
+        raise MergebenchError(f"{out} exists and is not a leaderboard site: choose a new or empty folder for --out")
     pairs = available(store)
     if not pairs:
         raise MergebenchError(f"no results in {store.path}: nothing to publish")
     latest = {pair: load_table(store, *pair) for pair in pairs}
-    family_figures, model_figures = _family_plots(store, list(latest.values()), out)
+    family_plots, model_plots = _family_plots(store, list(latest.values()), out)
+    written = [plot.path for plots in [*family_plots.values(), *model_plots.values()] for plot in plots]
     pages, grid = [], {}
     for (suite, model), table in latest.items():
         entries = load_entries(store, suite, model)
         stem = report_stem(table)
-        figures = [_figure(plot_per_task(table, out / PLOTS / f"{stem}-per-task.png"), out,
-                           f"Per-task test accuracy of {suite} on {model} (latest checkpoints)")]
-        figures += model_figures.get((suite_family(suite), model), []) + family_figures.get(suite_family(suite), [])
+        plots = [Plot(plot_per_task(table, out / PLOTS / f"{stem}-per-task.png"),
+                      f"Per-task test accuracy of {suite} on {model} (latest checkpoints)")]
+        plots += model_plots.get((suite_family(suite), model), []) + family_plots.get(suite_family(suite), [])
+        written.append(plots[0].path)
         mine = [number for number in published if number.suite == suite and number.model == model]
-        pages.append(_write(out / f"{stem}.html", _page(suite, model, entries, mine, figures)))
+        pages.append(_write(out / f"{stem}.html", _page(suite, model, entries, mine, [plot.html(out) for plot in plots])))
         best = ranked(entries)
         grid[(suite, model)] = (f"{stem}.html", best[0][1] if best else None, len(best))
     _write(out / SCRIPT, (Path(__file__).parent / "site_assets" / SCRIPT).read_text(encoding="utf-8"))
     _write(out / STYLE, (Path(__file__).parent / "site_assets" / STYLE).read_text(encoding="utf-8"))
-    index_figures = [figure for figures in family_figures.values() for figure in figures]
-    index_figures += [figure for figures in model_figures.values() for figure in figures]
-    return [_write(out / "index.html", _index(grid, index_figures)), *pages]
+    index_plots = [plot for plots in [*family_plots.values(), *model_plots.values()] for plot in plots]
+    pages.insert(0, _write(out / "index.html", _index(grid, [plot.html(out) for plot in index_plots])))
+    for path in [*out.glob("*.html"), *(out / PLOTS).glob("*.png")]:
+        if path not in written and path not in pages:
+            path.unlink()  # a page or plot of an earlier build, of a suite and model no longer in the results
+    return pages
 
 
-def _family_plots(store: ResultStore, tables: list[ResultTable], out: Path) -> tuple[dict[str, list[str]], dict[tuple[str, str], list[str]]]:
+@dataclass(frozen=True)
+class Plot:
+    path: Path
+    caption: str
+
+    def html(self, site: Path) -> str:
+        source = _e(self.path.relative_to(site).as_posix())
+        return f'<figure><img src="{source}" alt="{_e(self.caption)}"><figcaption>{_e(self.caption)}</figcaption></figure>'
+
+
+def _family_plots(store: ResultStore, tables: list[ResultTable], out: Path) -> tuple[dict[str, list[Plot]], dict[tuple[str, str], list[Plot]]]:
     """The task-count plot of each (suite family, model) with several normalizable suites, and the scale plot of
-    each family with several models: ``({family: [figure]}, {(family, model): [figure]})``."""
+    each family with several models: ``({family: [plot]}, {(family, model): [plot]})``."""
     by_family: dict[str, list[ResultTable]] = {}
     for table in tables:
         by_family.setdefault(suite_family(table.suite), []).append(table)
-    family_figures: dict[str, list[str]] = {}
-    model_figures: dict[tuple[str, str], list[str]] = {}
+    family_plots: dict[str, list[Plot]] = {}
+    model_plots: dict[tuple[str, str], list[Plot]] = {}
     for family, members in sorted(by_family.items()):
         for model in sorted({table.model for table in members}):
             suites = [t.suite for t in members if t.model == model and t.row(PRETRAINED).normalized_accuracy is not None]
             if len(suites) > 1:
                 path = plot_task_count(store, suites, model, out / PLOTS / f"{family}-{model}-task-count.png")
-                model_figures[(family, model)] = [_figure(path, out, f"{family} on {model}: normalized accuracy against the number of tasks")]
+                model_plots[(family, model)] = [Plot(path, f"{family} on {model}: normalized accuracy against the number of tasks")]
         if len({table.model for table in members if table.base_parameters}) > 1:
             path = plot_scale(members, out / PLOTS / f"{family}-scale.png")
-            family_figures[family] = [_figure(path, out, f"{family}: normalized accuracy against model size")]
-    return family_figures, model_figures
+            family_plots[family] = [Plot(path, f"{family}: normalized accuracy against model size")]
+    return family_plots, model_plots
 
 
 def _write(path: Path, text: str) -> Path:

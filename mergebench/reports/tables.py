@@ -252,10 +252,13 @@ def format_setting(setting: Mapping[str, Any]) -> str:
     return " ".join(f"{name}={value}" for name, value in setting.items())
 
 
-def _columns(table: ResultTable) -> list[str]:
+def task_labels(table: ResultTable) -> list[str]:
     """Task names, each followed by its metric's label where that is not accuracy (``cola (MCC)``)."""
-    tasks = [f"{task} ({METRIC_LABELS[table.metrics[task]]})" if task in table.metrics else task for task in table.tasks]
-    return [*tasks, "Avg.", "Norm."]
+    return [f"{task} ({METRIC_LABELS[table.metrics[task]]})" if task in table.metrics else task for task in table.tasks]
+
+
+def _columns(table: ResultTable) -> list[str]:
+    return [*task_labels(table), "Avg.", "Norm."]
 
 
 def _values(table: ResultTable, row: MethodRow) -> list[str]:

@@ -46,6 +46,13 @@ RECORDS = {"run": RUN_COLUMNS, "result": RESULT_COLUMNS, "selection": SELECTION_
 TABLES = {"run": "runs", "result": "results", "selection": "selections"}
 JSON_COLUMNS = {"run": ("versions",), "result": ("hparams", "config", "checkpoints"), "selection": ("hparams",)}
 BINARY_COLUMNS = {"result": ("examples",)}
+NUMBER_COLUMNS = {
+    "run": {"started_at": False},
+    "result": {"seed": False, "accuracy": False, "correct": False, "total": False, "created_at": False, "score": True,
+               "merge_seconds": True, "eval_seconds": True, "merge_peak_mb": True, "parameters": True},
+    "selection": {"seed": False, "created_at": False, "validation_score": True},
+}
+"""The numeric columns of each record, and whether each may be null."""
 UNSPECIFIED_FAMILY = "unspecified"
 
 
@@ -105,6 +112,10 @@ def _from_json(record: str, values: dict[str, Any], where: str) -> tuple:
     extra = sorted(set(values) - set(columns))
     if missing or extra:
         raise MergebenchError(f"{where}: a {record} record " + (f"lacks {missing[0]!r}" if missing else f"has an unknown field {extra[0]!r}"))
+    for column, nullable in NUMBER_COLUMNS[record].items():
+        value = values[column]
+        if not (value is None and nullable) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise MergebenchError(f"{where}: {column} of a {record} record must be a number, not {value!r}")
     for column in JSON_COLUMNS[record]:
         values[column] = canonical_json(values[column])
     for column in BINARY_COLUMNS.get(record, ()):
@@ -158,7 +169,7 @@ def _line(path: Path, number: int, text: str) -> dict[str, Any]:
 
 
 def _check_identities(rows: StoredRows, path: Path) -> None:
-    """Each result's key is that of its identity, and no cell, selection or run is given twice."""
+    """Each result's key is that of its identity, no cell, selection or run is given twice, and every run named is described."""
     column = {name: index for index, name in enumerate(RESULT_COLUMNS)}
     seen: dict[str, str] = {}
     for row in rows.results:
@@ -178,6 +189,10 @@ def _check_identities(rows: StoredRows, path: Path) -> None:
     run_ids = [row[0] for row in rows.runs]
     if len(set(run_ids)) != len(run_ids):
         raise MergebenchError(f"{path} describes run {next(r for r in run_ids if run_ids.count(r) > 1)} twice")
+    named = [row[column["run_id"]] for row in rows.results] + [row[SELECTION_COLUMNS.index("run_id")] for row in rows.selections]
+    undescribed = sorted(set(named) - set(run_ids))
+    if undescribed:
+        raise MergebenchError(f"{path} names run {undescribed[0]} without describing it (its command and versions)")
 
 
 # --- leaderboard submissions ------------------------------------------------------------------
