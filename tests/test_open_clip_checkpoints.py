@@ -86,3 +86,22 @@ def test_unknown_architecture_and_foreign_state_are_one_line_errors(architecture
         open_clip_visual("ViT-B-33")
     with pytest.raises(MergebenchError, match="no 'visual.conv1.weight' key"):
         open_clip_visual_state({"model.token_embedding.weight": torch.zeros(3, 2)})
+
+
+def test_vit_b_32_is_built_as_the_openai_tag_and_refuses_weights_of_another_size(architecture, tmp_path):
+    """tall_masks builds ``create_model_and_transforms("ViT-B-32", pretrained="openai")``: QuickGELU, 12 blocks of width 768."""
+    from open_clip.transformer import QuickGELU
+
+    from mergebench.runner.kinds.clip import fitted
+
+    visual = open_clip_visual("ViT-B-32")
+    blocks = visual.transformer.resblocks
+    assert len(blocks) == 12 and all(isinstance(block.mlp.gelu, QuickGELU) for block in blocks)
+    assert tuple(visual.proj.shape) == (768, 512) and tuple(visual.conv1.weight.shape) == (768, 3, 32, 32)
+    tiny = open_clip_visual_state(ImageEncoder(architecture).state_dict())
+    backbone = OpenClipImageEncoder(visual, PROCESSOR)
+    with pytest.raises(MergebenchError, match=r"tiny.pt does not fit the CLIP vision encoder: missing \['visual.transformer.resblocks.2.ln_1.weight'"):
+        fitted(tiny, backbone, "tiny.pt")  # 2 blocks, not 12
+    first_block_tiny = {**backbone.state_dict(), **{key: value for key, value in tiny.items() if ".resblocks.0." in key}}
+    with pytest.raises(MergebenchError, match=r"tiny.pt: visual.transformer.resblocks.0.ln_1.weight has shape \(32,\), the encoder \(768,\)"):
+        fitted(first_block_tiny, backbone, "tiny.pt")

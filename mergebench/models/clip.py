@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -143,8 +144,18 @@ def open_clip_visual(architecture: str) -> nn.Module:
     if architecture not in open_clip.list_models():
         raise MergebenchError(f"open_clip has no architecture {architecture!r} (open_clip.list_models(); e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
     quick_gelu = bool(open_clip.get_pretrained_cfg(architecture, "openai").get("quick_gelu", False))
-    model = open_clip.create_model(architecture, pretrained=None, force_quick_gelu=quick_gelu)
+    root = logging.getLogger()
+    root.addFilter(_without_random_init_notice)  # the checkpoint's weights replace the random ones next
+    try:
+        model = open_clip.create_model(architecture, pretrained=None, force_quick_gelu=quick_gelu)
+    finally:
+        root.removeFilter(_without_random_init_notice)
     return model.visual.float().eval()
+
+
+def _without_random_init_notice(record: logging.LogRecord) -> bool:
+    """Drops open_clip's root-logger warning "No pretrained weights loaded … initialized randomly"."""
+    return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 def read_open_clip_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:
