@@ -261,7 +261,7 @@ def test_hub_cache_route_and_training_data(world, env, tmp_path, capsys):
     assert re.search(r"DTD\s+\S+DTD\s+encoder ready \(Hugging Face cache\); data cached", listing)
 
 
-def test_tall_masks_layout_through_open_clip_needs_the_pickle_opt_in(world, env, tmp_path, capsys):
+def test_tall_masks_layout_through_open_clip_needs_the_pickle_opt_in(world, env, tiny_references, tmp_path, capsys):
     """The tiny experts as tall_masks files (MNIST's as ``ImageEncoder.save`` writes it, the others and the
     pre-trained model as whole pickled modules) score exactly as the Hub-style folders do."""
     skip_without_open_clip()
@@ -304,6 +304,21 @@ def test_tall_masks_layout_through_open_clip_needs_the_pickle_opt_in(world, env,
     converted = root / TINY_ARCHITECTURE / "EuroSATVal" / "nonlinear_finetuned.safetensors"
     assert json.loads(stored["checkpoints"])["EuroSAT"] == hashlib.sha256(converted.read_bytes()).hexdigest()
     assert json.loads(stored["config"])["checkpoint_family"] == "tall_masks"
+
+    # reproducing a table of the tall_masks family from these files compares; one of FusionBench's does not
+    capsys.readouterr()
+    reproduce = ("--checkpoints", str(root), "--data", str(world["data"]), "--device", "cpu", "--out", str(tmp_path / "open_clip"))
+    assert cli.main(["reproduce", "tiny/tall_masks", *reproduce]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "| 100.0 | 100.0 | +0.0 | within |" in rows[0]
+    assert cli.main(["reproduce", "tiny/fusion_bench", *reproduce]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "not comparable: checkpoints are tall_masks, the table's fusion_bench" in rows[0]
+    # with both families in one store, each table compares the latest results of its own family
+    assert cli.main(["reproduce", "tiny/fusion_bench", *reproduce[2:], "--checkpoints", str(world["checkpoints"])]) == 0
+    assert "| within |" in verdict_lines(capsys.readouterr().out)[0]
+    assert cli.main(["reproduce", "tiny/tall_masks", *reproduce, "--no-run"]) == 0
+    assert "| within |" in verdict_lines(capsys.readouterr().out)[0]
 
 
 def test_missing_checkpoint_is_one_line_naming_the_download(world, env, tmp_path, capsys):
@@ -422,14 +437,19 @@ def verdict_lines(printed):
     return [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| Row")]
 
 
-def test_reproduce_compares_only_the_checkpoint_family_of_the_table(world, env, tmp_path, capsys, monkeypatch):
-    """iso/table1 (tall_masks) on the tiny FusionBench-style folders: every cell not comparable, nothing run."""
-    tasks = tmp_path / "tasks"
+@pytest.fixture
+def tiny_references(world, tmp_path, monkeypatch):
+    """The tiny suite's files plus ``tiny/fusion_bench`` and ``tiny/tall_masks``, the same table for each family."""
+    tasks = tmp_path / "tasks-with-references"
     shutil.copytree(world["tasks"], tasks)
+    (tasks / "references" / "tiny").mkdir(parents=True)
     for family in ("fusion_bench", "tall_masks"):
-        (tasks / "references" / "tiny").mkdir(parents=True, exist_ok=True)
         (tasks / "references" / "tiny" / f"{family}.yaml").write_text(tiny_reference(family))
     monkeypatch.setenv("MERGEBENCH_TASKS", str(tasks))
+
+
+def test_reproduce_compares_only_the_checkpoint_family_of_the_table(world, env, tiny_references, tmp_path, capsys):
+    """iso/table1 (tall_masks) on the tiny FusionBench-style folders: every cell not comparable, nothing run."""
     out = tmp_path / "results"
     args = ("--data", str(world["data"]), "--device", "cpu", "--out", str(out))
 

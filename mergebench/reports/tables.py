@@ -115,10 +115,11 @@ def available(store: ResultStore) -> list[tuple[str, str]]:
     return [(row["suite"], row["model"]) for row in rows]
 
 
-def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0) -> ResultTable:
-    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None)."""
+def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0, context_key: str | None = None) -> ResultTable:
+    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None), from the
+    latest context (checkpoints and data) stored for them unless ``context_key`` names one."""
     model = _resolve_model(store, suite, model)
-    context_key = _latest_context(store, suite, model)
+    context_key = context_key or _latest_context(store, suite, model)
     tasks = _suite_tasks(store, context_key)
     individual = _test_rows(store, context_key, INDIVIDUAL, "{}", REFERENCE_SEED, "none", tasks)
     rows = [
