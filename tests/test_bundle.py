@@ -55,6 +55,14 @@ def test_export_then_add_into_a_fresh_store_gives_identical_rows(results, tmp_pa
     assert "0 new results" in out and "checkpoints mergebench: matches" in out
 
 
+def test_a_gzip_bundle_round_trips_too(results, tmp_path):
+    bundle = tmp_path / "bundle.jsonl.gz"
+    assert export(results, bundle) == 0
+    assert bundle.read_bytes()[:2] == b"\x1f\x8b"
+    assert main(["leaderboard", "add", str(bundle), "--into", str(tmp_path / "board")]) == 0
+    assert sorted_rows(ResultStore(tmp_path / "board")) == sorted_rows(results)
+
+
 def test_a_bundle_is_readable_json_lines_with_everything_of_a_cell(results, tmp_path):
     bundle = tmp_path / "bundle.jsonl"
     export(results, bundle)
