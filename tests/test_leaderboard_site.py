@@ -196,7 +196,7 @@ needs_browser = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+    from selenium import webdriver  # in the test extra: with the browser installed, its absence is a failure
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
