@@ -112,7 +112,7 @@ def test_ot_fusion_with_uniform_marginals_is_averaging_after_the_optimal_assignm
 
 
 def test_zipit_of_identical_models_returns_the_model():
-    original = model("vgg", 0)
+    original = model("mlp", 0)
     state = original.state_dict()
     spec = spec_for(state)
     moments = feature_moments(spec, [original, original], [inputs(1)])
@@ -191,3 +191,34 @@ def test_barrier_is_the_largest_rise_above_the_straight_line():
 def test_an_unknown_architecture_is_refused_in_one_line():
     with pytest.raises(MergebenchError, match="no permutation spec"):
         spec_for(["encoder.weight"])
+
+
+def test_partial_zipping_shares_the_zipped_trunk_and_keeps_each_models_later_layers():
+    from mergebench.alignment.merge import partially_merged_states
+
+    a, b = model("mlp", 0), model("mlp", 1)
+    spec = spec_for(a.state_dict())
+    states = [a.state_dict(), b.state_dict()]
+    alignment = matching.zipit(feature_moments(spec, [a, b], [inputs(1, 256)]))
+    everything, shared = partially_merged_states(spec, alignment, states, set(spec.groups))
+    assert shared == set(states[0])
+    assert_states_equal(everything[0], merge_states(spec, alignment, states), atol=1e-6)
+    first, shared = partially_merged_states(spec, alignment, states, {"hidden0"})
+    assert shared == {"layers.0.weight", "layers.0.bias"}
+    torch.testing.assert_close(first[0]["layers.0.weight"], everything[0]["layers.0.weight"])
+    assert torch.equal(first[1]["head.weight"], states[1]["head.weight"])  # later layers: the model's own
+    # the second layer reads the zipped units through model b's unmerge matrix B_b
+    torch.testing.assert_close(first[1]["layers.1.weight"], states[1]["layers.1.weight"] @ alignment.from_merged["hidden0"][1])
+    # with identical models, a partially zipped model computes what the model computes
+    same, _ = partially_merged_states(spec, matching.zipit(feature_moments(spec, [a, a], [inputs(1, 256)])), [states[0]] * 2, {"hidden0"})
+    copy = model("mlp", 3)
+    copy.load_state_dict(same[1])
+    torch.testing.assert_close(copy(inputs(2)), a(inputs(2)), atol=1e-5, rtol=1e-5)
+
+
+def test_zipping_four_models_always_ends_with_the_width_of_one():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(500, 4 * 6, generator=generator)
+    correlation = torch.corrcoef(features.T)
+    clusters = matching.zip_units(correlation, [6, 6, 6, 6])
+    assert len(clusters) == 6 and sorted(u for c in clusters for u in c) == list(range(24))

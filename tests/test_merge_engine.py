@@ -79,8 +79,9 @@ def test_only_one_tensor_of_each_expert_is_held(tmp_path):
     method = get_method("ties")
     list(evaluator.merges(method, method.settings({"lam": 1.0}), seed=0, examples=None))
     largest = max(tensor.numel() * tensor.element_size() for tensor in pretrained.values())
-    assert tracker.peak == len(TASKS)  # the base is in memory; of each expert, one tensor at a time
-    assert tracker.peak_bytes <= len(TASKS) * largest
+    # the base is in memory; the experts are read a tensor at a time (two while their keys are checked)
+    assert tracker.peak <= 2
+    assert tracker.peak_bytes <= 2 * largest
     assert tracker.live == 0
 
 

@@ -28,8 +28,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("scratch")
     (root / "tasks").mkdir()
     (root / "tasks" / "tiny.yaml").write_text(TINY)
-    argv = ["run", "--tasks", str(root / "tasks"), "--suite", "tiny-split", "--methods", "average,weight_matching,zipit,ensemble",
-            "--hparams", "weight_matching.repair=on,zipit.repair=off", "--device", "cpu", "--out", str(root / "out"),
+    argv = ["run", "--tasks", str(root / "tasks"), "--suite", "tiny-split", "--methods", "average,weight_matching,zipit,zipit_partial,ensemble",
+            "--hparams", "weight_matching.repair=on,zipit.repair=off,zipit_partial.zip_layers=1", "--device", "cpu", "--out", str(root / "out"),
             "--cache", str(root / "cache"), "--examples", "32"]
     assert cli.main(argv) == 0
     return root, argv
@@ -40,11 +40,12 @@ def test_a_run_trains_the_models_and_stores_every_method_and_reference(run):
     store = ResultStore(root / "out")
     rows = store.query("SELECT method, task, accuracy, parameters FROM results WHERE split='test'")
     methods = {row["method"] for row in rows}
-    assert methods == {"pretrained", "individual", "average", "weight_matching", "zipit", "ensemble"}
+    assert methods == {"pretrained", "individual", "average", "weight_matching", "zipit", "zipit_partial", "ensemble"}
     individual = {row["task"]: row["accuracy"] for row in rows if row["method"] == "individual"}
     assert set(individual) == {"low", "high"} and min(individual.values()) > 0.5  # each model learned its own half
     parameters = {row["method"]: row["parameters"] for row in rows if row["parameters"]}
     assert parameters["ensemble"] == 2 * parameters["average"] == 2 * parameters["weight_matching"]
+    assert parameters["average"] < parameters["zipit_partial"] < parameters["ensemble"]  # the zipped trunk is counted once
     models = list((root / "cache" / "checkpoints" / "tiny-scratch" / "mlp-x1").glob("*/*.safetensors"))
     assert len(models) == 2  # the suite's two models, not the third task of the file
     assert (root / "out" / "reports" / "tiny-split-mlp-x1.md").read_text().count("| ensemble |") == 1
@@ -61,7 +62,7 @@ def test_a_second_run_reuses_the_cached_models(run, capsys):
 def test_alignment_methods_are_listed(capsys):
     assert cli.main(["methods"]) == 0
     listed = capsys.readouterr().out
-    for name in ("weight_matching", "activation_matching", "zipit", "cca_merge", "ot_fusion", "average_repair", "ensemble"):
+    for name in ("weight_matching", "activation_matching", "zipit", "zipit_partial", "cca_merge", "ot_fusion", "average_repair", "ensemble"):
         assert name in listed
 
 

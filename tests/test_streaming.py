@@ -108,8 +108,9 @@ def test_at_most_one_tensor_per_checkpoint_is_held(family, tmp_path):
     # one counting pass (the majority sign over every tensor), then the merging pass
     assert report.passes == 2
     assert tracker.loaded == report.passes * checkpoints * report.tensors_merged + report.tensors_copied
-    assert tracker.peak == checkpoints and tracker.live == 0
-    assert tracker.peak_bytes <= checkpoints * max(info.nbytes for info in infos.values())
+    # the base tensor and one expert's tensor of the same name at a time
+    assert tracker.peak <= 2 and tracker.live == 0
+    assert tracker.peak_bytes <= 2 * max(info.nbytes for info in infos.values())
 
 
 def test_ties_per_tensor_streamed_equals_in_memory(family, tmp_path):

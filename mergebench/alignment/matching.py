@@ -105,7 +105,8 @@ def zip_units(correlation: torch.Tensor, sizes: Sequence[int]) -> list[list[int]
     """ZipIt!'s greedy matching: clusters of the Σ n_t units (indices into ``correlation``), n_0 of them.
 
     Repeatedly merges the two clusters with the highest mean pairwise correlation whose union holds at
-    most T units; units of one model may merge with each other.
+    most T units (past that cap only when no two clusters fit under it, which greedy merging of T > 2
+    models can leave); units of one model may merge with each other.
     """
     models = len(sizes)
     clusters = [[unit] for unit in range(correlation.shape[0])]
@@ -115,10 +116,13 @@ def zip_units(correlation: torch.Tensor, sizes: Sequence[int]) -> list[list[int]
     while int(alive.sum()) > sizes[0]:
         size = torch.tensor([len(c) for c in clusters], dtype=torch.float64)
         allowed = (size[:, None] + size[None, :] <= models) & alive[:, None] & alive[None, :]
+        allowed.fill_diagonal_(False)
+        if not allowed.any():  # the clusters left cannot fill up to T members each: merge past the cap
+            allowed = alive[:, None] & alive[None, :]
+            allowed.fill_diagonal_(False)
         masked = torch.where(allowed, score, torch.tensor(-torch.inf, dtype=torch.float64))
         a, b = divmod(int(masked.argmax()), masked.shape[1])
-        if masked[a, b] == -torch.inf:  # no two clusters fit together: cannot happen when every n_t = n_0
-            break
+        assert allowed[a, b], "zipping picked a pair it may not merge"
         weight_a, weight_b = len(clusters[a]), len(clusters[b])
         merged_row = (weight_a * score[a] + weight_b * score[b]) / (weight_a + weight_b)  # mean linkage
         score[a], score[:, a] = merged_row, merged_row

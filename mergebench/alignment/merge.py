@@ -79,3 +79,30 @@ def merge_states(spec: PermutationSpec, alignment: Alignment, states: Sequence[S
 def permute_state(spec: PermutationSpec, permutations: Mapping[str, torch.Tensor], state: StateDict) -> dict[str, torch.Tensor]:
     """``state`` with group g's units reordered by ``permutations[g]`` on every axis labelled g (same function)."""
     return align_state(spec, Alignment.of_permutations({g: [p] for g, p in permutations.items()}), state, 0)
+
+
+def partially_merged_states(spec: PermutationSpec, alignment: Alignment, states: Sequence[StateDict],
+                            zipped: set[str]) -> tuple[list[dict[str, torch.Tensor]], set[str]]:
+    """ZipIt!'s partial zipping: only the groups in ``zipped`` are merged; every model keeps the rest.
+
+    Per model t, a tensor is mapped by A_t on its produced axis and by B_t on its consumed axes where
+    those carry a zipped group. A tensor all of whose labelled axes are zipped is *shared*: the mean of
+    the models' mapped tensors (the merged trunk); every other tensor stays model t's own (its head,
+    and later layers reading the merged features through B_t). Returns each model's state and the
+    names of the shared tensors.
+    """
+    partial = Alignment(
+        {g: m for g, m in alignment.to_merged.items() if g in zipped}, {g: m for g, m in alignment.from_merged.items() if g in zipped}
+    )
+    mapped = [align_state(spec, partial, state, t) for t, state in enumerate(states)]
+    everything = zipped >= set(spec.groups)
+    shared = {
+        name for name, labels in spec.axes.items()
+        if name in states[0] and labels and states[0][name].is_floating_point()
+        and all(label is None or label in zipped for label in labels) and (labels[0] is not None or everything)
+    }
+    for name in shared:
+        mean = torch.stack([m[name] for m in mapped]).mean(dim=0)
+        for m in mapped:
+            m[name] = mean
+    return mapped, shared

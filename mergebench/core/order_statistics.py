@@ -21,6 +21,8 @@ import torch
 
 BINS = 1 << 16
 ROUNDS = 2
+COLUMNS = 1 << 18
+"""Columns counted at once: bounds the temporaries of a block (keys, bins, indices)."""
 
 
 def sortable_keys(values: torch.Tensor) -> torch.Tensor:
@@ -57,11 +59,16 @@ class RowOrderStatistics:
         """Count one ``[rows, n]`` block (any floating dtype) in the current round."""
         if self.round >= ROUNDS:
             raise RuntimeError("both rounds are done")
+        for start in range(0, block.shape[1], COLUMNS):  # temporaries of at most COLUMNS columns
+            self._add(block[:, start : start + COLUMNS])
+        if self.round == 0:
+            self.entries += block.shape[1]
+
+    def _add(self, block: torch.Tensor) -> None:
         keys = sortable_keys(block)
         high = (keys >> 16).to(torch.int64) + BINS // 2
         row_offsets = torch.arange(self.rows, device=keys.device).unsqueeze(1) * BINS
         if self.round == 0:
-            self.entries += block.shape[1]
             self.counts += torch.bincount((high + row_offsets).reshape(-1), minlength=self.rows * BINS).view(self.rows, BINS)
             return
         low = (keys & 0xFFFF).to(torch.int64)

@@ -371,23 +371,6 @@ class SafetensorsStreamWriter:
 # --------------------------------------------------------------------------- merging
 
 
-def tensor_task_vectors(
-    name: str,
-    base: torch.Tensor,
-    experts: Mapping[str, torch.Tensor],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> TaskVectors:
-    """The :class:`TaskVectors` of one tensor: θ₀ ``[n]`` and τ_t = θ_t − θ₀ ``[T, n]`` in ``dtype``."""
-    layout = ParamLayout((TensorSlot(name, tuple(base.shape), 0, base.numel()),))
-    theta0 = base.reshape(-1).to(device=device, dtype=dtype)
-    vectors = torch.empty((len(experts), base.numel()), device=device, dtype=dtype)
-    for row, tensor in enumerate(experts.values()):
-        torch.sub(tensor.reshape(-1).to(device=device, dtype=dtype), theta0, out=vectors[row])
-    return TaskVectors(theta0, vectors, layout, tuple(experts))
-
-
 def tensor_seed(seed: int, name: str) -> int:
     """The seed a randomized method gets for tensor ``name`` in a streamed merge (stable across runs)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**31 - 1)
@@ -515,19 +498,28 @@ class StreamedTaskVectors:
         return StreamedTaskVectors(self.base, experts, self.layout.names, dtype=self.dtype, device=self.device)
 
     def tensor(self, slot: TensorSlot) -> TaskVectors:
-        """The task vectors of one tensor, θ₀ and τ in float32 (τ rounded through :attr:`dtype`).
+        """The task vectors of one tensor: θ₀ ``[n]`` and τ_t = θ_t − θ₀ ``[T, n]`` in float32 (τ rounded
+        through :attr:`dtype`), reading one expert's tensor at a time.
 
         The first time a tensor is read, every checkpoint's copy of it is checked for NaN and infinite values."""
+        check = slot.name not in self._checked
         base = self.base[slot.name]
-        experts = {task: expert[slot.name] for task, expert in self.experts.items()}
-        if slot.name not in self._checked:
-            for owner, tensor in {"base": base, **experts}.items():
-                _require_finite(tensor, owner, slot.name)
-            self._checked.add(slot.name)
-        part = tensor_task_vectors(slot.name, base, experts, device=self.device)
+        if check:
+            _require_finite(base, "base", slot.name)
+        theta0 = base.reshape(-1).to(device=self.device, dtype=torch.float32)
+        del base
+        vectors = torch.empty((len(self.experts), theta0.numel()), device=self.device)
+        for row, (task, expert) in enumerate(self.experts.items()):
+            tensor = expert[slot.name]
+            if check:
+                _require_finite(tensor, task, slot.name)
+            torch.sub(tensor.reshape(-1).to(device=self.device, dtype=torch.float32), theta0, out=vectors[row])
+            del tensor
+        self._checked.add(slot.name)
         if self.dtype != torch.float32:
-            part.vectors = part.vectors.to(self.dtype).to(torch.float32)
-        return part
+            vectors = vectors.to(self.dtype).to(torch.float32)
+        layout = ParamLayout((TensorSlot(slot.name, slot.shape, 0, theta0.numel()),))
+        return TaskVectors(theta0, vectors, layout, self.tasks)
 
     def require_finite(self, sources: Mapping[str, str] | None = None) -> None:
         """Raise naming the first checkpoint and tensor holding NaN or infinite values (reads every tensor once)."""

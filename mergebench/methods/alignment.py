@@ -8,7 +8,8 @@ activation-based methods match units on them, and REPAIR and the BatchNorm re-es
 endpoints use them (weight matching without REPAIR reads weights alone).
 
 * ``weight_matching``, ``activation_matching`` — Git Re-Basin (Ainsworth et al., 2023);
-* ``zipit`` — ZipIt! (Stoica et al., 2024);
+* ``zipit`` — ZipIt! (Stoica et al., 2024); ``zipit_partial`` zips only the first layers and keeps each
+  model's later layers, their logits averaged (the paper's partial zipping);
 * ``cca_merge`` — CCA Merge (Horoi et al., 2024);
 * ``ot_fusion`` — OT fusion (Singh & Jaggi, 2020), activation-based;
 * ``average_repair`` — plain averaging, then REPAIR (Jordan et al., 2023);
@@ -24,7 +25,7 @@ from torch import nn
 
 from mergebench.alignment import matching
 from mergebench.alignment.features import Moments, calibrated, feature_moments, reset_statistics
-from mergebench.alignment.merge import Alignment, merge_states
+from mergebench.alignment.merge import Alignment, merge_states, partially_merged_states
 from mergebench.alignment.repair import renormalize, repair_targets
 from mergebench.alignment.spec import spec_for
 from mergebench.core.data_access import ModelAccess
@@ -107,6 +108,37 @@ def activation_matching(task_vectors: TaskVectors, *, model: ModelAccess, repair
 def zipit(task_vectors: TaskVectors, *, model: ModelAccess, repair: Annotated[str, REPAIR] = "on") -> torch.Tensor:
     """Zip the most correlated units, within and across models, into averaged units."""
     return activation_based(task_vectors, model, repair, matching.zipit)
+
+
+def tie(models: list[nn.Module], shared: set[str]) -> None:
+    """Make every model hold model 0's Parameter object for each name in ``shared`` (counted once)."""
+    for name in shared:
+        owner, _, leaf = name.rpartition(".")
+        parameter = models[0].get_submodule(owner).get_parameter(leaf)
+        for other in models[1:]:
+            setattr(other.get_submodule(owner), leaf, parameter)
+
+
+@register("zipit_partial", citation="Stoica et al., 2024 (ZipIt!, partial zipping)", data="train-samples",
+          examples=CALIBRATION_EXAMPLES, returns_model=True)
+def zipit_partial(
+    task_vectors: TaskVectors, *, model: ModelAccess,
+    zip_layers: Annotated[int, HParam("unit groups zipped, in forward order; later layers stay each model's own", low=1)] = 2,
+) -> nn.Module:
+    """Zip the first layers into one shared trunk; each model keeps its later layers; logits averaged."""
+    spec = spec_for(task_vectors.layout.names)
+    batches = calibration_batches(model)
+    endpoints = endpoint_models(task_vectors, model, batches)
+    alignment = matching.zipit(feature_moments(spec, endpoints, batches))
+    states, shared = partially_merged_states(spec, alignment, endpoint_states(task_vectors), set(spec.groups[:zip_layers]))
+    members = []
+    for state in states:
+        network = model.backbone(task_vectors.layout.flatten(state).to(task_vectors.pretrained))
+        members.append(calibrated(network, batches))
+    tie(members, shared)
+    for member in members:
+        reset_statistics(member, batches)
+    return Ensemble(members)
 
 
 @register("cca_merge", citation="Horoi et al., 2024 (Harmony in Diversity: Merging Neural Networks with Canonical Correlation Analysis)",

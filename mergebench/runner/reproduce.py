@@ -10,7 +10,8 @@ ours, Δ and a verdict:
 * ``within`` / ``outside``: |ours − paper| against the table's tolerance (percentage points);
 * ``not run``: the row has no mergebench method, or its result is not in the store (``--no-run``);
 * ``not comparable``: another checkpoint family (the one the request would use, or the one recorded with
-  the stored results it would compare), or a metric mergebench does not store (DARE's mean
+  the stored results: of a suite stored with several checkpoints, the latest results of the table's
+  family are compared), or a metric mergebench does not store (DARE's mean
   of accuracy and F1, say), or a normalized number where our experts score 0.
 
 The traps the table attaches to a cell (a wrong DTD split, EMNIST digits vs letters…) are printed
@@ -137,7 +138,7 @@ def verdicts(table: ReferenceTable, store: ResultStore, request: SweepRequest) -
         key = (cell.suite, cell.model)
         if key not in loaded:
             try:
-                loaded[key] = load_table(store, cell.suite, cell.model)
+                loaded[key] = load_table(store, cell.suite, cell.model, context_key=_family_context(store, *key, table.checkpoint_family))
             except MergebenchError:
                 loaded[key] = None
         stored = loaded[key]
@@ -156,6 +157,15 @@ def verdicts(table: ReferenceTable, store: ResultStore, request: SweepRequest) -
         within = abs(ours - paper) <= table.tolerance
         give(WITHIN if within else OUTSIDE, "" if within else f"|Δ| > {table.tolerance:g}", ours)
     return found
+
+
+def _family_context(store: ResultStore, suite: str, model: str, family: str) -> str | None:
+    """The latest stored context of ``suite`` on ``model`` whose results record checkpoints of ``family``."""
+    rows = store.query(
+        "SELECT context_key FROM results WHERE suite=? AND model=? AND json_extract(config, '$.checkpoint_family')=? "
+        "ORDER BY created_at DESC LIMIT 1", (suite, model, family),
+    )
+    return rows[0]["context_key"] if rows else None
 
 
 def _stored_families(store: ResultStore, context_key: str) -> set[str]:
