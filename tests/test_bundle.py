@@ -173,12 +173,15 @@ def test_refuses_a_cell_the_leaderboard_holds_with_other_results(results, bundle
     assert read_bundle(bundle).rows.results  # the bundle itself is well formed: only the leaderboard refuses it
 
 
-def test_refuses_a_measurement_that_is_not_a_number_and_a_run_it_does_not_describe(bundle, tmp_path, capsys):
+def test_refuses_malformed_columns_and_a_run_it_does_not_describe(bundle, tmp_path, capsys):
     header, *records = lines_of(bundle)
     first = next(index for index, record in enumerate(records) if record["record"] == "result")
     broken = [dict(record, correct="many") if index == first else record for index, record in enumerate(records)]
     write_lines(bundle, [header, *broken])
     assert f"{bundle}:{first + 2}: correct of a result record must be a number, not 'many'" in refused(bundle, tmp_path / "board", capsys)
+    broken = [dict(record, config="mergebench") if index == first else record for index, record in enumerate(records)]
+    write_lines(bundle, [header, *broken])
+    assert "config of a result record must be a JSON object, not 'mergebench'" in refused(bundle, tmp_path / "board", capsys)
     runs = [record for record in records if record["record"] == "run"]
     header["counts"]["runs"] -= 1
     write_lines(bundle, [header, *(record for record in records if record is not runs[0])])

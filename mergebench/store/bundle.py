@@ -121,6 +121,8 @@ def _from_json(record: str, values: dict[str, Any], where: str) -> tuple:
         if not (value is None and nullable) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise MergebenchError(f"{where}: {column} of a {record} record must be a number, not {value!r}")
     for column in JSON_COLUMNS[record]:
+        if not isinstance(values[column], dict):
+            raise MergebenchError(f"{where}: {column} of a {record} record must be a JSON object, not {values[column]!r}")
         values[column] = canonical_json(values[column])
     for column in BINARY_COLUMNS.get(record, ()):
         if values[column] is not None:
