@@ -186,3 +186,15 @@ def test_refuses_malformed_columns_and_a_run_it_does_not_describe(bundle, tmp_pa
     header["counts"]["runs"] -= 1
     write_lines(bundle, [header, *(record for record in records if record is not runs[0])])
     assert f"names run {runs[0]['run_id']} without describing it" in refused(bundle, tmp_path / "board", capsys)
+
+
+def test_build_refuses_sources_that_disagree_on_a_cell(results, bundle, tmp_path, capsys):
+    header, *records = lines_of(bundle)
+    cell = next(r for r in records if r["record"] == "result" and r["method"] == "ties")
+    cell["score"] = 0.01
+    changed = tmp_path / "changed.jsonl"
+    write_lines(changed, [header, *records])
+    assert main(["leaderboard", "build", "--from", str(bundle), str(changed), "--out", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert "changed.jsonl holds cell" in err and "refusing to merge" in err and err.count("\n") == 1
+    assert not (tmp_path / "site").exists()
