@@ -55,6 +55,14 @@ def test_export_then_add_into_a_fresh_store_gives_identical_rows(results, tmp_pa
     assert "0 new results" in out and "checkpoints mergebench: matches" in out
 
 
+def test_a_gzip_bundle_round_trips_too(results, tmp_path):
+    bundle = tmp_path / "bundle.jsonl.gz"
+    assert export(results, bundle) == 0
+    assert bundle.read_bytes()[:2] == b"\x1f\x8b"
+    assert main(["leaderboard", "add", str(bundle), "--into", str(tmp_path / "board")]) == 0
+    assert sorted_rows(ResultStore(tmp_path / "board")) == sorted_rows(results)
+
+
 def test_a_bundle_is_readable_json_lines_with_everything_of_a_cell(results, tmp_path):
     bundle = tmp_path / "bundle.jsonl"
     export(results, bundle)
@@ -165,13 +173,28 @@ def test_refuses_a_cell_the_leaderboard_holds_with_other_results(results, bundle
     assert read_bundle(bundle).rows.results  # the bundle itself is well formed: only the leaderboard refuses it
 
 
-def test_refuses_a_measurement_that_is_not_a_number_and_a_run_it_does_not_describe(bundle, tmp_path, capsys):
+def test_refuses_malformed_columns_and_a_run_it_does_not_describe(bundle, tmp_path, capsys):
     header, *records = lines_of(bundle)
     first = next(index for index, record in enumerate(records) if record["record"] == "result")
     broken = [dict(record, correct="many") if index == first else record for index, record in enumerate(records)]
     write_lines(bundle, [header, *broken])
     assert f"{bundle}:{first + 2}: correct of a result record must be a number, not 'many'" in refused(bundle, tmp_path / "board", capsys)
+    broken = [dict(record, config="mergebench") if index == first else record for index, record in enumerate(records)]
+    write_lines(bundle, [header, *broken])
+    assert "config of a result record must be a JSON object, not 'mergebench'" in refused(bundle, tmp_path / "board", capsys)
     runs = [record for record in records if record["record"] == "run"]
     header["counts"]["runs"] -= 1
     write_lines(bundle, [header, *(record for record in records if record is not runs[0])])
     assert f"names run {runs[0]['run_id']} without describing it" in refused(bundle, tmp_path / "board", capsys)
+
+
+def test_build_refuses_sources_that_disagree_on_a_cell(results, bundle, tmp_path, capsys):
+    header, *records = lines_of(bundle)
+    cell = next(r for r in records if r["record"] == "result" and r["method"] == "ties")
+    cell["score"] = 0.01
+    changed = tmp_path / "changed.jsonl"
+    write_lines(changed, [header, *records])
+    assert main(["leaderboard", "build", "--from", str(bundle), str(changed), "--out", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err
+    assert "changed.jsonl holds cell" in err and "refusing to merge" in err and err.count("\n") == 1
+    assert not (tmp_path / "site").exists()

@@ -1,6 +1,7 @@
 """Results bundles: a store's rows as JSON Lines, for publishing results and submitting them to a leaderboard.
 
-A bundle is a text file of one JSON object per line. The first line is the header::
+A bundle is a text file of one JSON object per line (gzip-compressed when its name ends in ``.gz``). The first
+line is the header::
 
     {"schema": "mergebench-results-bundle", "version": 1, "mergebench": "0.1.0", "exported_at": "…",
      "counts": {"runs": 1, "results": 96, "selections": 4}}
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -54,6 +56,7 @@ NUMBER_COLUMNS = {
 }
 """The numeric columns of each record, and whether each may be null."""
 UNSPECIFIED_FAMILY = "unspecified"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,10 @@ def write_bundle(store: ResultStore, path: str | Path, suites: Iterable[str] = (
     for record, table in (("run", rows.runs), ("result", rows.results), ("selection", rows.selections)):
         lines += [json.dumps(_to_json(record, row), sort_keys=True) for row in table]
     path = Path(path)
+    data = ("\n".join(lines) + "\n").encode("utf-8")
     try:
         with atomic_path(path) as partial:
-            partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            partial.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
     except OSError as error:
         raise MergebenchError(f"cannot write bundle {path}: {error.strerror or error}") from None
     return counts
@@ -117,6 +121,8 @@ def _from_json(record: str, values: dict[str, Any], where: str) -> tuple:
         if not (value is None and nullable) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise MergebenchError(f"{where}: {column} of a {record} record must be a number, not {value!r}")
     for column in JSON_COLUMNS[record]:
+        if not isinstance(values[column], dict):
+            raise MergebenchError(f"{where}: {column} of a {record} record must be a JSON object, not {values[column]!r}")
         values[column] = canonical_json(values[column])
     for column in BINARY_COLUMNS.get(record, ()):
         if values[column] is not None:
@@ -128,11 +134,13 @@ def _from_json(record: str, values: dict[str, Any], where: str) -> tuple:
 
 
 def read_bundle(path: str | Path) -> Bundle:
-    """The rows of the bundle ``path``, checked line by line (every problem one line naming the file and line)."""
+    """The rows of the bundle ``path`` (plain or gzip-compressed), checked line by line (every problem one line naming
+    the file and line)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        data = path.read_bytes()
+        lines = (gzip.decompress(data) if data[:2] == GZIP_MAGIC else data).decode("utf-8").splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
         raise MergebenchError(f"cannot read bundle {path}: {getattr(error, 'strerror', None) or error}") from None
     if not lines:
         raise MergebenchError(f"{path} is empty, not a mergebench results bundle")
