@@ -16,6 +16,7 @@ from mergebench.errors import MergebenchError
 from mergebench.runner.kinds import positive_int
 
 DEFAULT_OUT = Path("results")
+DEFAULT_LEADERBOARD = Path("leaderboard")
 
 
 def _names(text: str, what: str = "name") -> list[str]:
@@ -72,6 +73,43 @@ def command_merge_stores(args: argparse.Namespace) -> None:
         print(f"{folder}: {added} new results")
 
 
+def command_export(args: argparse.Namespace) -> None:
+    from mergebench.store.bundle import write_bundle
+    from mergebench.store.database import ResultStore
+
+    _existing_store(args.source)
+    counts = write_bundle(ResultStore(args.source), args.out, _suite_names(args))
+    print(f"wrote {args.out}: {counts['results']} results, {counts['selections']} selections, {counts['runs']} runs")
+
+
+def _existing_store(folder: Path) -> None:
+    """Reading commands refuse a folder without a store rather than create an empty one."""
+    from mergebench.store.database import DATABASE_NAME
+
+    if not (folder / DATABASE_NAME).is_file():
+        raise MergebenchError(f"no results store in {folder} (no {DATABASE_NAME}): run `mergebench run --out {folder}` first")
+
+
+def command_leaderboard_add(args: argparse.Namespace) -> None:
+    from mergebench.store.bundle import admit, read_bundle, relabel
+    from mergebench.store.database import ResultStore
+
+    bundle = read_bundle(args.bundle)  # checked whole before the leaderboard's store is opened
+    if args.family:
+        bundle = relabel(bundle, _names(args.family, "family")[0])
+    admitted = admit(ResultStore(args.into), bundle)
+    print(f"{args.bundle}: {admitted.new_results} new results in {args.into}")
+    for (suite, model, family), status in sorted(admitted.families.items()):
+        print(f"  {suite} on {model}, checkpoints {family}: {status}")
+
+
+def command_leaderboard_build(args: argparse.Namespace) -> None:
+    from mergebench.runner.publish import build_leaderboard
+
+    pages = build_leaderboard(args.sources, args.out)
+    print(f"wrote {len(pages)} pages to {args.out}: open {pages[0]}")
+
+
 def _models(args: argparse.Namespace) -> tuple[str, ...] | None:
     """``--model a,b`` (or ``all``) as a tuple; None for each suite's default."""
     return tuple(_names(args.model, "model")) if args.model is not None else None
@@ -120,7 +158,15 @@ def command_continual(args: argparse.Namespace) -> None:
 
 
 def command_report(args: argparse.Namespace) -> None:
-    if args.format:
+    if args.format == "reference":
+        from importlib.metadata import version
+
+        from mergebench.reports.tables import to_reference
+        from mergebench.store.database import ResultStore
+
+        tables = list(_tables(ResultStore(args.out), _suite_names(args), _models(args), args.seed))
+        print(to_reference(tables, args.source or f"mergebench {version('mergebench')}, store {args.out}", args.tolerance), end="")
+    elif args.format:
         _print_tables(args.out, _suite_names(args), _models(args), args.seed, args.format, not args.no_costs)
     else:
         _report(args.out, _suite_names(args), _models(args), args.seed, costs=not args.no_costs)
@@ -160,14 +206,14 @@ def _report(out: Path, suites: Sequence[str], models: Sequence[str] | None, seed
     """Print and write the tables (unless ``tables`` is False) and the plots of ``suites`` on every stored model
     (or the ``models`` named)."""
     from mergebench.reports.plots import plot_per_task, plot_scale, plot_task_count
-    from mergebench.reports.tables import to_markdown, to_scale_markdown, write_reports
+    from mergebench.reports.tables import suite_family, to_markdown, to_scale_markdown, write_reports
     from mergebench.store.database import PRETRAINED, ResultStore
 
     store = ResultStore(out)
     written = []
     by_family: dict[str, dict[str, list]] = {}
     for table in _tables(store, suites, models, seed):
-        by_family.setdefault(_family(table.suite), {}).setdefault(table.model, []).append(table)
+        by_family.setdefault(suite_family(table.suite), {}).setdefault(table.model, []).append(table)
     for family, by_model in by_family.items():
         for model, family_tables in by_model.items():
             for table in family_tables:
@@ -198,19 +244,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _family(suite: str) -> str:
-    """The name shared by suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
-    stem, _, count = suite.rpartition("-")
-    return stem if count.isdigit() else suite
-
-
 def command_plot(args: argparse.Namespace) -> None:
     _report(args.out, _suite_names(args), _models(args), args.seed, tables=False)
 
 
 def command_reproduce(args: argparse.Namespace) -> int:
-    from mergebench.runner.references import all_tables, get_table
-    from mergebench.runner.reproduce import OUTSIDE, ReproduceRequest, reproduce, to_markdown
+    from mergebench.runner.references import all_tables
+    from mergebench.runner.reproduce import OUTSIDE, ReproduceRequest, reproduce, selected, to_markdown
     from mergebench.runner.sweep import SweepRequest
 
     if args.list or not args.table:
@@ -224,8 +264,9 @@ def command_reproduce(args: argparse.Namespace) -> int:
         from mergebench.methods.registry import get_method
 
         get_method(method)
-    found = reproduce(ReproduceRequest(args.table, sweep, run=not args.no_run, methods=methods))
-    print(to_markdown(get_table(args.table), found))
+    request = ReproduceRequest(args.table, sweep, run=not args.no_run, methods=methods, models=_models(args))
+    found = reproduce(request)
+    print(to_markdown(selected(request), found))
     return 1 if any(item.verdict == OUTSIDE for item in found) else 0
 
 
@@ -378,8 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     continual.set_defaults(handler=command_continual)
 
     report = with_common(commands.add_parser("report", help="print and write the results tables"), False)
-    report.add_argument("--format", choices=("md", "csv", "tex"), default=None,
-                        help="print only the tables in this format to standard output, writing nothing (for docs)")
+    report.add_argument("--format", choices=("md", "csv", "tex", "reference"), default=None,
+                        help="print only the tables in this format to standard output, writing nothing (for docs); "
+                             "reference: as a reference table of tasks/references (the store's runs as the numbers to reproduce)")
+    report.add_argument("--source", default=None, help="--format reference: the command that produced the store")
+    report.add_argument("--tolerance", type=float, default=1.5, help="--format reference: percentage points (default 1.5)")
     report.add_argument("--no-costs", action="store_true",
                         help="leave out the cost columns (seconds, memory), which differ from run to run: the tables then "
                              "repeat byte for byte")
@@ -391,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("table", nargs="?", help="a reference table id, e.g. iso/table1 (none: list them)")
     reproduce.add_argument("--list", action="store_true", help="list the reference tables")
     reproduce.add_argument("--methods", default=None, help="only these of the table's methods (comma-separated)")
+    reproduce.add_argument("--model", default=None, help="only the table's cells of these models (comma-separated)")
     reproduce.add_argument("--no-run", action="store_true", help="compare what the store holds, run nothing")
     reproduce.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: results/)")
     reproduce.add_argument("--seed", type=int, default=0, help="seed of randomized methods")
@@ -401,6 +446,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("stores", nargs="+", type=Path, help="results folders to read")
     merge.add_argument("--into", type=Path, required=True, help="results folder to add them to")
     merge.set_defaults(handler=command_merge_stores)
+    export = commands.add_parser("export", help="write a results store as a bundle (JSON Lines) to publish or submit")
+    export.add_argument("--out", type=Path, required=True, metavar="BUNDLE", help="the bundle file to write (.jsonl)")
+    export.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                        help="results folder to export (default: results/)")
+    export.add_argument("--suite", action="append", default=[], help="only these suite(s), comma-separated or repeated")
+    export.set_defaults(handler=command_export)
+    leaderboard = commands.add_parser("leaderboard", help="submit bundles to a leaderboard and build its static site")
+    actions = leaderboard.add_subparsers(dest="action", required=True, parser_class=Parser)
+    add = actions.add_parser("add", help="check a bundle (schema, checkpoints, duplicate and conflicting cells) and add it")
+    add.add_argument("bundle", type=Path, help="a bundle written by mergebench export")
+    add.add_argument("--into", type=Path, default=DEFAULT_LEADERBOARD, metavar="DIR",
+                     help=f"the leaderboard's results folder (default: {DEFAULT_LEADERBOARD}/)")
+    add.add_argument("--family", default=None, metavar="NAME",
+                     help="record the bundle's experts as checkpoint family NAME (experts other than the family its runs named)")
+    add.set_defaults(handler=command_leaderboard_add)
+    site = actions.add_parser("build", help="render results folders and bundles as a static site (HTML, opens from the file system)")
+    site.add_argument("--from", dest="sources", type=Path, nargs="+", required=True, metavar="STORE_OR_BUNDLE",
+                       help="results folders (a leaderboard's) and bundles to publish")
+    site.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write the site to")
+    site.set_defaults(handler=command_leaderboard_build)
     methods = commands.add_parser("methods", help="list registered methods, grouped by the data they use")
     methods.add_argument("--json", action="store_true", help="print the methods as JSON")
     methods.add_argument("--markdown", action="store_true", help="print the methods as a Markdown table (for docs)")

@@ -5,20 +5,19 @@ has to produce ``input_ids``/``attention_mask`` the text model accepts. The text
 ``eos_token_id=2``, so CLIP pools at the largest id, which the wrapper reserves for end-of-text.
 """
 
+import sys
+
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
 from mergebench.errors import MergebenchError
 from mergebench.models.clip import (
-    convert_open_clip_checkpoint,
     image_features,
+    import_open_clip,
     load_hf_vision_encoder,
-    load_open_clip_vision_encoder,
     make_preprocess,
-    read_open_clip_checkpoint,
     zero_shot_head,
 )
 
@@ -47,7 +46,7 @@ def reference_embeds(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tens
 
 
 def to_open_clip(model: CLIPModel) -> dict[str, torch.Tensor]:
-    """The inverse of the converter, written out by hand, under tall_masks' ``model.`` wrapper prefix."""
+    """A transformers CLIP's weights under open_clip's names, mapped by hand, with tall_masks' ``model.`` wrapper prefix."""
     hf = model.state_dict()
     v = "vision_model."
     out = {
@@ -74,26 +73,6 @@ def to_open_clip(model: CLIPModel) -> dict[str, torch.Tensor]:
     return {"model." + key: value.clone() for key, value in out.items()}
 
 
-def vision_config_of(model: CLIPModel) -> CLIPVisionConfig:
-    config = CLIPVisionConfig(**model.config.vision_config.to_dict())
-    config.projection_dim = model.config.projection_dim
-    return config
-
-
-def module_holding(state: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain module tree whose state dict is ``state``, pickled whole as tall_masks does."""
-    root = nn.Module()
-    for key, value in state.items():
-        *path, leaf = key.split(".")
-        node = root
-        for name in path:
-            if not hasattr(node, name):
-                node.add_module(name, nn.Module())
-            node = getattr(node, name)
-        node.register_buffer(leaf, value)
-    return root
-
-
 def test_hub_style_folder_round_trip(tmp_path):
     model = tiny_clip()
     model.save_pretrained(tmp_path / "clip")
@@ -115,25 +94,12 @@ def test_vision_only_folder_takes_the_pretrained_projection(tmp_path):
         torch.testing.assert_close(encoder(pixel_values=pixels()).image_embeds, reference_embeds(model, pixels()))
 
 
-def test_open_clip_state_dict_loads_to_identical_outputs(tmp_path):
-    model = tiny_clip()
-    torch.save(to_open_clip(model), tmp_path / "finetuned.pt")
-    encoder = load_open_clip_vision_encoder(tmp_path / "finetuned.pt", vision_config_of(model))
-    with torch.no_grad():
-        torch.testing.assert_close(encoder(pixel_values=pixels()).image_embeds, reference_embeds(model, pixels()))
-
-
-def test_pickled_module_needs_opt_in_then_converts_once(tmp_path):
-    model = tiny_clip()
-    torch.save(module_holding(to_open_clip(model)), tmp_path / "nonlinear_finetuned.pt")
-    with pytest.raises(MergebenchError, match="allow_pickle=True"):
-        read_open_clip_checkpoint(tmp_path / "nonlinear_finetuned.pt")
-    with pytest.raises(MergebenchError, match="allow_pickle=True"):
-        convert_open_clip_checkpoint(tmp_path / "nonlinear_finetuned.pt", tmp_path / "out.safetensors")
-    converted = convert_open_clip_checkpoint(tmp_path / "nonlinear_finetuned.pt", tmp_path / "out.safetensors", allow_pickle=True)
-    encoder = load_open_clip_vision_encoder(converted, vision_config_of(model))
-    with torch.no_grad():
-        torch.testing.assert_close(encoder(pixel_values=pixels()).image_embeds, reference_embeds(model, pixels()))
+def test_without_open_clip_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an environment without open_clip_torch imports
+    with pytest.raises(MergebenchError) as error:
+        import_open_clip()
+    message = str(error.value)
+    assert "\n" not in message and "pip install 'mergebench[clip]'" in message and "ModuleNotFoundError" in message
 
 
 class WhitespaceTokenizer:

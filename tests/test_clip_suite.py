@@ -37,7 +37,8 @@ from mergebench.models.clip import (
 from mergebench.runner.kinds import clip as clip_experts
 from mergebench.store.database import ResultStore
 from tests.byte_level import byte_symbols
-from test_clip import module_holding, tiny_clip as tiny_reference_clip, to_open_clip
+from tall_masks_files import TINY_ARCHITECTURE, ImageEncoder, register_tiny_architecture, save_tall_masks, skip_without_open_clip
+from test_clip import tiny_clip as tiny_reference_clip, to_open_clip
 
 TASKS = {"MNIST": "mnist", "EuroSAT": "eurosat", "DTD": "dtd"}
 CLASSES_FILE = Path(__file__).resolve().parents[1] / "tasks" / "_vit-classes.yaml"
@@ -51,7 +52,7 @@ include: _vit-classes.yaml
 default_model: ViT-B-32
 eval_batch_size: 8
 models:
-  ViT-B-32: {{hf: openai/clip-vit-base-patch32, open_clip: ViT-B-32, finetuned_hub_prefix: tanganke/clip-vit-base-patch32}}
+  ViT-B-32: {{hf: openai/clip-vit-base-patch32, open_clip: tiny-ViT-8, finetuned_hub_prefix: tanganke/clip-vit-base-patch32}}
 open_clip_checkpoints:
   finetuned: "{{root}}/{{model}}/{{task_val}}/nonlinear_finetuned.pt"
   zeroshot: "{{root}}/{{model}}/{{task_val}}/nonlinear_zeroshot.pt"
@@ -260,28 +261,37 @@ def test_hub_cache_route_and_training_data(world, env, tmp_path, capsys):
     assert re.search(r"DTD\s+\S+DTD\s+encoder ready \(Hugging Face cache\); data cached", listing)
 
 
-def test_open_clip_layout_needs_the_pickle_opt_in(world, env, tmp_path, capsys):
+def test_tall_masks_layout_through_open_clip_needs_the_pickle_opt_in(world, env, tiny_references, tmp_path, capsys):
+    """The tiny experts as tall_masks files (MNIST's as ``ImageEncoder.save`` writes it, the others and the
+    pre-trained model as whole pickled modules) score exactly as the Hub-style folders do."""
+    skip_without_open_clip()
+    register_tiny_architecture(tmp_path)
     root = tmp_path / "tall_masks"
     shutil.copytree(world["checkpoints"] / BASE, root / BASE)
     clip = world["clip"]
+
+    def tall_masks_encoder(model):
+        encoder = ImageEncoder(TINY_ARCHITECTURE)
+        weights = {key[len("model.visual."):]: value for key, value in to_open_clip(model).items() if key.startswith("model.visual.")}
+        encoder.model.visual.load_state_dict(weights)
+        return encoder
+
     for task in TASKS:
-        folder = root / "ViT-B-32" / f"{task}Val"
-        folder.mkdir(parents=True)
-        torch.save(module_holding(to_open_clip(clip)), folder / "nonlinear_zeroshot.pt")
+        folder = root / TINY_ARCHITECTURE / f"{task}Val"
+        save_tall_masks(tall_masks_encoder(clip), folder / "nonlinear_zeroshot.pt", whole_module=True)
         expert = CLIPModel(clip.config)
         expert.load_state_dict(clip.state_dict())
         expert.vision_model.load_state_dict(world["towers"][task])  # the pre-trained projection, as the Hub route scores
-        state = to_open_clip(expert)
-        torch.save(state if task == "MNIST" else module_holding(state), folder / "nonlinear_finetuned.pt")  # MNIST: plain
+        save_tall_masks(tall_masks_encoder(expert), folder / "nonlinear_finetuned.pt", whole_module=task != "MNIST")
 
     args = ("--checkpoints", str(root), "--data", str(world["data"]))
     assert run(world, tmp_path / "refused", *args) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--allow-pickle" in error and "EuroSATVal" in error
-    assert not list(root.glob("ViT-B-32/*/*.safetensors"))
+    assert not list(root.glob(f"{TINY_ARCHITECTURE}/*/*.safetensors"))
 
     assert run(world, tmp_path / "open_clip", *args, "--allow-pickle", methods="task_arithmetic") == 0
-    assert sorted(p.parent.name + "/" + p.name for p in root.glob("ViT-B-32/*/*.safetensors")) == [
+    assert sorted(p.parent.name + "/" + p.name for p in root.glob(f"{TINY_ARCHITECTURE}/*/*.safetensors")) == [
         "DTDVal/nonlinear_finetuned.safetensors", "EuroSATVal/nonlinear_finetuned.safetensors",
         "MNISTVal/nonlinear_zeroshot.safetensors",  # the pre-trained model: the first task's; MNIST's expert is a plain state dict
     ]
@@ -290,9 +300,25 @@ def test_open_clip_layout_needs_the_pickle_opt_in(world, env, tmp_path, capsys):
     for method in ("pretrained", "individual", "task_arithmetic"):
         assert accuracies(tmp_path / "open_clip", method) == accuracies(reference, method)
     assert env == {"heads": 3, "decoded": 6}  # both routes share the heads (same text encoder) and the data
-    hashes = json.loads(ResultStore(tmp_path / "open_clip").query("SELECT checkpoints FROM results LIMIT 1")[0]["checkpoints"])
-    converted = root / "ViT-B-32" / "EuroSATVal" / "nonlinear_finetuned.safetensors"
-    assert hashes["EuroSAT"] == hashlib.sha256(converted.read_bytes()).hexdigest()
+    stored = ResultStore(tmp_path / "open_clip").query("SELECT checkpoints, config FROM results LIMIT 1")[0]
+    converted = root / TINY_ARCHITECTURE / "EuroSATVal" / "nonlinear_finetuned.safetensors"
+    assert json.loads(stored["checkpoints"])["EuroSAT"] == hashlib.sha256(converted.read_bytes()).hexdigest()
+    assert json.loads(stored["config"])["checkpoint_family"] == "tall_masks"
+
+    # reproducing a table of the tall_masks family from these files compares; one of FusionBench's does not
+    capsys.readouterr()
+    reproduce = ("--checkpoints", str(root), "--data", str(world["data"]), "--device", "cpu", "--out", str(tmp_path / "open_clip"))
+    assert cli.main(["reproduce", "tiny/tall_masks", *reproduce]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "| 100.0 | 100.0 | +0.0 | within |" in rows[0]
+    assert cli.main(["reproduce", "tiny/fusion_bench", *reproduce]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "not comparable: checkpoints are tall_masks, the table's fusion_bench" in rows[0]
+    # with both families in one store, each table compares the latest results of its own family
+    assert cli.main(["reproduce", "tiny/fusion_bench", *reproduce[2:], "--checkpoints", str(world["checkpoints"])]) == 0
+    assert "| within |" in verdict_lines(capsys.readouterr().out)[0]
+    assert cli.main(["reproduce", "tiny/tall_masks", *reproduce, "--no-run"]) == 0
+    assert "| within |" in verdict_lines(capsys.readouterr().out)[0]
 
 
 def test_missing_checkpoint_is_one_line_naming_the_download(world, env, tmp_path, capsys):
@@ -389,3 +415,66 @@ def test_a_new_clip_task_is_one_file(world, env, tmp_path, capsys):
     assert scores[("Digits", "test")] == 1.0  # the MNIST expert, scored with the same head, on its own predictions
     assert {row["task"] for row in ResultStore(out).query("SELECT DISTINCT task FROM results")} == {"Digits"}
     assert "mine-1" in capsys.readouterr().out
+
+
+def tiny_reference(checkpoint_family: str) -> str:
+    """A published-table file for the tiny suite: each expert scores 100% on the labels it predicted (by construction)."""
+    return f"""
+title: "tiny CLIP experts on their own predictions"
+source: "tests/test_clip_suite.py (labels are each expert's predictions)"
+checkpoint_family: {checkpoint_family}
+split: test
+tolerance: 0.5
+hyperparameters: validation
+methods: {{Fine-tuned: individual}}
+traps: []
+cells:
+  - {{row: Fine-tuned, suite: tinyclip-3, model: ViT-B-32, metric: accuracy, absolute: 100.0}}
+"""
+
+
+def verdict_lines(printed):
+    return [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| Row")]
+
+
+@pytest.fixture
+def tiny_references(world, tmp_path, monkeypatch):
+    """The tiny suite's files plus ``tiny/fusion_bench`` and ``tiny/tall_masks``, the same table for each family."""
+    tasks = tmp_path / "tasks-with-references"
+    shutil.copytree(world["tasks"], tasks)
+    (tasks / "references" / "tiny").mkdir(parents=True)
+    for family in ("fusion_bench", "tall_masks"):
+        (tasks / "references" / "tiny" / f"{family}.yaml").write_text(tiny_reference(family))
+    monkeypatch.setenv("MERGEBENCH_TASKS", str(tasks))
+
+
+def test_reproduce_compares_only_the_checkpoint_family_of_the_table(world, env, tiny_references, tmp_path, capsys):
+    """iso/table1 (tall_masks) on the tiny FusionBench-style folders: every cell not comparable, nothing run."""
+    out = tmp_path / "results"
+    args = ("--data", str(world["data"]), "--device", "cpu", "--out", str(out))
+
+    assert cli.main(["reproduce", "iso/table1", "--checkpoints", str(world["checkpoints"]), *args]) == 0
+    printed = capsys.readouterr().out
+    rows = verdict_lines(printed)
+    assert len(rows) == 81
+    assert all("| not comparable: checkpoints are fusion_bench, the table's tall_masks |" in row for row in rows)
+    assert "Cells: 81 not comparable." in printed
+    assert not (out / "mergebench.sqlite").exists() or ResultStore(out).query("SELECT COUNT(*) AS n FROM results")[0]["n"] == 0
+
+    assert cli.main(["reproduce", "iso/table1", "--checkpoints", str(tmp_path / "absent"), *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"mergebench: error: --checkpoints {tmp_path / 'absent'}: no such folder (or pass --checkpoints hub)"
+
+    # the table of the folders' own family runs (the reference rows only) and compares
+    assert cli.main(["reproduce", "tiny/fusion_bench", "--checkpoints", str(world["checkpoints"]), *args]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "| 100.0 | 100.0 | +0.0 | within |" in rows[0]
+    families = ResultStore(out).query("SELECT DISTINCT json_extract(config, '$.checkpoint_family') AS f FROM results")
+    assert [row["f"] for row in families] == ["fusion_bench"]
+
+    # a tall_masks layout asked for, but the stored results are the folders': not compared
+    tall_masks = tmp_path / "tall_masks"
+    (tall_masks / TINY_ARCHITECTURE).mkdir(parents=True)
+    assert cli.main(["reproduce", "tiny/tall_masks", "--checkpoints", str(tall_masks), "--no-run", *args]) == 0
+    rows = verdict_lines(capsys.readouterr().out)
+    assert len(rows) == 1 and "not comparable: stored results are of fusion_bench checkpoints, the table's tall_masks" in rows[0]

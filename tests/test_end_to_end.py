@@ -266,3 +266,20 @@ def test_reproduce_runs_the_missing_cells_and_judges_each_against_its_tolerance(
     assert "not run: row 'Mine' has no mergebench method" in printed
     assert "not comparable: metric accuracy_f1_mean is not one mergebench stores" in printed
     assert "[1] shapes are drawn anew" in printed and "2 within" not in printed and "1 within, 1 outside" in printed
+
+
+def test_a_measured_store_becomes_a_reference_table_that_reproduces_within_tolerance(tiny_suites, capsys):
+    """report --format reference writes the table that reproduce reads back; every cell is within, and --model filters."""
+    out = tiny_suites / "results"
+    assert cli.main(["run", "--suite", "tiny-2", "--methods", "task_arithmetic", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", "--suite", "tiny-2", "--out", str(out), "--format", "reference", "--source", "mergebench run --suite tiny-2"]) == 0
+    folder = tiny_suites / "tasks" / "references" / "measured"
+    folder.mkdir(parents=True)
+    (folder / "tiny-2.yaml").write_text(capsys.readouterr().out)
+    assert cli.main(["reproduce", "measured/tiny-2", "--out", str(out), "--model", "efficientnet-lite0"]) == 0
+    printed = capsys.readouterr().out
+    assert "Source: mergebench run --suite tiny-2. Checkpoints: mergebench." in printed
+    assert "Cells: 3 within." in printed  # pretrained, individual, task arithmetic: suite means
+    assert cli.main(["reproduce", "measured/tiny-2", "--out", str(out), "--model", "efficientnet-lite1"]) == 2
+    assert "has no cells of model efficientnet-lite1" in capsys.readouterr().err

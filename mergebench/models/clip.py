@@ -1,31 +1,32 @@
-"""CLIP ViT vision encoders, zero-shot text heads and image preprocessing, on transformers alone.
+"""CLIP ViT vision encoders, zero-shot text heads and image preprocessing.
 
-Every encoder, whatever its origin, becomes a transformers ``CLIPVisionModelWithProjection``, so task
-vectors of FusionBench and tall_masks checkpoints live in one key space (``vision_model.*`` and
-``visual_projection.weight``).
-
-* FusionBench experts (``tanganke/clip-vit-*_<task>``) are ``CLIPVisionModel`` folders: the vision
-  tower only. FusionBench scores them with the *pre-trained* CLIP's ``visual_projection``
+* FusionBench experts (``tanganke/clip-vit-*_<task>``) are transformers ``CLIPVisionModel`` folders: the
+  vision tower only. FusionBench scores them with the *pre-trained* CLIP's ``visual_projection``
   (fusion_bench ``HFCLIPClassifier``), so :func:`load_hf_vision_encoder` takes that projection from
-  ``projection_source``.
-* tall_masks experts (``<root>/<model>/<Task>Val/nonlinear_finetuned.pt``) are pickled
-  ``ImageEncoder`` modules wrapping an open_clip model, fine-tuned projection included.
-  :func:`open_clip_to_hf_vision` maps open_clip's ``visual.*`` keys onto the transformers layout.
-  Unpickling runs code, so it happens only with ``allow_pickle=True`` and needs the pickled classes
-  (open_clip, tall_masks ``src``) importable; :func:`convert_open_clip_checkpoint` does it once and
-  writes safetensors that load without it.
+  ``projection_source``; :class:`ClipImageEncoder` is their backbone (keys ``vision_model.*``,
+  ``visual_projection.weight``).
+* tall_masks experts (``<root>/<model>/<Task>Val/nonlinear_finetuned.pt``) are open_clip models, the
+  ``ImageEncoder`` of tall_masks ``src/models/modeling.py`` (``self.model`` from
+  ``open_clip.create_model_and_transforms(name, pretrained="openai")``, fine-tuned projection included).
+  As their users do, the model is built by open_clip from its architecture name
+  (:func:`open_clip_visual`, the ``[clip]`` extra) and the checkpoint's ``visual.*`` tensors are loaded
+  into it: :class:`OpenClipImageEncoder`. Files saved as whole pickled modules are read only with
+  ``allow_pickle=True`` (unpickling runs code) and :func:`convert_open_clip_checkpoint` writes their
+  tensors once as safetensors.
 * Zero-shot heads follow tall_masks ``src/models/heads.py build_classification_head``; the head scores
   L2-normalized image embeddings (its ``ClassificationHead(normalize=True)``), see :func:`image_features`.
 * Preprocessing reimplements ``CLIPImageProcessor`` (bicubic shortest-side resize, center crop,
   rescale, normalize) with PIL and numpy, without torchvision. It splits in two exact halves: the
   resized, cropped ``uint8`` image (:func:`make_resize_crop`, what a data cache stores: 1 byte per
   value, lossless since PIL resizes ``uint8`` images to ``uint8``) and the rescale and normalization,
-  which :class:`ClipImageEncoder` applies on the device as the first operation of its forward pass.
+  which both backbones (:class:`ClipImageEncoder`, :class:`OpenClipImageEncoder`) apply on the device as
+  the first operation of their forward pass.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -114,25 +115,57 @@ def _with_projection(vision: nn.Module, projection: nn.Linear, clip_config: Any)
     return encoder.eval()
 
 
-def load_open_clip_vision_encoder(path: str | os.PathLike, config: CLIPVisionConfig, *, allow_pickle: bool = False) -> CLIPVisionModelWithProjection:
-    """A tall_masks / open_clip checkpoint as a transformers encoder built from ``config``.
+OPEN_CLIP_EXTRA = "pip install 'mergebench[clip]'"
+"""How to get open_clip_torch (and the torchvision it needs)."""
+VISUAL = "visual."
+"""The prefix of open_clip's image tower, the keys of :class:`OpenClipImageEncoder`."""
 
-    ``config`` is the matching pre-trained model's vision config with ``projection_dim`` set, e.g.
-    ``CLIPVisionConfig.from_pretrained("openai/clip-vit-base-patch32")``.
+
+def import_open_clip():
+    """The ``open_clip`` module, or one line naming the extra that installs it."""
+    try:
+        import open_clip
+    except (ImportError, RuntimeError, OSError) as error:  # RuntimeError: a torchvision built for another torch
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise MergebenchError(f"tall_masks checkpoints are open_clip models and need open_clip_torch: {OPEN_CLIP_EXTRA} ({reason})") from None
+    return open_clip
+
+
+def open_clip_visual(architecture: str) -> nn.Module:
+    """open_clip's image tower of ``architecture`` (``ViT-B-32``…), randomly initialized, in float32.
+
+    Built as tall_masks builds its ``ImageEncoder``, ``open_clip.create_model_and_transforms(name,
+    pretrained="openai")``, but without fetching OpenAI's weights: the ``openai`` tag's activation
+    (QuickGELU, which OpenAI's CLIP was trained with) is taken from open_clip's pretrained table, and the
+    checkpoint's weights are loaded afterwards. An architecture without an ``openai`` tag (a config added
+    with ``open_clip.add_model_config``) keeps its config's ``quick_gelu``.
     """
-    from transformers import CLIPVisionModelWithProjection
+    open_clip = import_open_clip()
+    if architecture not in open_clip.list_models():
+        raise MergebenchError(f"open_clip has no architecture {architecture!r} (open_clip.list_models(); e.g. ViT-B-32, ViT-B-16, ViT-L-14)")
+    quick_gelu = bool(open_clip.get_pretrained_cfg(architecture, "openai").get("quick_gelu", False))
+    root = logging.getLogger()
+    root.addFilter(_without_random_init_notice)  # the checkpoint's weights replace the random ones next
+    try:
+        model = open_clip.create_model(architecture, pretrained=None, force_quick_gelu=quick_gelu)
+    finally:
+        root.removeFilter(_without_random_init_notice)
+    return model.visual.float().eval()
 
-    encoder = CLIPVisionModelWithProjection(config)
-    state = open_clip_to_hf_vision(read_open_clip_checkpoint(path, allow_pickle=allow_pickle))
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.endswith("position_ids")]
-    if missing or unexpected:
-        raise MergebenchError(f"{path} does not fit the given CLIP vision config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return encoder.eval()
+
+def _without_random_init_notice(record: logging.LogRecord) -> bool:
+    """Drops open_clip's root-logger warning "No pretrained weights loaded … initialized randomly"."""
+    return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 def read_open_clip_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> StateDict:
-    """The tensors of an open_clip checkpoint: safetensors, a plain state dict, or (opt-in) a pickled module."""
+    """The tensors of an open_clip checkpoint: safetensors, a plain state dict, or (opt-in) a pickled module.
+
+    tall_masks' ``ImageEncoder.save`` writes the ``ImageEncoder``'s state dict (keys ``model.visual.*``
+    and the text tower's embeddings), which loads with ``weights_only=True``; checkpoints saved as whole
+    modules (``torch.save(image_encoder)``) are unpickled only with ``allow_pickle`` and need the pickled
+    classes (open_clip, the training code's ``ImageEncoder``) importable.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
         return load_state_dict(path)
@@ -143,7 +176,7 @@ def read_open_clip_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = F
     except MergebenchError as plain_failure:
         if not allow_pickle:
             raise MergebenchError(
-                f"{path} is not a plain state dict (tall_masks files are pickled modules); unpickling runs code, so "
+                f"{path} is not a plain state dict (a pickled module); unpickling runs code, so "
                 "convert it once with mergebench.models.clip.convert_open_clip_checkpoint(src, dst, allow_pickle=True) "
                 "in an environment with open_clip, then use the .safetensors file"
             ) from plain_failure
@@ -166,60 +199,14 @@ def convert_open_clip_checkpoint(src: str | os.PathLike, dst: str | os.PathLike,
     return save_state_dict(state, dst)
 
 
-def open_clip_to_hf_vision(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Map open_clip ``visual.*`` keys (any wrapper prefix, e.g. ``model.``) to transformers' layout.
-
-    ``attn.in_proj_*`` stacks q, k, v along dim 0; ``visual.proj`` is ``(width, embed_dim)`` and becomes
-    ``visual_projection.weight`` transposed. Text-tower keys are dropped.
-    """
-    anchor = next((key for key in state if key.endswith("visual.conv1.weight")), None)
+def open_clip_visual_state(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """The image tower's tensors of an open_clip state dict under ``visual.*``, whatever wrapper prefix
+    they carry (tall_masks: ``model.``); the text tower's are dropped."""
+    anchor = next((key for key in state if key.endswith(VISUAL + "conv1.weight")), None)
     if anchor is None:
         raise MergebenchError("not an open_clip ViT state dict: no 'visual.conv1.weight' key")
-    prefix = anchor[: -len("conv1.weight")]
-    visual = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    converted: StateDict = {}
-    for key, value in visual.items():
-        if key.startswith("transformer.resblocks."):
-            _convert_block_key(key, value, converted)
-        elif key == "proj":
-            converted["visual_projection.weight"] = value.t().contiguous()
-        elif key in _TOP_LEVEL:
-            converted[_TOP_LEVEL[key]] = value
-        elif key.rsplit(".", 1)[0] in _TOP_LEVEL_MODULES:
-            module, parameter = key.rsplit(".", 1)
-            converted[f"{_TOP_LEVEL_MODULES[module]}.{parameter}"] = value
-        else:
-            raise MergebenchError(f"unexpected open_clip vision key {prefix}{key}")
-    return converted
-
-
-_TOP_LEVEL = {
-    "conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-    "class_embedding": "vision_model.embeddings.class_embedding",
-    "positional_embedding": "vision_model.embeddings.position_embedding.weight",
-}
-_TOP_LEVEL_MODULES = {"ln_pre": "vision_model.pre_layrnorm", "ln_post": "vision_model.post_layernorm"}
-_BLOCK_MODULES = {
-    "ln_1": "layer_norm1",
-    "ln_2": "layer_norm2",
-    "attn.out_proj": "self_attn.out_proj",
-    "mlp.c_fc": "mlp.fc1",
-    "mlp.c_proj": "mlp.fc2",
-}
-
-
-def _convert_block_key(key: str, value: torch.Tensor, converted: StateDict) -> None:
-    index, rest = key[len("transformer.resblocks."):].split(".", 1)
-    layer = f"vision_model.encoder.layers.{index}"
-    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-        parameter = rest.rsplit("_", 1)[1]
-        for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-            converted[f"{layer}.self_attn.{name}.{parameter}"] = chunk.contiguous()
-        return
-    module, parameter = rest.rsplit(".", 1)
-    if module not in _BLOCK_MODULES:
-        raise MergebenchError(f"unexpected open_clip vision key visual.{key}")
-    converted[f"{layer}.{_BLOCK_MODULES[module]}.{parameter}"] = value
+    prefix = anchor[: -len(VISUAL + "conv1.weight")]
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix + VISUAL)}
 
 
 # ------------------------------------------------------------------------------ heads and features
@@ -265,32 +252,62 @@ def image_features(encoder: CLIPVisionModelWithProjection, pixel_values: torch.T
     return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
 
-class ClipImageEncoder(nn.Module):
+class _NormalizingImageEncoder(nn.Module):
     """Pixels → the L2-normalized projected image embedding a :func:`zero_shot_head` scores.
 
     ``uint8`` input (``[B, 3, H, W]`` from :func:`make_resize_crop`) is rescaled and normalized here, in
-    float32, exactly as :func:`make_preprocess` does; float input is taken as already normalized. The
-    state dict is that of ``CLIPVisionModelWithProjection`` (``vision_model.*``,
-    ``visual_projection.weight``); mean and std are constants outside it.
+    float32, exactly as :func:`make_preprocess` does; float input is taken as already normalized. Mean and
+    std are constants outside the state dict; subclasses embed the normalized pixels (:meth:`embed`).
     """
 
-    def __init__(self, encoder: CLIPVisionModelWithProjection, processor_config: Mapping[str, Any]):
+    def __init__(self, processor_config: Mapping[str, Any]):
         super().__init__()
-        self.vision_model = encoder.vision_model
-        self.visual_projection = encoder.visual_projection
         mean, std, self.rescale = _normalization(processor_config)
         self.register_buffer("pixel_mean", torch.from_numpy(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.from_numpy(std).view(1, 3, 1, 1), persistent=False)
 
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not pixels.is_floating_point():
             pixels = (pixels.float() * self.rescale - self.pixel_mean) / self.pixel_std
-        embeddings = self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
+        embeddings = self.embed(pixels)
         return embeddings / embeddings.norm(dim=-1, keepdim=True)
+
+
+class ClipImageEncoder(_NormalizingImageEncoder):
+    """A transformers CLIP vision encoder as a backbone; its state dict is that of
+    ``CLIPVisionModelWithProjection`` (``vision_model.*``, ``visual_projection.weight``)."""
+
+    def __init__(self, encoder: CLIPVisionModelWithProjection, processor_config: Mapping[str, Any]):
+        super().__init__(processor_config)
+        self.vision_model = encoder.vision_model
+        self.visual_projection = encoder.visual_projection
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
 
     def feed_forward_modules(self) -> tuple[str, ...]:
         """The MLP of every transformer layer (``fc1``, GELU, ``fc2``)."""
         return tuple(f"vision_model.encoder.layers.{i}.mlp" for i in range(len(self.vision_model.encoder.layers)))
+
+
+class OpenClipImageEncoder(_NormalizingImageEncoder):
+    """open_clip's image tower (:func:`open_clip_visual`) as a backbone; its state dict is the tower's
+    under ``visual.*``, the keys of tall_masks' checkpoints without their ``model.`` prefix
+    (:func:`open_clip_visual_state`), projection ``visual.proj`` included."""
+
+    def __init__(self, visual: nn.Module, processor_config: Mapping[str, Any]):
+        super().__init__(processor_config)
+        self.visual = visual
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+    def feed_forward_modules(self) -> tuple[str, ...]:
+        """The MLP of every residual block (``c_fc``, GELU, ``c_proj``)."""
+        return tuple(f"visual.transformer.resblocks.{i}.mlp" for i in range(len(self.visual.transformer.resblocks)))
 
 
 # ---------------------------------------------------------------------------------- preprocessing

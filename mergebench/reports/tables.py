@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import yaml
+
 from mergebench.core.atomic import write_text
 from mergebench.errors import MergebenchError
 from mergebench.core.scores import ACCURACY, METRIC_LABELS, PerExample
@@ -74,6 +76,8 @@ class ResultTable:
     """``{task: metric}`` where a task is not scored by accuracy."""
     resampler: Resampler | None = field(default=None, repr=False)
     """The bootstrap draws over the test examples (None where a row lacks per-example outcomes)."""
+    checkpoint_family: str = "unspecified"
+    """Whose experts were merged (``mergebench``, ``fusion_bench``, ``tall_masks``…), as the run recorded it."""
 
     def compare(self, a: MethodRow, b: MethodRow) -> Comparison | None:
         """Paired bootstrap of ``a − b`` (normalized where defined), or None without per-example outcomes."""
@@ -115,10 +119,11 @@ def available(store: ResultStore) -> list[tuple[str, str]]:
     return [(row["suite"], row["model"]) for row in rows]
 
 
-def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0) -> ResultTable:
-    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None)."""
+def load_table(store: ResultStore, suite: str, model: str | None = None, seed: int = 0, context_key: str | None = None) -> ResultTable:
+    """The test-split table of ``suite`` on ``model`` (the only model stored for it when None), under the context
+    with the most recent result or the one given."""
     model = _resolve_model(store, suite, model)
-    context_key = _latest_context(store, suite, model)
+    context_key = context_key or _latest_context(store, suite, model)
     tasks = _suite_tasks(store, context_key)
     individual = _test_rows(store, context_key, INDIVIDUAL, "{}", REFERENCE_SEED, "none", tasks)
     rows = [
@@ -130,7 +135,12 @@ def load_table(store: ResultStore, suite: str, model: str | None = None, seed: i
         rows.append(replace(row, selection=selection["selection"]))
     metrics = {task: metric for task, metric in store.metrics(context_key).items() if metric != ACCURACY}
     rows, resampler = _with_intervals(rows, tasks, metrics)
-    return ResultTable(suite, model, context_key, tasks, tuple(rows), metrics, resampler)
+    return ResultTable(suite, model, context_key, tasks, tuple(rows), metrics, resampler, _checkpoint_family(store, context_key))
+
+
+def _checkpoint_family(store: ResultStore, context_key: str) -> str:
+    stored = store.query("SELECT config FROM results WHERE context_key = ? LIMIT 1", (context_key,))
+    return json.loads(stored[0]["config"]).get("checkpoint_family", "unspecified") if stored else "unspecified"
 
 
 def _with_intervals(rows: list[MethodRow], tasks: tuple[str, ...], metrics: Mapping[str, str]) -> tuple[list[MethodRow], Resampler | None]:
@@ -242,10 +252,13 @@ def format_setting(setting: Mapping[str, Any]) -> str:
     return " ".join(f"{name}={value}" for name, value in setting.items())
 
 
-def _columns(table: ResultTable) -> list[str]:
+def task_labels(table: ResultTable) -> list[str]:
     """Task names, each followed by its metric's label where that is not accuracy (``cola (MCC)``)."""
-    tasks = [f"{task} ({METRIC_LABELS[table.metrics[task]]})" if task in table.metrics else task for task in table.tasks]
-    return [*tasks, "Avg.", "Norm."]
+    return [f"{task} ({METRIC_LABELS[table.metrics[task]]})" if task in table.metrics else task for task in table.tasks]
+
+
+def _columns(table: ResultTable) -> list[str]:
+    return [*task_labels(table), "Avg.", "Norm."]
 
 
 def _values(table: ResultTable, row: MethodRow) -> list[str]:
@@ -426,9 +439,51 @@ def to_scale_markdown(tables: list[ResultTable]) -> str:
 # --- files ------------------------------------------------------------------------------------
 
 
+def suite_family(suite: str) -> str:
+    """The name shared by suites that differ only by their trailing task count (``mini-vision-4``, ``mini-vision-8``)."""
+    stem, _, count = suite.rpartition("-")
+    return stem if count.isdigit() else suite
+
+
 def report_stem(table: ResultTable) -> str:
     """``<suite>-<model>`` with anything unsafe in a file name replaced by ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{table.suite}-{table.model}")
+
+
+def to_reference(tables: list[ResultTable], source: str, tolerance: float) -> str:
+    """The stored tables as a reference table (the format of ``tasks/references``) of our own measured runs.
+
+    One cell per row and suite mean (absolute and normalized), for the rows chosen on validation and the
+    two reference rows; ``source`` names the command that produced the store.
+    """
+    families = sorted({table.checkpoint_family for table in tables})
+    if len(families) != 1:
+        raise MergebenchError(f"a reference table holds one checkpoint family; the stored tables have {', '.join(families)}")
+    cells = []
+    for table in tables:
+        for row in table.rows:
+            if row.selection != WHOLE_GRID:
+                continue
+            cell = {"row": row.method, "suite": table.suite, "model": table.model, "metric": ACCURACY,
+                    "absolute": round(100 * row.mean_accuracy, 2)}
+            if row.normalized_accuracy is not None:
+                cell["normalized"] = round(100 * row.normalized_accuracy, 2)
+            cells.append(cell)
+    suites = ", ".join(sorted({table.suite for table in tables}))
+    models = ", ".join(sorted({table.model for table in tables}))
+    document = {
+        "title": f"{suites} on {models}, as measured by mergebench (test split, mean over tasks)",
+        "source": source,
+        "checkpoint_family": families[0],
+        "split": "test",
+        "tolerance": tolerance,
+        "hyperparameters": "validation",
+        "methods": {cell["row"]: cell["row"] for cell in cells},
+        "traps": [{"note": "experts built on another processor, torch build or thread count differ slightly; the tolerance allows for it",
+                   "where": {}}],
+        "cells": cells,
+    }
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=200, allow_unicode=True)
 
 
 FORMATS = {"md": to_markdown, "csv": to_csv, "tex": to_latex}

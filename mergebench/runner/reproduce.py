@@ -9,7 +9,9 @@ ours, Δ and a verdict:
 
 * ``within`` / ``outside``: |ours − paper| against the table's tolerance (percentage points);
 * ``not run``: the row has no mergebench method, or its result is not in the store (``--no-run``);
-* ``not comparable``: another checkpoint family, or a metric mergebench does not store (DARE's mean
+* ``not comparable``: another checkpoint family (the one the request would use, or the one recorded with
+  the stored results: of a suite stored with several checkpoints, the latest results of the table's
+  family are compared), or a metric mergebench does not store (DARE's mean
   of accuracy and F1, say), or a normalized number where our experts score 0.
 
 The traps the table attaches to a cell (a wrong DTD split, EMNIST digits vs letters…) are printed
@@ -56,6 +58,8 @@ class ReproduceRequest:
     run: bool = True
     methods: Sequence[str] | None = None
     """Only these of the table's methods (all by default)."""
+    models: Sequence[str] | None = None
+    """Only the table's cells of these models (all by default)."""
 
 
 def _families(table: ReferenceTable, request: SweepRequest) -> dict[tuple[str, str], str]:
@@ -134,13 +138,17 @@ def verdicts(table: ReferenceTable, store: ResultStore, request: SweepRequest) -
         key = (cell.suite, cell.model)
         if key not in loaded:
             try:
-                loaded[key] = load_table(store, cell.suite, cell.model)
+                loaded[key] = load_table(store, cell.suite, cell.model, context_key=_family_context(store, *key, table.checkpoint_family))
             except MergebenchError:
                 loaded[key] = None
         stored = loaded[key]
         label = cell.method if cell.method in REFERENCE_METHODS else _label(table, cell)
         if stored is None or label not in {row.label for row in stored.rows}:
             give(NOT_RUN, "no stored result")
+            continue
+        stored_families = _stored_families(store, stored.context_key)
+        if stored_families != {table.checkpoint_family}:
+            give(NOT_COMPARABLE, f"stored results are of {', '.join(sorted(stored_families))} checkpoints, the table's {table.checkpoint_family}")
             continue
         ours = _ours(cell, stored, label, normalized)
         if ours is None:
@@ -151,14 +159,43 @@ def verdicts(table: ReferenceTable, store: ResultStore, request: SweepRequest) -
     return found
 
 
+def _family_context(store: ResultStore, suite: str, model: str, family: str) -> str | None:
+    """The latest stored context of ``suite`` on ``model`` whose results record checkpoints of ``family``."""
+    rows = store.query(
+        "SELECT context_key FROM results WHERE suite=? AND model=? AND json_extract(config, '$.checkpoint_family')=? "
+        "ORDER BY created_at DESC LIMIT 1", (suite, model, family),
+    )
+    return rows[0]["context_key"] if rows else None
+
+
+def _stored_families(store: ResultStore, context_key: str) -> set[str]:
+    """The checkpoint families recorded with the stored results of one context (``unrecorded`` where a result has none)."""
+    rows = store.query(
+        "SELECT DISTINCT json_extract(config, '$.checkpoint_family') AS family FROM results WHERE context_key=?", (context_key,)
+    )
+    return {row["family"] or "unrecorded" for row in rows}
+
+
 def _label(table: ReferenceTable, cell: ReferenceCell) -> str:
     """The stored row of the setting the paper used: chosen on validation, or fixed as the paper fixed it."""
     return row_label(cell.method, selection_label(get_method(cell.method), _overrides(table, cell.method)))
 
 
+def selected(request: ReproduceRequest) -> ReferenceTable:
+    """The table of ``request``, with only the cells of the models it names."""
+    table = get_table(request.table)
+    if not request.models:
+        return table
+    cells = tuple(cell for cell in table.cells if cell.model in request.models)
+    if not cells:
+        models = sorted({cell.model for cell in table.cells})
+        raise MergebenchError(f"table {table.id} has no cells of model {', '.join(request.models)} (it has {', '.join(models)})")
+    return replace(table, cells=cells)
+
+
 def reproduce(request: ReproduceRequest, report: Callable[[str], None] = print) -> list[Verdict]:
     """Run the missing cells (unless ``request.run`` is False), then compare every cell."""
-    table = get_table(request.table)
+    table = selected(request)
     if request.run:
         for sweep in plan(table, request):
             run_sweep(sweep, report=report)

@@ -11,8 +11,10 @@ Kind-specific keys of a suite file
     ``open_clip_checkpoints: {finetuned, zeroshot}``: path patterns of tall_masks' files.
 
 What is merged
-    Only the vision encoder. The backbone is a :class:`~mergebench.models.clip.ClipImageEncoder`
-    (pixels → L2-normalized projected image embedding); every task keeps its frozen zero-shot head.
+    Only the vision encoder (pixels → L2-normalized projected image embedding); every task keeps its
+    frozen zero-shot head. The backbone is a :class:`~mergebench.models.clip.ClipImageEncoder` (transformers
+    keys) for FusionBench's experts, an :class:`~mergebench.models.clip.OpenClipImageEncoder` (open_clip's
+    ``visual.*`` keys, built by open_clip from the model's ``open_clip`` architecture name) for tall_masks'.
 
     * Hub-style experts (FusionBench ``tanganke/clip-vit-*_<task>``) are ``CLIPVisionModel`` folders, the
       vision tower alone. FusionBench merges that ``CLIPVisionModel`` and scores every model with the
@@ -30,10 +32,12 @@ Checkpoints (``checkpoints=``, the command line's ``--checkpoints``)
     * ``PATH`` holding ``PATH/<open_clip model>/`` (e.g. ``PATH/ViT-B-32/``): the tall_masks layout of the
       suite file's ``open_clip_checkpoints`` (``PATH/ViT-B-32/DTDVal/nonlinear_finetuned.pt``). The
       pre-trained weights are the first task's ``nonlinear_zeroshot.pt`` (tall_masks saves the same
-      model in every task folder). Each ``.pt`` is read from ``<stem>.safetensors`` beside it when that
-      exists, else as a plain state dict (``weights_only``). tall_masks' files are pickled modules, and
-      unpickling runs code: only with ``allow_pickle=True`` (``--allow-pickle``) is such a file unpickled,
-      once, and written beside it as ``<stem>.safetensors`` by
+      model in every task folder). open_clip (the ``[clip]`` extra) builds the architecture
+      (``models.<model>.open_clip``, e.g. ``ViT-B-32``) as tall_masks does, and each file's ``visual.*``
+      tensors must fit it exactly. Each ``.pt`` is read from ``<stem>.safetensors`` beside it when that
+      exists, else as a plain state dict (``weights_only``; what tall_masks' ``ImageEncoder.save``
+      writes). A file holding a whole pickled module is unpickled (unpickling runs code) only with
+      ``allow_pickle=True`` (``--allow-pickle``), once, and written beside it as ``<stem>.safetensors`` by
       :func:`mergebench.models.clip.convert_open_clip_checkpoint`, which later runs read instead.
       The text encoder, tokenizer and preprocessing come from the Hugging Face base model (``PATH/<base
       repo name>`` if present, else the Hub id): OpenAI's CLIP weights, the ones open_clip's ``openai``
@@ -93,12 +97,13 @@ from mergebench.core.checkpoints import StateDict, file_sha256, load_state_dict,
 from mergebench.errors import MergebenchError
 from mergebench.models.clip import (
     ClipImageEncoder,
+    OpenClipImageEncoder,
     convert_open_clip_checkpoint,
     load_vision_tower_state,
     make_resize_crop,
-    open_clip_to_hf_vision,
+    open_clip_visual,
+    open_clip_visual_state,
     read_image_processor_config,
-    vision_config_with_projection,
     vision_encoder_of,
     zero_shot_head,
 )
@@ -217,6 +222,10 @@ class CheckpointSource:
         else:
             self.layout = "folders"
 
+    def require_root(self) -> None:
+        if self.root is not None and not self.root.is_dir():
+            raise MergebenchError(f"--checkpoints {self.root}: no such folder (or pass --checkpoints hub)")
+
     # base model: text encoder, tokenizer, preprocessing (and the pre-trained vision weights unless open_clip)
 
     def base_local(self) -> Path | None:
@@ -286,7 +295,7 @@ def open_clip_file_status(path: Path, allow_pickle: bool) -> tuple[str, str | No
     if converted.is_file():
         return f"encoder ready ({converted})", None
     if path.is_file():
-        how = "converted on first run" if allow_pickle else "a pickled module: pass --allow-pickle once to convert it"
+        how = "converted on first run if pickled" if allow_pickle else "if it is a pickled module, pass --allow-pickle once to convert it"
         return f"encoder present ({path}; {how})", None
     return f"encoder missing ({path})", f"tall_masks download_checkpoints.py into {path.parents[2]}"
 
@@ -303,7 +312,7 @@ def read_open_clip_file(path: Path, allow_pickle: bool) -> tuple[StateDict, Path
     except MergebenchError:
         if not allow_pickle:
             raise MergebenchError(
-                f"{path} is not a plain state dict (tall_masks saves pickled modules, and unpickling runs code): pass "
+                f"{path} is not a plain state dict but a pickled module (unpickling runs code): pass "
                 f"--allow-pickle to convert it once to {converted.name} beside it, or convert it with "
                 "mergebench.models.clip.convert_open_clip_checkpoint(src, dst, allow_pickle=True)"
             ) from None
@@ -314,11 +323,11 @@ def read_open_clip_file(path: Path, allow_pickle: bool) -> tuple[StateDict, Path
     return load_state_dict(converted), converted
 
 
-def read_converted(path: Path, allow_pickle: bool) -> tuple[StateDict, Path]:
-    """:func:`read_open_clip_file` with the vision keys mapped to the transformers layout."""
+def read_visual(path: Path, allow_pickle: bool) -> tuple[StateDict, Path]:
+    """The image tower's tensors (``visual.*``) of a tall_masks file and the file they were read from."""
     state, read = read_open_clip_file(path, allow_pickle)
     try:
-        return open_clip_to_hf_vision(state), read
+        return open_clip_visual_state(state), read
     except MergebenchError as error:
         raise MergebenchError(f"{read}: {error}") from None
 
@@ -489,14 +498,14 @@ def prepare_clip_suite(
 ) -> PreparedSuite:
     """Checkpoints, zero-shot heads and cached evaluation data of a ``kind: clip`` suite (module docstring)."""
     source = CheckpointSource(suite, model, checkpoints, allow_pickle)
-    if source.root is not None and not source.root.is_dir():
-        raise MergebenchError(f"--checkpoints {source.root}: no such folder (or pass --checkpoints hub)")
+    source.require_root()
     # every checkpoint is found (downloaded, converted) before any data is decoded
     base = source.base_folder()
     if source.layout == "open_clip":
-        # open_clip keys become transformers keys at once: no task keeps two copies in memory
-        experts = {task.name: read_converted(source.open_clip_files(task)[0], allow_pickle) for task in suite.tasks}
-        zeroshot = read_converted(source.zeroshot_file(), allow_pickle)
+        visual = open_clip_visual(source.spec.open_clip)  # open_clip installed and the architecture known, before any file is read
+        # the text tower's tensors are dropped at once: no task keeps them in memory
+        experts = {task.name: read_visual(source.open_clip_files(task)[0], allow_pickle) for task in suite.tasks}
+        zeroshot = read_visual(source.zeroshot_file(), allow_pickle)
     else:
         folders = {task.name: source.expert_folder(task) for task in suite.tasks}
     processor = read_image_processor_config(base)
@@ -512,10 +521,7 @@ def prepare_clip_suite(
     text_sha256 = folder_sha256(base, f"pre-trained CLIP {source.spec.hf}")
     hashes = {"text_encoder": text_sha256}
     if source.layout == "open_clip":
-        from transformers import AutoConfig, CLIPVisionModelWithProjection
-
-        config = vision_config_with_projection(AutoConfig.from_pretrained(base))
-        backbone = ClipImageEncoder(CLIPVisionModelWithProjection(config), processor)
+        backbone = OpenClipImageEncoder(visual, processor)
         pretrained = fitted(zeroshot[0], backbone, f"pre-trained {zeroshot[1]}")
         finetuned = {name: fitted(state, backbone, str(path)) for name, (state, path) in experts.items()}
         hashes["pretrained"] = checkpoint_sha256(zeroshot[1])
@@ -652,7 +658,9 @@ class ClipKind(Kind):
 
     def checkpoint_family(self, suite: ClipSuite, model: str, checkpoints=None, allow_pickle=False, **options) -> str:
         """tall_masks' open_clip files, or FusionBench's encoders (from the Hub or in folders named like its repositories)."""
-        return FAMILIES[CheckpointSource(suite, model, checkpoints, allow_pickle).layout]
+        source = CheckpointSource(suite, model, checkpoints, allow_pickle)
+        source.require_root()
+        return FAMILIES[source.layout]
 
     def evaluator(self, suite: ClipSuite, model: str, device: torch.device, cache: Path, tv_dtype: str = "fp32", **options) -> InMemoryEvaluator:
         return InMemoryEvaluator(prepare_clip_suite(suite, model, device, cache, **options), tv_dtype)
