@@ -133,9 +133,15 @@ def main() -> None:
           f"{len(shapes)} tensors, {args.dtype} ({params * element / 2**30:.2f} GiB per checkpoint); largest tensor "
           f"{list(largest)} = {torch.Size(largest).numel() * 4 / MIB:.1f} MiB in float32")
     started = time.perf_counter()
+    written = folder / "written.json"
+    description = {"shape": args.shape, "blocks": args.blocks, "tasks": max(counts), "dtype": args.dtype}
     try:
-        write_checkpoints(folder, shapes, max(counts), DTYPES[args.dtype])
-        print(f"wrote base + {max(counts)} experts to {folder} in {time.perf_counter() - started:.0f} s")
+        if written.is_file() and json.loads(written.read_text()) == description:
+            print(f"reusing base + {max(counts)} experts in {folder}")
+        else:
+            write_checkpoints(folder, shapes, max(counts), DTYPES[args.dtype])
+            written.write_text(json.dumps(description))
+            print(f"wrote base + {max(counts)} experts to {folder} in {time.perf_counter() - started:.0f} s")
         print(f"{'method':<8} {'k':>3} {'peak RSS above start':>21} {'peak RSS':>10} {'tensors alive':>14} {'passes':>7} {'seconds':>8}")
         for name in args.methods.split(","):
             for k in counts:

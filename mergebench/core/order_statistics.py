@@ -28,7 +28,10 @@ COLUMNS = 1 << 18
 def sortable_keys(values: torch.Tensor) -> torch.Tensor:
     """int32 keys that sort as the float32 ``values`` do (−0 as +0)."""
     bits = (values.to(torch.float32) + 0.0).view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = bits >> 31
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
 
 
 def key_values(keys: torch.Tensor) -> torch.Tensor:
@@ -66,16 +69,19 @@ class RowOrderStatistics:
 
     def _add(self, block: torch.Tensor) -> None:
         keys = sortable_keys(block)
-        high = (keys >> 16).to(torch.int64) + BINS // 2
-        row_offsets = torch.arange(self.rows, device=keys.device).unsqueeze(1) * BINS
+        high = keys >> 16  # in −2¹⁵..2¹⁵−1
+        row_start = torch.arange(self.rows, dtype=torch.int32, device=keys.device).unsqueeze(1) * BINS
         if self.round == 0:
-            self.counts += torch.bincount((high + row_offsets).reshape(-1), minlength=self.rows * BINS).view(self.rows, BINS)
+            index = high + (row_start + BINS // 2)
+            self.counts += torch.bincount(index.view(-1), minlength=self.rows * BINS).view(self.rows, BINS)
             return
-        low = (keys & 0xFFFF).to(torch.int64)
+        low = keys & 0xFFFF
+        low += row_start
+        outside = self.rows * BINS  # one extra bin for the keys outside the rank's bin, dropped
         for column in range(self.ranks.shape[1]):
-            in_bin = high == self.high_bins[:, column : column + 1]
-            index = (low + row_offsets + column * self.rows * BINS)[in_bin]
-            self.counts += torch.bincount(index, minlength=self.counts.numel()).view_as(self.counts)
+            in_bin = high == (self.high_bins[:, column : column + 1] - BINS // 2).to(torch.int32)
+            index = torch.where(in_bin, low, outside)
+            self.counts[column] += torch.bincount(index.view(-1), minlength=outside + 1)[:-1].view(self.rows, BINS)
 
     def next_round(self) -> None:
         """Close the current round: locate each rank's bin (round 1) or its exact value (round 2)."""

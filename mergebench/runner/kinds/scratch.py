@@ -171,7 +171,7 @@ class ScratchEvaluator(InMemoryEvaluator):
     def evaluate(self, merged: torch.Tensor | nn.Module, split: str, columns: tuple[str, ...] | None = None) -> Evaluation:
         if isinstance(merged, torch.Tensor):
             backbone = self.prepared.backbone
-            backbone.load_state_dict(merged_state_dict(self.prepared.pretrained, self.task_vectors.layout, merged))
+            backbone.load_state_dict(merged_state_dict(self.prepared.pretrained, self.streamed.layout, merged))
             with torch.no_grad():
                 recalibrate_batchnorm(backbone, self.prepared.train_batches(self.suite.recipe.batch_size, self.suite.calibration_batches))
             merged = backbone
