@@ -133,6 +133,8 @@ CASES = {
     "empty model": (RUN + ["--methods", "ties", "--model", ""], "empty model in ''"),
     "report of an unknown suite": (["report", "--suite", "nope"], "no results for suite 'nope'"),
     "reproduce an unknown table": (["reproduce", "nope/table"], "unknown reference table 'nope/table'"),
+    "reproduce from a missing checkpoint folder": (["reproduce", "iso/table1", "--checkpoints", "/no/such/folder"],
+                                                   "--checkpoints /no/such/folder: no such folder (or pass --checkpoints hub)"),
     "build a published suite": (["build", "--suite", "vit-8"], "there is nothing to build"),
     "continual on an llm suite": (["continual", "--suite", "mini-llm", "--methods", "opcm"], "which continual runs do not support"),
     # hyperparameters

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,21 @@ def test_tall_masks_layout_through_open_clip_needs_the_pickle_opt_in(world, env,
     assert "| within |" in verdict_lines(capsys.readouterr().out)[0]
     assert cli.main(["reproduce", "tiny/tall_masks", *reproduce, "--no-run"]) == 0
     assert "| within |" in verdict_lines(capsys.readouterr().out)[0]
+
+
+def test_tall_masks_layout_without_open_clip_names_the_extra(world, env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an environment without open_clip_torch imports
+    root = tmp_path / "tall_masks"
+    (root / TINY_ARCHITECTURE / "MNISTVal").mkdir(parents=True)
+    (root / BASE).symlink_to(world["checkpoints"] / BASE)
+    assert cli.main(["suites", "--checkpoints", str(root)]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(rf"^    open_clip\s+{TINY_ARCHITECTURE}\s+missing: reads the tall_masks checkpoints$", listing, re.MULTILINE)
+    assert "  pip install 'mergebench[clip]'" in listing.split("to get what is missing:")[1].splitlines()
+    assert run(world, tmp_path / "results", "--checkpoints", str(root), "--data", str(world["data"])) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mergebench: error: tall_masks checkpoints are open_clip models and need open_clip_torch: "
+                            "pip install 'mergebench[clip]' (ModuleNotFoundError") and "\n" not in error
 
 
 def test_missing_checkpoint_is_one_line_naming_the_download(world, env, tmp_path, capsys):

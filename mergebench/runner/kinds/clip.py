@@ -96,9 +96,11 @@ from tqdm.auto import tqdm
 from mergebench.core.checkpoints import StateDict, file_sha256, load_state_dict, save_state_dict
 from mergebench.errors import MergebenchError
 from mergebench.models.clip import (
+    OPEN_CLIP_EXTRA,
     ClipImageEncoder,
     OpenClipImageEncoder,
     convert_open_clip_checkpoint,
+    import_open_clip,
     load_vision_tower_state,
     make_resize_crop,
     open_clip_visual,
@@ -641,6 +643,11 @@ class ClipKind(Kind):
         if source.root is not None and not source.root.is_dir():
             return [TaskStatus("checkpoints", str(source.root), "missing: no such folder")]
         rows = [source.base_status()]
+        if source.layout == "open_clip":
+            try:
+                import_open_clip()
+            except MergebenchError:
+                rows.append(TaskStatus("open_clip", source.spec.open_clip, "missing: reads the tall_masks checkpoints", OPEN_CLIP_EXTRA))
         base = source.base_local() or hub_cached(source.spec.hf)
         clip_data = None
         if base is not None:
