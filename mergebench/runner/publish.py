@@ -37,5 +37,8 @@ def build_leaderboard(sources: Sequence[Path], out: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="mergebench-leaderboard-") as folder:
         joined = ResultStore(folder)
         for source_rows, name in rows:
-            import_rows(joined, source_rows, name)
+            try:
+                import_rows(joined, source_rows, name)
+            except MergebenchError as error:  # named after the sources, not the temporary store joining them
+                raise MergebenchError(str(error).replace(str(joined.path), "the sources before it")) from None
         return build_site(joined, published_numbers(), out)
