@@ -222,3 +222,40 @@ def test_zipping_four_models_always_ends_with_the_width_of_one():
     correlation = torch.corrcoef(features.T)
     clusters = matching.zip_units(correlation, [6, 6, 6, 6])
     assert len(clusters) == 6 and sorted(u for c in clusters for u in c) == list(range(24))
+
+
+class GrantedBatches:
+    """The slice of ModelAccess that NP Merge reads: labelled batches and a module to load weights into."""
+
+    access = "train-samples"
+
+    def __init__(self, network, inputs, labels):
+        self.network, self.inputs, self.labels, self.tasks = network, inputs, labels, ("task",)
+
+    def batches(self, task, batch_size):
+        for start in range(0, len(self.inputs), batch_size):
+            yield self.inputs[start : start + batch_size], self.labels[start : start + batch_size]
+
+    def backbone(self, flat):
+        return self.network
+
+
+def test_np_merge_weights_stay_between_the_aligned_endpoints_and_lower_the_loss_of_the_average():
+    from mergebench.methods.alignment import learn_parameter_weights
+    from mergebench.core.task_vectors import ParamLayout
+
+    a, b = model("mlp", 0), model("mlp", 1)
+    layout = ParamLayout.of(a.state_dict(), [name for name, _ in a.named_parameters()])
+    aligned = torch.stack([layout.flatten(a.state_dict()), layout.flatten(b.state_dict())])
+    x = inputs(5, 128)
+    labels = a(x).argmax(dim=1)  # the first model's predictions: the learned weights should lean towards it
+    access = GrantedBatches(model("mlp", 2), x, labels)
+    merged = learn_parameter_weights(access.network, aligned, layout, access, steps=30, lr=0.05, seed=0)
+    low, high = aligned.min(dim=0).values, aligned.max(dim=0).values
+    assert torch.all(merged >= low - 1e-6) and torch.all(merged <= high + 1e-6)
+
+    def loss(flat):
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(access.network, layout.views(flat), (x,)), labels)
+
+    with torch.no_grad():
+        assert loss(merged) < loss(aligned.mean(dim=0))

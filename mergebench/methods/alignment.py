@@ -12,6 +12,8 @@ endpoints use them (weight matching without REPAIR reads weights alone).
   model's later layers, their logits averaged (the paper's partial zipping);
 * ``cca_merge`` — CCA Merge (Horoi et al., 2024);
 * ``ot_fusion`` — OT fusion (Singh & Jaggi, 2020), activation-based;
+* ``np_merge`` — NP Merge (Orozco Camacho et al., 2024): after weight matching, each parameter's weight
+  per model learned by gradient descent on the labelled training batches;
 * ``average_repair`` — plain averaging, then REPAIR (Jordan et al., 2023);
 * ``ensemble`` — the endpoints' mean logits: the upper reference, T times the parameters.
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from mergebench.alignment import matching
 from mergebench.alignment.features import Moments, calibrated, feature_moments, reset_statistics
-from mergebench.alignment.merge import Alignment, merge_states, partially_merged_states
+from mergebench.alignment.merge import Alignment, align_state, merge_states, partially_merged_states
 from mergebench.alignment.repair import renormalize, repair_targets
 from mergebench.alignment.spec import spec_for
 from mergebench.core.data_access import ModelAccess
@@ -65,10 +67,13 @@ def endpoint_states(task_vectors: TaskVectors) -> list[dict[str, torch.Tensor]]:
 
 
 def merged_vector(task_vectors: TaskVectors, model: ModelAccess, alignment: Alignment, repaired: str,
-                  batches: list[torch.Tensor], endpoints: list[nn.Module] | None = None) -> torch.Tensor:
-    """τ_m of the mean of the aligned endpoints, renormalized by REPAIR when ``repaired`` is ``on``."""
+                  batches: list[torch.Tensor], endpoints: list[nn.Module] | None = None,
+                  merged: torch.Tensor | None = None) -> torch.Tensor:
+    """τ_m of the mean of the aligned endpoints (or of the given ``merged`` weights), renormalized by
+    REPAIR when ``repaired`` is ``on``."""
     spec = spec_for(task_vectors.layout.names)
-    merged = task_vectors.layout.flatten(merge_states(spec, alignment, endpoint_states(task_vectors)))
+    if merged is None:
+        merged = task_vectors.layout.flatten(merge_states(spec, alignment, endpoint_states(task_vectors)))
     merged = merged.to(task_vectors.pretrained)
     if repaired == "on":
         targets = repair_targets(spec, alignment, endpoints or endpoint_models(task_vectors, model, batches), batches)
@@ -158,6 +163,45 @@ def ot_fusion(
 ) -> torch.Tensor:
     """Transport each model's units onto the first's (uniform marginals, activation cost), then average."""
     return activation_based(task_vectors, model, repair, lambda moments: matching.ot_fusion(moments, entropic=entropic))
+
+
+def learn_parameter_weights(network: nn.Module, aligned: torch.Tensor, layout, model: ModelAccess, *, steps: int, lr: float,
+                            seed: int) -> torch.Tensor:
+    """NP Merge's optimization: θ = Σ_t softmax_t(β)_t ⊙ θ̃_t, with β ``[T, N]`` from 0 (the plain average),
+    trained by Adam on cross-entropy over the granted labelled batches (BatchNorm on batch statistics)."""
+    batches = [(inputs, labels) for task in model.tasks for inputs, labels in model.batches(task, BATCH_SIZE)]
+    logits = torch.zeros_like(aligned, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    network.train()
+    for _ in range(steps):
+        inputs, labels = batches[int(torch.randint(len(batches), (1,), generator=order))]
+        merged = (torch.softmax(logits, dim=0) * aligned).sum(dim=0)
+        loss = torch.nn.functional.cross_entropy(torch.func.functional_call(network, layout.views(merged), (inputs,)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    network.eval()
+    with torch.no_grad():
+        return (torch.softmax(logits, dim=0) * aligned).sum(dim=0)
+
+
+@register("np_merge", citation="Orozco Camacho et al., 2024 (Non-Uniform Parameter-Wise Model Merging)", data="train-samples",
+          examples=CALIBRATION_EXAMPLES)
+def np_merge(
+    task_vectors: TaskVectors, *, model: ModelAccess, seed: int, repair: Annotated[str, REPAIR] = "off",
+    steps: Annotated[int, HParam("Adam steps on the per-parameter weights", low=1)] = 200,
+    lr: Annotated[float, HParam("learning rate of the per-parameter weight logits", low=0.0)] = 0.05,
+) -> torch.Tensor:
+    """Align by weight matching, then learn each parameter's weight per model by gradient descent:
+    θ_i = Σ_t α_{t,i} θ̃_{t,i} with α_{·,i} = softmax(β_{·,i}), β trained on the labelled training batches."""
+    spec = spec_for(task_vectors.layout.names)
+    states = endpoint_states(task_vectors)
+    alignment = matching.weight_matching(spec, states, seed=seed)
+    aligned = torch.stack([task_vectors.layout.flatten(align_state(spec, alignment, state, t)) for t, state in enumerate(states)])
+    network = model.backbone(task_vectors.pretrained)
+    merged = learn_parameter_weights(network, aligned.to(task_vectors.pretrained), task_vectors.layout, model, steps=steps, lr=lr, seed=seed)
+    return merged_vector(task_vectors, model, alignment, repair, calibration_batches(model) if repair == "on" else [], merged=merged)
 
 
 @register("average_repair", citation="Jordan et al., 2023 (REPAIR)", data="train-samples", examples=CALIBRATION_EXAMPLES)
