@@ -63,14 +63,18 @@ def vit_shapes(shape: str, blocks: int | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoints(folder: Path, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype) -> None:
+def write_checkpoints(folder: Path, shapes: dict[str, tuple[int, ...]], tasks: int, dtype: torch.dtype, distinct: int | None = None) -> None:
     """``base.safetensors`` and ``expert{t}.safetensors``: θ₀ ~ N(0, 0.02²), τ_t a shifted copy of one
-    N(0, 10⁻⁶) draw per tensor with a sign that alternates across tasks (cheap to write, all different)."""
+    N(0, 10⁻⁶) draw per tensor with a sign that alternates across tasks (cheap to write, all different).
+    With ``distinct``, expert t ≥ distinct is a file copy of expert t mod distinct (faster to write)."""
     generator = torch.Generator().manual_seed(0)
     base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
     noise = {name: torch.randn(shape, generator=generator) * 1e-3 for name, shape in shapes.items()}
     save_file({name: tensor.to(dtype) for name, tensor in base.items()}, str(folder / "base.safetensors"))
     for task in range(tasks):
+        if distinct is not None and task >= distinct:
+            shutil.copyfile(folder / f"expert{task % distinct}.safetensors", folder / f"expert{task}.safetensors")
+            continue
         expert = {}
         for name, tensor in base.items():
             shifted = noise[name].reshape(-1).roll(task * 7919).reshape(tensor.shape)
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the checkpoints on disk")
     parser.add_argument("--folder", type=Path, default=None, help="where to write the checkpoints (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--distinct", type=int, default=None, help="write this many distinct experts, the others as file copies of them")
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "METHOD", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -134,14 +139,15 @@ def main() -> None:
           f"{list(largest)} = {torch.Size(largest).numel() * 4 / MIB:.1f} MiB in float32")
     started = time.perf_counter()
     written = folder / "written.json"
-    description = {"shape": args.shape, "blocks": args.blocks, "tasks": max(counts), "dtype": args.dtype}
+    description = {"shape": args.shape, "blocks": args.blocks, "tasks": max(counts), "dtype": args.dtype, "distinct": args.distinct}
     try:
         if written.is_file() and json.loads(written.read_text()) == description:
             print(f"reusing base + {max(counts)} experts in {folder}")
         else:
-            write_checkpoints(folder, shapes, max(counts), DTYPES[args.dtype])
+            write_checkpoints(folder, shapes, max(counts), DTYPES[args.dtype], args.distinct)
             written.write_text(json.dumps(description))
-            print(f"wrote base + {max(counts)} experts to {folder} in {time.perf_counter() - started:.0f} s")
+            copies = "" if args.distinct is None else f" ({args.distinct} distinct, the others file copies)"
+            print(f"wrote base + {max(counts)} experts{copies} to {folder} in {time.perf_counter() - started:.0f} s")
         print(f"{'method':<8} {'k':>3} {'peak RSS above start':>21} {'peak RSS':>10} {'tensors alive':>14} {'passes':>7} {'seconds':>8}")
         for name in args.methods.split(","):
             for k in counts:
