@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
 from mergebench.errors import MergebenchError
@@ -143,9 +144,14 @@ def test_zero_shot_head_rows_are_scaled_normalized_template_means(tmp_path):
     assert head(features).shape == (3, 3)
 
 
+# where torchvision is installed (the [clip] extra), transformers 5's CLIPImageProcessor resizes with torchvision;
+# make_preprocess reimplements the PIL one, CLIPImageProcessorPil there (CLIPImageProcessor itself in transformers 4)
+PIL_IMAGE_PROCESSOR = getattr(transformers, "CLIPImageProcessorPil", CLIPImageProcessor)
+
+
 @pytest.mark.parametrize("shape", [(50, 37, 3), (29, 61), (40, 40, 3)])
 def test_preprocess_matches_clip_image_processor(shape):
-    processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24})
+    processor = PIL_IMAGE_PROCESSOR(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24})
     image = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     expected = processor(images=image if image.ndim == 3 else np.stack([image] * 3, -1), return_tensors="pt")["pixel_values"][0]
     ours = make_preprocess(processor.to_dict())(image)

@@ -33,7 +33,7 @@ CHECKPOINTS = KindOption(
     {"metavar": "PATH|hub"},
 )
 ALLOW_PICKLE = KindOption(
-    "allow_pickle", "unpickle tall_masks .pt files (runs their code) once, converting each to .safetensors beside it",
+    "allow_pickle", "unpickle tall_masks .pt files that hold whole modules (runs their code) once, converting each to .safetensors beside it",
     {"action": "store_true"},
 )
 DATA = KindOption(
