@@ -37,16 +37,17 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core.selection import column_chunks, kth_smallest
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.registry import HParam, lam_grid, register
 
 CLIP_RATIOS = {"reference": 0.0001, "vision": 0.01}
 
 
-def sorted_value(rows: torch.Tensor, index: int) -> torch.Tensor:
-    """``sort(rows, dim=1)[:, index]`` as a ``[T, 1]`` column, with ``index`` kept inside the row."""
-    index = min(max(index, 0), rows.shape[1] - 1)
-    return rows.kthvalue(index + 1, dim=1, keepdim=True).values
+def sorted_value(row: torch.Tensor, index: int) -> torch.Tensor:
+    """``sort(row)[index]`` of a 1-D tensor, with ``index`` kept inside the row (a radix select, no sort)."""
+    index = min(max(index, 0), row.numel() - 1)
+    return kth_smallest(row, index + 1, signed=True)
 
 
 def min_max(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -55,33 +56,54 @@ def min_max(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.
     return torch.where(span > 0, (rows - low) / torch.where(span > 0, span, 1.0), 0.0)
 
 
-def normalize(rows: torch.Tensor) -> torch.Tensor:
-    """The authors' Norm: min–max over each task's entries."""
-    return min_max(rows, rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True))
+def clip_range(magnitudes: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ⌊c·d⌋-th and (⌊(1−c)·d⌋ − 1)-th smallest magnitude of one task: the clamp bounds of |τ|,
+    which are also the min and max of the clamped magnitudes (both are entries of the row)."""
+    d = magnitudes.numel()
+    return sorted_value(magnitudes, int(d * ratio)), sorted_value(magnitudes, int(d * (1 - ratio)) - 1)
 
 
-def clip_magnitudes(vectors: torch.Tensor, ratio: float) -> torch.Tensor:
-    """|τ| clamped to the ⌊c·d⌋-th and (⌊(1−c)·d⌋ − 1)-th smallest magnitude of its own task."""
-    d = vectors.shape[1]
-    magnitudes = vectors.abs()
-    low = sorted_value(magnitudes, int(d * ratio))
-    high = sorted_value(magnitudes, int(d * (1 - ratio)) - 1)
-    return torch.clamp(magnitudes, low, high)
+def normalized_clipped(magnitudes: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|τ̃| = clamp(|τ|, low, high), Norm(|τ̃|)) of a block, with the task's bounds."""
+    clipped = torch.clamp(magnitudes, low, high)
+    return clipped, min_max(clipped, low, high)
 
 
-def balancing_weights(vectors: torch.Tensor, variant: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped task vectors τ̃ and the weights w after dropping all but the top-r scores, ``[T, N]`` each."""
+def pcb_merge(vectors: torch.Tensor, variant: str, ratio: float) -> torch.Tensor:
+    """τ_m = Σ_i w_i τ̃_i / max(Σ_i w_i, 10⁻¹²), task by task, holding ``[N]`` rows, never ``[T, N]``.
+
+    Passes: the clip bounds of each task (radix selects); the partner sum Σ_j u_j (column chunks);
+    each task's scores (one ``[N]`` row), its score threshold (a radix select) and its weighted
+    contribution."""
     num_tasks, d = vectors.shape
-    clipped_magnitudes = clip_magnitudes(vectors, CLIP_RATIOS[variant])
-    signs = torch.sign(vectors)
-    normalized = normalize(clipped_magnitudes)
-    intra = torch.exp(num_tasks * normalized**2)
-    partners = vectors if variant == "reference" else signs * normalized
-    inter = torch.tanh(vectors * partners.sum(dim=0))
-    scores = intra * inter
-    threshold = sorted_value(scores, int(d * (1 - ratio)))
-    weights = min_max(torch.maximum(scores, threshold), threshold, scores.amax(dim=1, keepdim=True))
-    return signs * clipped_magnitudes, weights
+    ratio_clip = CLIP_RATIOS[variant]
+    bounds = [clip_range(row.abs(), ratio_clip) for row in vectors]
+    low = torch.stack([b[0] for b in bounds]).reshape(-1, 1)
+    high = torch.stack([b[1] for b in bounds]).reshape(-1, 1)
+    if variant == "reference":
+        partners = vectors.sum(dim=0)
+    else:
+        partners = torch.empty_like(vectors[0])
+        for columns in column_chunks(0, d, num_tasks):
+            block = vectors[:, columns]
+            partners[columns] = (torch.sign(block) * normalized_clipped(block.abs(), low, high)[1]).sum(dim=0)
+    numerator, denominator = torch.zeros_like(partners), torch.zeros_like(partners)
+    scores = torch.empty_like(partners)
+    for task, row in enumerate(vectors):
+        for columns in column_chunks(0, d, 1):
+            values = row[columns]
+            normalized = normalized_clipped(values.abs(), low[task], high[task])[1]
+            intra = torch.exp(num_tasks * normalized**2)
+            torch.mul(intra, torch.tanh(values * partners[columns]), out=scores[columns])
+        threshold = sorted_value(scores, int(d * (1 - ratio)))
+        top = scores.amax()
+        for columns in column_chunks(0, d, 1):
+            values = row[columns]
+            weights = min_max(torch.maximum(scores[columns], threshold), threshold, top)
+            clipped = torch.sign(values) * normalized_clipped(values.abs(), low[task], high[task])[0]
+            numerator[columns] += clipped * weights
+            denominator[columns] += weights
+    return numerator / denominator.clamp(min=1e-12)
 
 
 @register(
@@ -96,5 +118,4 @@ def pcb(
     variant: Annotated[str, HParam("the authors' vision script or their reference pcb-merging.py", choices=tuple(CLIP_RATIOS))] = "vision",
 ) -> torch.Tensor:
     """Score entries by intra- and inter-task competition, drop low scores, score-weighted mean."""
-    clipped, weights = balancing_weights(task_vectors.vectors, variant, ratio)
-    return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    return pcb_merge(task_vectors.vectors, variant, ratio)
