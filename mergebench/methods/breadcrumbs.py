@@ -83,7 +83,7 @@ def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, 
         d = slot.shape[-1] if scope == "per_row" else block.shape[1]
         for columns in column_chunks(slot.start, slot.stop, vectors.shape[0], multiple=d):
             rows = vectors[:, columns].reshape(-1, d)
-            yield columns, (rows * middle_band(rows, density, top_masked, tie_rule)).reshape(vectors.shape[0], -1)
+            yield columns, rows.where(middle_band(rows, density, top_masked, tie_rule), 0.0).reshape(vectors.shape[0], -1)
 
 
 def breadcrumb_masked(task_vectors: TaskVectors, density: float, top_masked: float, scope: str, tie_rule: str = "lowest_index") -> torch.Tensor:

@@ -70,7 +70,7 @@ def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, tie_rule: str =
     trimmed = torch.empty_like(vectors)
     for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
         block = vectors[:, columns]
-        torch.mul(block, selection.keep(block.abs()), out=trimmed[:, columns])
+        torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
     return trimmed
 
 
@@ -80,7 +80,7 @@ def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, sco
     for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
         for columns in column_chunks(start, stop, vectors.shape[0]):
             block = vectors[:, columns]
-            torch.mul(block, selection.keep(block.abs()), out=trimmed[:, columns])
+            torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
     return trimmed
 
 
@@ -159,7 +159,7 @@ def ties_merge(task_vectors: TaskVectors, k_percent: float, scope: str, tie_rule
     for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
         for columns in column_chunks(start, stop, vectors.shape[0]):
             block = vectors[:, columns]
-            election.add(columns, block * selection.keep(block.abs()))
+            election.add(columns, block.where(selection.keep(block.abs()), 0.0))
     return election.result()
 
 
