@@ -102,8 +102,8 @@ def test_breadcrumbs_band_edge_ties_follow_the_tie_rule():
     assert middle_band(row, 2 / 6, 1 / 6, "highest_index").tolist() == [[False, False, False, True, True, False]]
 
 
-def test_breadcrumbs_highest_index_is_mergekit_ascending_sort():
-    """mergekit's magnitude_outliers: ascending stable sort, keep positions [n_bot, n_bot + target)."""
+def test_breadcrumbs_highest_index_is_a_stable_ascending_sort():
+    """mergekit's magnitude_outliers band, positions [n_bot, n_bot + target) of an ascending sort, stable."""
     values = tied_rows(1, 40, torch.float32, seed=3)
     density, gamma = 0.3, 0.1
     target, n_top = int(density * 40), int(gamma * 40)
@@ -124,3 +124,13 @@ def test_model_stock_negative_cosine_clamped_or_extrapolated():
     merged = merge("model_stock", tv, negative_cosine="extrapolate")
     assert torch.allclose(merged, -3.0 * torch.tensor([0.2, 0.4]))
     assert torch.equal(merge("model_stock", tv), torch.zeros(2))
+
+
+def test_sort_rules_keep_the_first_k_of_torch_sorts():
+    values = tied_rows(2, 300, torch.bfloat16, seed=11)
+    descending = torch.zeros(2, 300, dtype=torch.bool).scatter_(1, torch.argsort(values.float(), dim=1, descending=True)[:, :60], True)
+    ascending = torch.zeros(2, 300, dtype=torch.bool).scatter_(1, torch.sort(values.float(), dim=1).indices[:, 240:], True)
+    assert torch.equal(top_k_mask(values, 60, "descending_sort"), descending)
+    assert torch.equal(top_k_mask(values, 60, "ascending_sort"), ascending)
+    selection = TopK.of_values(values, 60, "descending_sort", signed=False)
+    assert torch.equal(torch.cat([selection.keep(values[:, :100]), selection.keep(values[:, 100:])], dim=1), descending)

@@ -51,7 +51,7 @@ from mergebench.methods.ties import ElectedMerge, ZeroSign
 
 BREADCRUMBS_CITATION = "Davari & Belilovsky, 2024 (Model Breadcrumbs)"
 SCOPES = ("per_row", "per_tensor")
-BAND_TIE_RULES = ("lowest_index", "highest_index")
+BAND_TIE_RULES = ("lowest_index", "highest_index", "ascending_sort")
 
 
 def row_view(block: torch.Tensor, slot: TensorSlot, scope: str) -> torch.Tensor:
@@ -101,8 +101,8 @@ Scope = Annotated[str, HParam("band along each tensor's last dimension or over t
 BandTieRule = Annotated[
     str,
     HParam(
-        "magnitudes tied at a band edge ranked lowest index first (a stable descending sort) or highest "
-        "index first (mergekit's ascending sort)",
+        "magnitudes tied at a band edge ranked lowest index first (a stable descending sort), highest "
+        "index first (a stable ascending sort), or as torch.sort orders them (mergekit)",
         choices=BAND_TIE_RULES,
     ),
 ]
