@@ -12,7 +12,11 @@ the tie rule decides:
   stable descending sort (``torch.argsort(descending=True)``, mergekit's ``magnitude``);
 * ``"highest_index"``: the tied entries with the highest indices, exactly k; the order of a stable
   ascending sort read from its end (mergekit's ``magnitude_outliers``);
-* ``"keep_all"``: every entry equal to v, so k or more are kept.
+* ``"keep_all"``: every entry equal to v, so k or more are kept;
+* ``"descending_sort"`` / ``"ascending_sort"``: the first k of ``torch.argsort(descending=True)``, or
+  the last k of ``torch.sort`` ascending, both without ``stable=True`` (in float32), exactly as mergekit
+  calls them (``magnitude`` and ``magnitude_outliers``). Their order of tied entries is whatever
+  PyTorch's unstable CPU sort gives, not an index order, so these rules sort (slow) to reproduce it.
 
 **Over a whole vector held in parts.** :meth:`TopK.of_part` selects over a whole task vector of which
 only a part (one tensor of a streamed merge) is held: it asks the threshold and the counts of the
@@ -32,7 +36,8 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-TIE_RULES = ("lowest_index", "highest_index", "keep_all")
+TIE_RULES = ("lowest_index", "highest_index", "keep_all", "descending_sort", "ascending_sort")
+SORT_RULES = ("descending_sort", "ascending_sort")
 CHUNK_BYTES = 1 << 20
 RADIX_MIN_LENGTH = 1 << 16
 _RADIX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -129,6 +134,8 @@ class TopK:
         """Top-k of each row of ``rows`` (of |rows| with ``magnitude``)."""
         num_rows, d = rows.shape
         empty = torch.zeros((num_rows, 1), dtype=torch.long, device=rows.device)
+        if tie_rule in SORT_RULES and 0 < k < d:
+            return SortedTopK(rows.abs() if magnitude else rows, k, tie_rule)
         if k <= 0 or k >= d:
             return cls(torch.zeros((num_rows, 1), dtype=rows.dtype, device=rows.device), empty, empty, k, d, tie_rule)
         radix = rows.dtype in _RADIX_DTYPES and d >= RADIX_MIN_LENGTH and (magnitude or rows.element_size() == 4)
@@ -192,6 +199,24 @@ class TopK:
                 dropped = position <= self.ties_total[rows] - self.ties_to_keep[rows]
             keep[rows[dropped], columns[dropped]] = False
         return keep
+
+
+class SortedTopK(TopK):
+    """The top-k of each row as PyTorch's unstable sorts order it (``descending_sort``, ``ascending_sort``)."""
+
+    def __init__(self, values: torch.Tensor, k: int, tie_rule: str) -> None:
+        values = values.float()
+        if tie_rule == "descending_sort":
+            chosen = torch.argsort(values, dim=1, descending=True)[:, :k]
+        else:
+            chosen = torch.sort(values, dim=1).indices[:, values.shape[1] - k :]
+        self.mask = torch.zeros_like(values, dtype=torch.bool).scatter_(1, chosen, True)
+        self.offset = 0
+
+    def keep(self, values: torch.Tensor) -> torch.Tensor:
+        width = values.shape[1]
+        self.offset += width
+        return self.mask[:, self.offset - width : self.offset]
 
 
 def top_k_mask(magnitudes: torch.Tensor, k: int, tie_rule: str = "lowest_index") -> torch.Tensor:

@@ -51,7 +51,7 @@ from mergebench.methods.ties import ElectedMerge, ZeroSign
 
 BREADCRUMBS_CITATION = "Davari & Belilovsky, 2024 (Model Breadcrumbs)"
 SCOPES = ("per_row", "per_tensor")
-BAND_TIE_RULES = ("lowest_index", "highest_index")
+BAND_TIE_RULES = ("lowest_index", "highest_index", "ascending_sort")
 
 
 def row_view(block: torch.Tensor, slot: TensorSlot, scope: str) -> torch.Tensor:
@@ -83,7 +83,7 @@ def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, 
         d = slot.shape[-1] if scope == "per_row" else block.shape[1]
         for columns in column_chunks(slot.start, slot.stop, vectors.shape[0], multiple=d):
             rows = vectors[:, columns].reshape(-1, d)
-            yield columns, (rows * middle_band(rows, density, top_masked, tie_rule)).reshape(vectors.shape[0], -1)
+            yield columns, rows.where(middle_band(rows, density, top_masked, tie_rule), 0.0).reshape(vectors.shape[0], -1)
 
 
 def breadcrumb_masked(task_vectors: TaskVectors, density: float, top_masked: float, scope: str, tie_rule: str = "lowest_index") -> torch.Tensor:
@@ -101,8 +101,8 @@ Scope = Annotated[str, HParam("band along each tensor's last dimension or over t
 BandTieRule = Annotated[
     str,
     HParam(
-        "magnitudes tied at a band edge ranked lowest index first (a stable descending sort) or highest "
-        "index first (mergekit's ascending sort)",
+        "magnitudes tied at a band edge ranked lowest index first (a stable descending sort), highest "
+        "index first (a stable ascending sort), or as torch.sort orders them (mergekit)",
         choices=BAND_TIE_RULES,
     ),
 ]

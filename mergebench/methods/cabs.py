@@ -94,5 +94,5 @@ def cabs(
     """Sequential disjoint n:m pruning of the task vectors, then Task Arithmetic."""
     merged = torch.empty_like(task_vectors.pretrained)
     for columns, masks in masked_blocks(task_vectors, n, m):
-        merged[columns] = sum_vectors(task_vectors.vectors[:, columns] * masks)
+        merged[columns] = sum_vectors(task_vectors.vectors[:, columns].where(masks, 0.0))
     return merged

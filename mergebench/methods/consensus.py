@@ -71,7 +71,7 @@ def ties_disjoint_sum(vectors: torch.Tensor, trim_percent: float, tie_rule: str 
     selection = TopK.of_magnitudes(vectors, int(vectors.shape[1] * trim_percent / 100), tie_rule)
     for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
         block = vectors[:, columns]
-        election.add(columns, block * selection.keep(block.abs()))
+        election.add(columns, block.where(selection.keep(block.abs()), 0.0))
     return election.result()
 
 

@@ -37,7 +37,7 @@ def dropped_chunks(vectors: torch.Tensor, p: float, seed: int) -> Iterator[tuple
             if draws is None or draws.numel() < width:
                 draws = torch.empty(width, device=vectors.device)
             uniform = torch.rand(width, generator=generator, device=vectors.device, out=draws[:width])
-            yield task, columns, (row[columns] * (uniform >= p)).div_(1.0 - p)
+            yield task, columns, row[columns].where(uniform >= p, 0.0).div_(1.0 - p)
 
 
 def drop_and_rescale(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor:

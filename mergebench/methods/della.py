@@ -75,7 +75,7 @@ def magprune(task_vectors: TaskVectors, p: float, epsilon: float, seed: int) -> 
             values = block[task]
             drop = magprune_drop_probabilities(row_view(values.unsqueeze(0), slot, "per_row"), p, epsilon).reshape(-1)
             keep = torch.rand(values.shape, generator=generator, device=vectors.device) >= drop
-            torch.mul(values, keep, out=pruned[task, slot.start : slot.stop]).div_(drop.neg_().add_(1.0))
+            torch.where(keep, values, values.new_zeros(()), out=pruned[task, slot.start : slot.stop]).div_(drop.neg_().add_(1.0))
     return pruned
 
 

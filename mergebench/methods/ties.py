@@ -6,8 +6,10 @@ Three steps over the task vectors τ_t, then θ = θ₀ + λ·τ_m:
    threshold is taken over the whole flattened task vector (``scope="global"``); ``scope="per_tensor"``
    trims each parameter tensor separately (mergekit's behaviour). We keep exactly ⌊k%·d⌋ entries;
    among magnitudes tied at the threshold the lowest-index ones are kept (``tie_rule="lowest_index"``,
-   the order of mergekit's ``argsort``); ``tie_rule="keep_all"`` keeps every tied entry (more than
-   ⌊k%·d⌋ where ties straddle the threshold, common in bfloat16). The authors' ``kthvalue`` indexing
+   a stable descending sort); ``tie_rule="keep_all"`` keeps every tied entry (more than ⌊k%·d⌋ where
+   ties straddle the threshold, common in bfloat16); ``tie_rule="descending_sort"`` keeps the first k of
+   ``torch.argsort(|τ|, descending=True)`` as mergekit does (PyTorch's unstable sort, whose order of
+   ties is not an index order; this rule sorts). The authors' ``kthvalue`` indexing
    keeps one more than ⌊k%·d⌋.
 2. **Elect**: γ = sgn(Σ_t τ̂_t) per parameter ("mass" election). Where the sum is exactly zero (all
    kept values zero, or non-zero values cancelling) the sign of the majority of elected signs is used,
@@ -43,8 +45,8 @@ TIES_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
 TieRule = Annotated[
     str,
     HParam(
-        "entries tied at the top-k threshold: the lowest-index ones up to exactly k (mergekit), the "
-        "highest-index ones up to exactly k, or all of them (k or more)",
+        "entries tied at the top-k threshold: the lowest-index or the highest-index ones up to exactly k, "
+        "all of them (k or more), or those torch.argsort/torch.sort put first (exactly k; mergekit: descending_sort)",
         choices=TIE_RULES,
     ),
 ]
@@ -77,7 +79,7 @@ def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, tie_rule: str =
     trimmed = torch.empty_like(vectors)
     for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
         block = vectors[:, columns]
-        torch.mul(block, selection.keep(block.abs()), out=trimmed[:, columns])
+        torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
     return trimmed
 
 
@@ -87,7 +89,7 @@ def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, sco
     for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
         for columns in column_chunks(start, stop, vectors.shape[0]):
             block = vectors[:, columns]
-            torch.mul(block, selection.keep(block.abs()), out=trimmed[:, columns])
+            torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
     return trimmed
 
 
@@ -176,7 +178,7 @@ def ties_merge(task_vectors: TaskVectors, k_percent: float, scope: str, tie_rule
     for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
         for columns in column_chunks(start, stop, vectors.shape[0]):
             block = vectors[:, columns]
-            election.add(columns, block * selection.keep(block.abs()))
+            election.add(columns, block.where(selection.keep(block.abs()), 0.0))
     return election.result()
 
 
