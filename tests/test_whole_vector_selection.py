@@ -4,12 +4,13 @@ passes select the same entries as one selection over the flattened vector, and T
 import pytest
 import torch
 
-from mergebench.core.selection import TIE_RULES
 from mergebench.core.streaming import StreamedTaskVectors
 from mergebench.core.task_vectors import build_task_vectors
+from mergebench.errors import MergebenchError
 from mergebench.methods import get_method
 from mergebench.methods.ties import trim
 
+INDEX_RULES = ("lowest_index", "highest_index", "keep_all")
 SHAPES = {"a.weight": (3, 5), "b.bias": (7,), "c.weight": (4, 4), "d.weight": (2, 9)}
 
 
@@ -45,7 +46,7 @@ def streamed(base, finetuned, names, merge):
     return torch.cat([part for _, part in tensors.each_tensor(merge)], dim=-1), tensors
 
 
-@pytest.mark.parametrize("tie_rule", TIE_RULES)
+@pytest.mark.parametrize("tie_rule", INDEX_RULES)
 @pytest.mark.parametrize("k_percent", [10.0, 37.0, 60.0])
 def test_streamed_global_trim_keeps_the_entries_of_one_sorted_selection(tie_rule, k_percent):
     base, finetuned = tied_checkpoints()
@@ -65,7 +66,7 @@ def test_streamed_global_trim_keeps_the_entries_of_one_sorted_selection(tie_rule
     assert tensors.passes_run == (3 if tie_rule == "keep_all" else 4)
 
 
-@pytest.mark.parametrize("tie_rule", TIE_RULES)
+@pytest.mark.parametrize("tie_rule", INDEX_RULES)
 @pytest.mark.parametrize("zero_sign", ["majority", "positive"])
 @pytest.mark.parametrize("scope", ["global", "per_tensor"])
 def test_streamed_ties_equals_in_memory_bit_for_bit(tie_rule, zero_sign, scope):
@@ -76,3 +77,15 @@ def test_streamed_ties_equals_in_memory_bit_for_bit(tie_rule, zero_sign, scope):
     expected = method.merged_vector(in_memory, setting)
     got, _ = streamed(base, finetuned, in_memory.layout.names, lambda part, _: method.merged_vector(part, setting))
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+def test_sort_order_tie_rules_select_per_tensor_when_streamed_and_are_refused_over_the_whole_vector():
+    base, finetuned = tied_checkpoints(seed=2)
+    in_memory = build_task_vectors(base, finetuned)
+    method = get_method("ties")
+    per_tensor = method.defaults() | {"k": 40.0, "scope": "per_tensor", "tie_rule": "descending_sort"}
+    got, _ = streamed(base, finetuned, in_memory.layout.names, lambda part, _: method.merged_vector(part, per_tensor))
+    assert torch.equal(got, method.merged_vector(in_memory, per_tensor))
+    global_sort = per_tensor | {"scope": "global"}
+    with pytest.raises(MergebenchError, match="tie_rule=descending_sort orders ties as an unstable sort of the whole vector"):
+        streamed(base, finetuned, in_memory.layout.names, lambda part, _: method.merged_vector(part, global_sort))

@@ -36,6 +36,8 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from mergebench.errors import MergebenchError
+
 TIE_RULES = ("lowest_index", "highest_index", "keep_all", "descending_sort", "ascending_sort")
 SORT_RULES = ("descending_sort", "ascending_sort")
 CHUNK_BYTES = 1 << 20
@@ -160,9 +162,15 @@ class TopK:
         The threshold v is the (d − k)-th smallest entry (``whole.order_statistics``); the entries > v and
         = v over the whole vector, and the entries = v before this part, come from
         ``whole.running_totals``, so the tie rule keeps the same entries as one selection over the whole
-        vector (no counts are needed to keep every tie)."""
+        vector (no counts are needed to keep every tie). The sort-order rules are refused: the order in
+        which an unstable sort of the whole vector puts its ties cannot be had from its parts."""
         values = rows.abs() if magnitude else rows
         num_rows, d = values.shape[0], whole.entries
+        if tie_rule in SORT_RULES and 0 < k < d:
+            raise MergebenchError(
+                f"tie_rule={tie_rule} orders ties as an unstable sort of the whole vector, which a merge holding "
+                "one tensor at a time cannot reproduce; use an index tie rule, or select per tensor"
+            )
         none = torch.zeros((num_rows, 1), dtype=torch.long, device=values.device)
         if k <= 0 or k >= d:
             return cls(torch.zeros((num_rows, 1), dtype=values.dtype, device=values.device), none, none, k, d, tie_rule)
