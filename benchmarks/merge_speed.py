@@ -1,10 +1,15 @@
-"""Merge time per method for T task vectors of ViT-B/32 size, next to a plain ``torch.add``.
+"""Merge time per method for T task vectors of ViT-B/32 size, as a ratio to a plain ``torch.add``.
 
 Merging is memory-bound: one pass over the stacked task vectors should cost about the time of reading
-them once. The reference is ``torch.add`` over the same ``[T, N]`` bytes. Random weights suffice.
+them once. The reference is ``torch.add`` over the same ``[T, N]`` bytes (read once, written once),
+timed right before and right after each method, so that a busy machine slows both alike; the ratio is
+method / mean(add before, add after). TSV, Iso-C and Iso-CTS are also given against their floor, one
+SVD of every task matrix (``torch.linalg.svd`` of each layer's ``[T, m, n]`` stack). Where a method
+misses its goal (the issue's ratios), one profiled run names the operators that dominate. Random
+weights suffice.
 
-    python benchmarks/merge_speed.py                       # 8 × 88M parameters, every method
-    python benchmarks/merge_speed.py --params 20e6 --methods ties,dare --device cuda
+    python benchmarks/merge_speed.py                       # 8 × 88M parameters, every data-free method
+    python benchmarks/merge_speed.py --params 20e6 --methods ties,dare --threads 1
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ import torch
 from mergebench.core.task_vectors import ParamLayout, TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods.registry import SCALE, all_methods, get_method
+from mergebench.methods.spectral import matrix_shape
 
 VIT_B32_VISION_PARAMS = 87_849_216  # open_clip ViT-B-32 visual tower
+ADD_GOALS = {"average": 1.0, "task_arithmetic": 1.0, "model_stock": 2.0}  # every other data-free method: 3×
+SVD_METHODS = {"tsv", "iso_c", "iso_cts"}
+SVD_GOAL = 1.5
 
 
 def random_task_vectors(num_tasks: int, num_params: int, device: torch.device) -> TaskVectors:
@@ -51,6 +60,25 @@ def timed(function, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def svd_floor(task_vectors: TaskVectors) -> None:
+    """One SVD of every task matrix: the work TSV and Iso-CTS cannot avoid."""
+    for slot, block in task_vectors.slices():
+        shape = matrix_shape(slot.shape, "reshape")
+        if shape is not None:
+            torch.linalg.svd(block.reshape(-1, *shape), full_matrices=False)
+
+
+def dominant_operators(function, device: torch.device, top: int = 3) -> str:
+    """The operators with the largest self time in one profiled run, as ``name share%``."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profile:
+        function()
+    events = [e for e in profile.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:top])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=8)
@@ -58,23 +86,47 @@ def main() -> None:
     parser.add_argument("--methods", default="", help="comma-separated (default: every data-free method)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-profile", action="store_true", help="do not profile methods that miss their goal")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     task_vectors = random_task_vectors(args.tasks, int(args.params), device)
     gib = task_vectors.vectors.numel() * task_vectors.vectors.element_size() / 2**30
-    print(f"{args.tasks} task vectors × {task_vectors.layout.numel / 1e6:.1f}M parameters = {gib:.2f} GiB on {device}")
-    reference = timed(lambda: torch.add(task_vectors.vectors, 1.0), args.repeats, device)
-    print(f"{'torch.add (read + write once)':<32} {reference:8.3f} s   1.0×")
+    print(f"{args.tasks} task vectors × {task_vectors.layout.numel / 1e6:.1f}M parameters = {gib:.2f} GiB on {device}, "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+
+    def add():
+        return timed(lambda: torch.add(task_vectors.vectors, 1.0), args.repeats, device)
+
     names = [n for n in args.methods.split(",") if n] or [n for n, m in all_methods().items() if m.data == "none"]
+    floor = timed(lambda: svd_floor(task_vectors), 1, device) if SVD_METHODS & set(names) else None
+    print(f"{'method':<18} {'seconds':>8} {'÷ add':>7} {'goal':>6}  setting / what dominates")
     for name in names:
         method = get_method(name)
         setting = method.defaults()
+        merge = lambda: method.merge(task_vectors, setting, seed=0)  # noqa: E731
+        before = add()
         try:
-            seconds = timed(lambda: method.merge(task_vectors, setting, seed=0), args.repeats, device)
+            seconds = timed(merge, 1 if name in SVD_METHODS else args.repeats, device)
         except (MergebenchError, torch.OutOfMemoryError) as error:  # e.g. slerp needs exactly two models
-            print(f"{name:<32} skipped: {error}")
+            print(f"{name:<18} skipped: {error}")
             continue
-        print(f"{name:<32} {seconds:8.3f} s {seconds / reference:5.1f}×   ({', '.join(f'{k}={v}' for k, v in setting.items() if k != SCALE)})")
+        reference = (before + add()) / 2
+        ratio = seconds / reference
+        described = ", ".join(f"{k}={v}" for k, v in setting.items() if k != SCALE)
+        if name in SVD_METHODS:
+            over_floor = seconds / floor
+            line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}× {SVD_GOAL:5.1f}×  {over_floor:.2f}× one SVD of every matrix ({floor:.2f} s)"
+            missed = over_floor > SVD_GOAL
+        else:
+            goal = ADD_GOALS.get(name, 3.0)
+            line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}× {goal:5.1f}×  ({described})"
+            missed = ratio > goal
+        if missed and not args.no_profile:
+            line += f"\n{'':<44}goal missed; dominated by {dominant_operators(merge, device)}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

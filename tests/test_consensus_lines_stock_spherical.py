@@ -121,7 +121,7 @@ def test_lines_numeric_alpha_and_beta_zero():
 def test_ties_plus_lines_auto_alpha_uses_the_merged_vector_norm():
     tv = toy_lines_vectors()
     composed = get_method("ties+lines")
-    assert set(composed.hparams) == {"k", "scope", "alpha", "beta", "trailing_depth"}
+    assert set(composed.hparams) == {"k", "scope", "tie_rule", "zero_sign", "alpha", "beta", "trailing_depth"}
     # TIES k=100: all + → disjoint means [1, 2, 1, 1, 1, 1] (the 0 of τ2 does not count);
     # α = ‖Σ τ_t‖₁ / (T ‖τ_MTL‖₁) = 12 / (2 · 7) = 6/7
     merged = composed.merge(tv, {"k": 100.0, "scope": "global", "alpha": "auto", "beta": 0.0, "trailing_depth": "first"})

@@ -50,10 +50,12 @@ def test_trim_k_zero_and_hundred():
     assert torch.equal(keep_top_magnitudes(rows, 100), rows)
 
 
-def test_trim_keeps_entries_tied_at_threshold():
+def test_trim_tie_rules_at_the_threshold():
     rows = torch.tensor([[1.0, -1.0, 0.5, 0.2]])
-    # 25% of 4 → 1 entry, but |1| and |-1| tie at the threshold: both kept
-    assert torch.equal(keep_top_magnitudes(rows, 25), torch.tensor([[1.0, -1.0, 0.0, 0.0]]))
+    # 25% of 4 → 1 entry, but |1| and |-1| tie at the threshold
+    assert torch.equal(keep_top_magnitudes(rows, 25), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # exactly k, lowest index
+    assert torch.equal(keep_top_magnitudes(rows, 25, "highest_index"), torch.tensor([[0.0, -1.0, 0.0, 0.0]]))
+    assert torch.equal(keep_top_magnitudes(rows, 25, "keep_all"), torch.tensor([[1.0, -1.0, 0.0, 0.0]]))
 
 
 def test_elect_uses_mass_and_resolves_zero_sums_to_majority():
@@ -201,7 +203,7 @@ def test_post_scaler_composes_with_any_method(monkeypatch):
     assert set(alone.hparams) == {"factor"} and len(alone.settings()) == 2
     assert torch.equal(alone.merge(tv, {"factor": 0.5}), torch.tensor([5.0, 4.0]))  # θ0 + (4, 6·0.5)
     composed = get_method("ties+halve")
-    assert set(composed.hparams) == {"k", "scope", "factor"}
+    assert set(composed.hparams) == {"k", "scope", "tie_rule", "zero_sign", "factor"}
     # TIES with k=100: signs +,+ → means (2, 3); then the second entry halved
     assert torch.equal(composed.merge(tv, {"k": 100.0, "scope": "global", "factor": 0.5}), torch.tensor([3.0, 2.5]))
     with pytest.raises(MergebenchError, match="unknown post-scaler 'nope'"):
@@ -210,7 +212,7 @@ def test_post_scaler_composes_with_any_method(monkeypatch):
 
 @pytest.mark.parametrize("k", [1, 7, 1000, 99_999, 100_000])
 def test_radix_select_matches_sorting(k):
-    from mergebench.methods.ties import kth_largest
+    from mergebench.core.selection import kth_largest
 
     generator = torch.Generator().manual_seed(k)
     magnitudes = torch.randn(100_000, generator=generator).abs()

@@ -1,9 +1,10 @@
-"""Exact order statistics by two-round radix select, against a sort."""
+"""Exact order statistics by two-round radix select, against a sort and the in-memory selection."""
 
 import pytest
 import torch
 
-from mergebench.core.order_statistics import RowOrderStatistics, key_values, row_order_statistics, sortable_keys
+from mergebench.core.order_statistics import RowOrderStatistics, key_values, sortable_keys
+from mergebench.core.task_vectors import ParamLayout, TaskVectors, TensorSlot
 
 
 def test_keys_sort_as_the_floats_and_invert():
@@ -24,17 +25,44 @@ def test_ranks_equal_the_sorted_entries_in_any_blocking(dtype):
     values[2] *= 1e-20
     ranks = [0, 1, 399, 2500, 4998, 4999]
     expected = values.sort(dim=1).values
-    whole = row_order_statistics(values, ranks)
-    select = RowOrderStatistics(3, ranks)
+    counted = [counted_statistics(values, ranks, values.shape[1]), counted_statistics(values, ranks, 333)]
+    in_memory = in_memory_vectors(values).order_statistics(values, ranks)  # the radix select of core.selection
+    for position, rank in enumerate(ranks):
+        for answer in (counted[0][position], counted[1][position], in_memory[position]):
+            assert torch.equal(answer[:, 0], expected[:, rank])
+            # bit for bit, −0 answered as +0
+            assert torch.equal(answer.view(torch.int32), counted[1][position].view(torch.int32))
+
+
+def counted_statistics(values, ranks, block_width):
+    select = RowOrderStatistics(values.shape[0], ranks)
     for _ in range(2):
-        for block in values.split(333, dim=1):
+        for block in values.split(block_width, dim=1):
             select.add(block)
         select.next_round()
-    for rank, one_block, blocks in zip(ranks, whole, select.values()):
-        assert torch.equal(one_block[:, 0], expected[:, rank])
-        assert torch.equal(blocks[:, 0], expected[:, rank])
+    return select.values()
+
+
+def in_memory_vectors(values):
+    layout = ParamLayout((TensorSlot("w", (values.shape[1],), 0, values.shape[1]),))
+    return TaskVectors(torch.zeros(values.shape[1]), values, layout, tuple(f"t{i}" for i in range(values.shape[0])))
 
 
 def test_ranks_outside_the_entries_are_refused():
     with pytest.raises(ValueError, match="outside"):
-        row_order_statistics(torch.ones(2, 4), [4])
+        counted_statistics(torch.ones(2, 4), [4], 4)
+
+
+def test_in_memory_radix_select_of_long_rows_matches_the_counted_passes():
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randn(2, 70_000, generator=generator)  # long rows: the radix-select path
+    values[0, :5000] = -0.0
+    values[0, 5000:9000] = 0.0
+    values[1] = values[1].to(torch.bfloat16).float()  # ties
+    ranks = [4000, 8999, 9000, 35_000, 69_999]
+    expected = values.sort(dim=1).values
+    counted = counted_statistics(values, ranks, 4096)
+    in_memory = in_memory_vectors(values).order_statistics(values, ranks)
+    for position, rank in enumerate(ranks):
+        assert torch.equal(in_memory[position][:, 0], expected[:, rank])
+        assert torch.equal(in_memory[position].view(torch.int32), counted[position].view(torch.int32))

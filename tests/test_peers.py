@@ -193,3 +193,101 @@ def test_della_keep_probabilities_mergekit(checkpoints):
 def test_not_comparable_documented():
     for pair, why in NOT_COMPARABLE.items():
         print(f"\nPEER-NOT-COMPARABLE {pair}: {why}")
+
+
+# --- realistic shapes --------------------------------------------------------------------------------
+# A small Llama (embeddings, two decoder layers, norms, untied head) and a ViT block (patch-embedding
+# convolution, fused qkv, MLP, norms, biases); task vectors with dense small noise, a shared direction,
+# and sparse large entries of random sign (1 %), so that experts conflict in sign; float32 and bfloat16
+# checkpoints. In bfloat16 the task vectors are taken in bfloat16 as mergekit takes them.
+
+HIDDEN, INTERMEDIATE, VOCAB, VIT = 128, 344, 512, 96
+REALISTIC_SHAPES = {
+    "model.embed_tokens.weight": (VOCAB, HIDDEN),
+    **{
+        f"model.layers.{i}.{name}": shape
+        for i in range(2)
+        for name, shape in {
+            "self_attn.q_proj.weight": (HIDDEN, HIDDEN), "self_attn.k_proj.weight": (HIDDEN // 4, HIDDEN),
+            "self_attn.v_proj.weight": (HIDDEN // 4, HIDDEN), "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+            "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE), "input_layernorm.weight": (HIDDEN,),
+            "post_attention_layernorm.weight": (HIDDEN,),
+        }.items()
+    },
+    "model.norm.weight": (HIDDEN,),
+    "lm_head.weight": (VOCAB, HIDDEN),
+    "vit.patch_embed.proj.weight": (VIT, 3, 16, 16), "vit.patch_embed.proj.bias": (VIT,),
+    "vit.blocks.0.norm1.weight": (VIT,), "vit.blocks.0.norm1.bias": (VIT,),
+    "vit.blocks.0.attn.qkv.weight": (3 * VIT, VIT), "vit.blocks.0.attn.qkv.bias": (3 * VIT,),
+    "vit.blocks.0.attn.proj.weight": (VIT, VIT), "vit.blocks.0.attn.proj.bias": (VIT,),
+    "vit.blocks.0.mlp.fc1.weight": (4 * VIT, VIT), "vit.blocks.0.mlp.fc2.weight": (VIT, 4 * VIT),
+}
+REALISTIC_TASKS = 4
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def realistic(request, tmp_path_factory):
+    dtype = getattr(torch, request.param)
+    generator = torch.Generator().manual_seed(2024)
+    base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in REALISTIC_SHAPES.items()}
+    shared = {name: torch.randn(shape, generator=generator) * 1e-3 for name, shape in REALISTIC_SHAPES.items()}
+    tasks = {}
+    for t in range(REALISTIC_TASKS):
+        state = {}
+        for name, shape in REALISTIC_SHAPES.items():
+            noise = torch.randn(shape, generator=generator) * 1e-3
+            spikes = (torch.rand(shape, generator=generator) < 0.01) * torch.randn(shape, generator=generator).sign() * 0.05
+            state[name] = (base[name] + shared[name] + noise + spikes).to(dtype)
+        tasks[f"task{t}"] = state
+    base = {name: tensor.to(dtype) for name, tensor in base.items()}
+    folder = tmp_path_factory.mktemp(f"peer_realistic_{request.param}")
+    save_file(base, str(folder / "base.safetensors"))
+    paths = []
+    for task, state in tasks.items():
+        save_file(state, str(folder / f"{task}.safetensors"))
+        paths.append(str(folder / f"{task}.safetensors"))
+    return {"base": base, "tasks": tasks, "base_path": str(folder / "base.safetensors"), "paths": paths, "folder": folder, "dtype": dtype}
+
+
+def run_mergebench_in_dtype(checkpoints, method: str, overrides: dict) -> dict[str, torch.Tensor]:
+    task_vectors = build_task_vectors(checkpoints["base"], checkpoints["tasks"], dtype=checkpoints["dtype"])
+    merge = get_method(method)
+    (setting,) = merge.settings(overrides)
+    return merged_state_dict(checkpoints["base"], task_vectors.layout, merge.merge(task_vectors, setting, seed=0))
+
+
+# (label, mergebench method, overrides with the peer's options, peer method, peer params): exact in both dtypes
+REALISTIC_CASES = [
+    ("task_arithmetic λ=1", "task_arithmetic", {"lam": 1.0}, "task_arithmetic", {"lambda": 1.0}),
+    ("ties per_tensor k=20 tie_rule=descending_sort zero_sign=positive", "ties",
+     {"k": 20.0, "scope": "per_tensor", "tie_rule": "descending_sort", "zero_sign": "positive", "lam": 1.0},
+     "ties", {"density": 0.2, "lambda": 1.0}),
+    ("dare_ties p=0 zero_sign=positive", "dare_ties", {"p": 0.0, "zero_sign": "positive", "lam": 1.0},
+     "dare_ties", {"density": 1.0, "normalize": True, "lambda": 1.0}),
+    ("breadcrumbs per_tensor β=0.1 γ=0.01 tie_rule=ascending_sort", "breadcrumbs",
+     {"density": 0.1, "top_masked": 0.01, "scope": "per_tensor", "tie_rule": "ascending_sort", "lam": 1.0},
+     "breadcrumbs", {"density": 0.1, "gamma": 0.01, "rescale": False, "normalize": False}),
+    ("breadcrumbs_ties per_tensor tie_rule=ascending_sort zero_sign=positive", "breadcrumbs_ties",
+     {"density": 0.1, "top_masked": 0.01, "scope": "per_tensor", "tie_rule": "ascending_sort", "zero_sign": "positive", "lam": 1.0},
+     "breadcrumbs_ties", {"density": 0.1, "gamma": 0.01, "rescale": False, "normalize": True}),
+]
+
+
+@pytest.mark.parametrize("case", REALISTIC_CASES, ids=[c[0] for c in REALISTIC_CASES])
+def test_realistic_shapes_match_mergekit_exactly(realistic, case):
+    label, method, overrides, peer_method, peer_params = case
+    theirs = run_peer(realistic, "mergekit", peer_method, peer_params, REALISTIC_TASKS)
+    ours = run_mergebench_in_dtype(realistic, method, overrides)
+    diff, scale = max_difference(ours, theirs)
+    print(f"\nPEER-CHECK realistic {realistic['dtype']} {label} ↔ mergekit {peer_method}: max|diff| = {diff:.3e} (max|peer| = {scale:.3g})")
+    assert diff == 0.0, f"{label}: max |difference| {diff:.3e}"
+
+
+def test_realistic_model_stock_extrapolated_matches_mergekit(realistic):
+    theirs = run_peer(realistic, "mergekit", "model_stock", {}, REALISTIC_TASKS)
+    ours = run_mergebench_in_dtype(realistic, "model_stock", {"negative_cosine": "extrapolate"})
+    diff, scale = max_difference(ours, theirs)
+    print(f"\nPEER-CHECK realistic {realistic['dtype']} model_stock extrapolate ↔ mergekit: max|diff| = {diff:.3e}")
+    ulp = 1e-6 if realistic["dtype"] == torch.float32 else 2.0 ** -8
+    assert diff <= ulp * max(1.0, scale)

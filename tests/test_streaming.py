@@ -122,13 +122,17 @@ def test_ties_per_tensor_streamed_equals_in_memory(family, tmp_path):
     assert report.notes == []
 
 
-@pytest.mark.parametrize("method, setting", [
-    ("ties", {"k": 30.0, "lam": 0.8}),
-    ("ties", {"k": 7.5, "lam": 1.0}),
-    ("pcb", {"ratio": 0.1, "lam": 1.0}),
-    ("pcb", {"ratio": 0.2, "variant": "reference", "lam": 1.2}),
+# TIES: 2 rounds for the threshold, 1 for the tie counts (none to keep every tie), 1 for the majority sign
+# (none for zero_sign=positive); PCB: 2 for the clip bounds, 2 for the score threshold; then the merge
+@pytest.mark.parametrize("method, setting, passes", [
+    ("ties", {"k": 30.0, "lam": 0.8}, 5),
+    ("ties", {"k": 7.5, "lam": 1.0, "tie_rule": "highest_index"}, 5),
+    ("ties", {"k": 30.0, "lam": 0.8, "tie_rule": "keep_all"}, 4),
+    ("ties", {"k": 30.0, "lam": 0.8, "tie_rule": "keep_all", "zero_sign": "positive"}, 3),
+    ("pcb", {"ratio": 0.1, "lam": 1.0}, 5),
+    ("pcb", {"ratio": 0.2, "variant": "reference", "lam": 1.2}, 5),
 ])
-def test_whole_vector_statistics_streamed_equal_in_memory_exactly(family, tmp_path, method, setting):
+def test_whole_vector_statistics_streamed_equal_in_memory_exactly(family, tmp_path, method, setting, passes):
     """Global TIES (top-k over the whole task vector) and PCB (quantiles over the whole task vector):
     counted in passes over every tensor, the streamed merge is bit for bit the in-memory one."""
     base_dir, experts = family
@@ -137,8 +141,7 @@ def test_whole_vector_statistics_streamed_equal_in_memory_exactly(family, tmp_pa
     expected = in_memory_merge(base_dir, experts, method, setting)
     assert all(torch.equal(streamed[name], expected[name]) for name in expected)
     assert report.notes == []
-    # TIES: 2 rounds for the threshold, 1 for the majority sign; PCB: 2 for the clip bounds, 2 for the score threshold
-    assert report.passes == {"ties": 4, "pcb": 5}[method]
+    assert report.passes == passes
     # and per tensor is a different merge
     per_tensor = in_memory_merge(base_dir, experts, "ties", {"k": 30.0, "scope": "per_tensor", "lam": 0.8})
     assert any(not torch.equal(per_tensor[name], expected[name]) for name in expected)

@@ -112,11 +112,3 @@ class RowOrderStatistics:
             raise RuntimeError("order statistics asked before both rounds were counted")
         return self._values
 
-
-def row_order_statistics(values: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
-    """The entries of ``ranks`` (0-based, ascending) of each row of ``[T, N]`` ``values``: ``[T, 1]`` each."""
-    select = RowOrderStatistics(values.shape[0], ranks, values.device)
-    while not select.done:
-        select.add(values)
-        select.next_round()
-    return select.values()

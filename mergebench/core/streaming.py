@@ -24,17 +24,20 @@ tokenizer, generation config) are copied, so it loads with ``from_pretrained``.
 
 Tensors that are not floating point, and names passed in ``exclude``, are copied from the base.
 
-**Whole-vector statistics are exact.** A method asks its whole-vector thresholds of the
-:class:`~mergebench.core.task_vectors.TaskVectors` it is given (``order_statistics``, ``total``): TIES's
-global top-k threshold and majority sign, PCB's magnitude quantiles and score threshold. A streamed merge
-answers them in passes over every tensor before the merging pass (:class:`WholeVectorPasses`: a
-histogram of the values' top 16 bits, then of the low 16 bits inside the bin that holds the rank), so
-the streamed result equals the in-memory one exactly; each statistic costs one or two extra reading
-passes. What stays per tensor:
+**Whole-vector statistics are exact.** A method asks its whole-vector statistics of the
+:class:`~mergebench.core.task_vectors.TaskVectors` it is given (``order_statistics``, ``total``,
+``running_totals``, ``top_k``): TIES's global top-k (the threshold and, for the exact-k tie rules, the
+entries above and at it and the tied entries of earlier tensors, so that ties are broken in the order of
+the whole flattened vector) and majority sign, PCB's magnitude quantiles and score threshold. A
+streamed merge answers them in passes over every tensor before the merging pass
+(:class:`WholeVectorPasses`: for an order statistic a histogram of the values' top 16 bits, then of the
+low 16 bits inside the bin that holds the rank; for sums one pass), so the streamed result equals the
+in-memory one exactly; each statistic costs one or two extra reading passes. What stays per tensor:
 
 * ``consensus_ties`` trims its TIES step per tensor;
 * the TIES sign election of ``dare_ties``, ``della``, ``breadcrumbs_ties`` and ``consensus_ties``
-  resolves an entry whose task values sum to exactly zero with the majority sign of that tensor;
+  resolves an entry whose task values sum to exactly zero with the majority sign of that tensor (with
+  ``zero_sign="majority"``; ``"positive"`` needs no statistic);
 * Randomized methods (DARE, DELLA) draw tensor ``name``'s masks from a generator seeded with
   :func:`tensor_seed` ``(seed, name)``, so masks differ across tensors but are reproducible; they are
   not the masks of an in-memory merge with the same seed.
@@ -62,6 +65,7 @@ from safetensors import SafetensorError, safe_open
 
 from mergebench.core.checkpoints import atomic_folder
 from mergebench.core.order_statistics import RowOrderStatistics
+from mergebench.core.selection import TopK
 from mergebench.core.task_vectors import ParamLayout, TaskVectors, TensorSlot
 from mergebench.errors import MergebenchError
 
@@ -397,6 +401,26 @@ class _Total:
         return self.sum
 
 
+class _RunningTotals:
+    """Per-row Σ of each tensor's entries, recorded tensor by tensor in layout order (one round): the
+    sums before each tensor and over all of them."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.done = False
+
+    def add(self, values: torch.Tensor) -> None:
+        self.parts.append(values.sum(dim=1, dtype=torch.float64))
+
+    def next_round(self) -> None:
+        self.done = True
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = torch.stack(self.parts)  # [tensors, R]
+        running = parts.cumsum(dim=0)
+        return running - parts, running[-1]
+
+
 class WholeVectorPasses:
     """The answers to a method's whole-vector statistics in a streamed merge, counted pass by pass.
 
@@ -410,14 +434,14 @@ class WholeVectorPasses:
         self.entries = entries
         self.device = device
         self.answers: list[Any] = []
-        self.counting: RowOrderStatistics | _Total | None = None
+        self.counting: RowOrderStatistics | _Total | _RunningTotals | None = None
         self.passes = 0
         self._asked = 0
 
     def start_tensor(self) -> None:
         self._asked = 0
 
-    def ask(self, make: Callable[[], RowOrderStatistics | _Total], values: torch.Tensor) -> Any:
+    def ask(self, make: Callable[[], RowOrderStatistics | _Total | _RunningTotals], values: torch.Tensor) -> Any:
         index, self._asked = self._asked, self._asked + 1
         if index < len(self.answers):
             return self.answers[index]
@@ -437,9 +461,11 @@ class WholeVectorPasses:
 class TensorOfTaskVectors(TaskVectors):
     """The task vectors of one tensor whose whole-vector statistics are those of every streamed tensor."""
 
-    def __init__(self, part: TaskVectors, passes: WholeVectorPasses) -> None:
+    def __init__(self, part: TaskVectors, passes: WholeVectorPasses, position: int) -> None:
         super().__init__(part.pretrained, part.vectors, part.layout, part.tasks)
         self.passes = passes
+        self.position = position
+        """The tensor's index in the streamed layout order (the order of the whole task vector)."""
 
     @property
     def entries(self) -> int:
@@ -450,6 +476,13 @@ class TensorOfTaskVectors(TaskVectors):
 
     def total(self, values: torch.Tensor) -> torch.Tensor:
         return self.passes.ask(_Total, values)
+
+    def running_totals(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        before, total = self.passes.ask(_RunningTotals, values)
+        return before[self.position].unsqueeze(1), total.unsqueeze(1)
+
+    def top_k(self, rows: torch.Tensor, k: int, tie_rule: str = "lowest_index", *, magnitude: bool = False) -> TopK:
+        return TopK.of_part(self, rows, k, tie_rule, magnitude=magnitude)
 
 
 def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
@@ -538,9 +571,9 @@ class StreamedTaskVectors:
         passes = WholeVectorPasses(self.layout.numel, self.device)
         while True:
             merging = None
-            for slot in self.layout.slots:
+            for position, slot in enumerate(self.layout.slots):
                 passes.start_tensor()
-                part = TensorOfTaskVectors(self.tensor(slot), passes)
+                part = TensorOfTaskVectors(self.tensor(slot), passes, position)
                 try:
                     result = merge(part, tensor_seed(seed, slot.name))
                 except StatisticAsked:

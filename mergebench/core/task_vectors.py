@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from mergebench.core.checkpoints import StateDict, check_compatible
-from mergebench.core.order_statistics import row_order_statistics
+from mergebench.core.selection import TopK, kth_smallest
 from mergebench.errors import MergebenchError
 
 
@@ -81,17 +81,32 @@ class TaskVectors:
     def order_statistics(self, values: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
         """The entries of ``ranks`` (0-based, ascending) of each row of ``values`` over the whole task vector.
 
-        ``values`` is ``[T, n]``, an entry-wise function of :attr:`vectors`; the answer is exact
-        (:mod:`mergebench.core.order_statistics`), one ``[T, 1]`` column per rank. Methods ask their
-        whole-vector thresholds here so that a streamed merge, which holds one tensor at a time, gets the
-        same thresholds as an in-memory one.
+        ``values`` is ``[T, n]``, an entry-wise function of :attr:`vectors`; the answer is exact (a radix
+        select per row, :func:`~mergebench.core.selection.kth_smallest`; −0 answered as +0), one ``[T, 1]``
+        column per rank. Methods ask their whole-vector thresholds here so that a streamed merge, which
+        holds one tensor at a time, gets the same thresholds as an in-memory one
+        (:mod:`mergebench.core.order_statistics`).
         """
-        return row_order_statistics(values, ranks)
+        return [torch.stack([kth_smallest(row, rank + 1, signed=True) for row in values]).reshape(-1, 1) + 0.0 for rank in ranks]
 
     def total(self, values: torch.Tensor) -> torch.Tensor:
-        """Σ of every entry of ``values`` (an entry-wise function of :attr:`vectors`) over the whole task
-        vector, in float64 (exact for signs and counts)."""
+        """Σ of every entry of ``values`` (an entry-wise function of :attr:`vectors`, or a partial sum of
+        one) over the whole task vector, in float64 (exact for signs and counts)."""
         return values.sum(dtype=torch.float64)
+
+    def running_totals(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``values`` (``[R, n]``, an entry-wise function of :attr:`vectors`): Σ over the entries
+        of the whole task vector that precede the part held (none here; earlier tensors in a streamed
+        merge) and Σ over all of it, ``[R, 1]`` float64 each."""
+        total = values.sum(dim=1, keepdim=True, dtype=torch.float64)
+        return torch.zeros_like(total), total
+
+    def top_k(self, rows: torch.Tensor, k: int, tie_rule: str = "lowest_index", *, magnitude: bool = False) -> TopK:
+        """The exact top-k of each row of ``rows`` (of ``|rows|`` with ``magnitude``) over the whole task
+        vector, ``rows`` being ``[T, n]``, an entry-wise function of :attr:`vectors`
+        (:class:`~mergebench.core.selection.TopK`; a streamed merge builds it with
+        :meth:`~mergebench.core.selection.TopK.of_part` from the statistics above)."""
+        return TopK.of_values(rows, k, tie_rule, magnitude=magnitude)
 
     def slices(self) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
         """Each parameter's ``[T, numel]`` block of the stacked task vectors (a view)."""

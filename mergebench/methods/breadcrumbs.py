@@ -27,9 +27,14 @@ Choices, following the authors' code:
   ⌊γ·d⌋ + ⌊β·d⌋ > d the band simply ends at d. mergekit instead shrinks the removed top so that
   exactly ⌊β·d⌋ survive; the two agree whenever β + γ ≤ 1.
 * 0-dimensional tensors are left unmasked (the authors return them unchanged).
-* Entries tied in magnitude are ranked in ``argsort`` order.
-* mergekit's ``breadcrumbs_ties`` defaults to ``normalize: false`` (a disjoint *sum*); here it is TIES's
-  disjoint mean, whose overall scale λ absorbs.
+* Entries tied in magnitude at a band edge are ranked lowest index first (``tie_rule="lowest_index"``,
+  a stable descending sort, the authors' ``topk`` on distinct values); mergekit sorts ascending, so its
+  ties rank highest index first (``tie_rule="highest_index"``). The band is found by two exact top-k
+  selections (:mod:`~mergebench.core.selection`), without sorting.
+* ``breadcrumbs_ties`` is TIES's disjoint mean over the masked vectors (mergekit with ``normalize:
+  true``). mergekit's default ``normalize: false`` is the disjoint *sum*, which is not a rescaling of the
+  mean: the ratio is the number of agreeing experts of each entry (1 to T), so λ cannot absorb it.
+  Its zero-sum entries take the majority sign (``zero_sign="majority"``) or + (``"positive"``, mergekit).
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ import torch
 from mergebench.core.task_vectors import TaskVectors, TensorSlot
 from mergebench.methods.arithmetic import sum_vectors
 from mergebench.methods.registry import HParam, lam_grid, register
-from mergebench.methods.ties import elect_and_merge
+from mergebench.core.selection import TopK, column_chunks
+from mergebench.methods.ties import ElectedMerge, ZeroSign
 
 BREADCRUMBS_CITATION = "Davari & Belilovsky, 2024 (Model Breadcrumbs)"
 SCOPES = ("per_row", "per_tensor")
+BAND_TIE_RULES = ("lowest_index", "highest_index", "ascending_sort")
 
 
 def row_view(block: torch.Tensor, slot: TensorSlot, scope: str) -> torch.Tensor:
@@ -54,29 +61,36 @@ def row_view(block: torch.Tensor, slot: TensorSlot, scope: str) -> torch.Tensor:
     return block.reshape(block.shape[0], 1, -1)
 
 
-def descending_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry's magnitude within its row of ``[T, rows, d]``, 0 for the largest."""
-    order = torch.argsort(rows.abs(), dim=-1, descending=True, stable=True)
-    positions = torch.arange(rows.shape[-1], device=rows.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
-
-
-def middle_band(rows: torch.Tensor, density: float, top_masked: float) -> torch.Tensor:
-    """Keep ranks ⌊γ·d⌋ … ⌊γ·d⌋ + ⌊β·d⌋ − 1 of each row of ``[T, rows, d]``, zero the rest."""
+def middle_band(rows: torch.Tensor, density: float, top_masked: float, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """Keep-mask of ranks ⌊γ·d⌋ … ⌊γ·d⌋ + ⌊β·d⌋ − 1 of each row of ``[R, d]``: the top ⌊γ·d⌋ + ⌊β·d⌋
+    magnitudes without the top ⌊γ·d⌋, both exact top-k selections with the same tie rule."""
     d = rows.shape[-1]
     first = int(d * top_masked)
-    ranks = descending_ranks(rows)
-    return rows * ((ranks >= first) & (ranks < first + int(d * density)))
+    magnitudes = rows.abs()
+    band = TopK.of_values(magnitudes, first + int(d * density), tie_rule, signed=False).keep(magnitudes)
+    if first > 0:
+        band &= ~TopK.of_values(magnitudes, first, tie_rule, signed=False).keep(magnitudes)
+    return band
 
 
-def breadcrumb_masked(task_vectors: TaskVectors, density: float, top_masked: float, scope: str) -> torch.Tensor:
-    """τ̂_t = m_t ⊙ τ_t for every task, ``[T, N]``."""
-    masked = task_vectors.vectors.clone()
+def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, scope: str, tie_rule: str):
+    """``(columns, m_t ⊙ τ_t)`` for consecutive ``[T, c]`` blocks covering every column (0-d tensors unmasked)."""
+    vectors = task_vectors.vectors
     for slot, block in task_vectors.slices():
-        if len(slot.shape) == 0:
+        if len(slot.shape) == 0 or block.shape[1] == 0:
+            yield slice(slot.start, slot.stop), block
             continue
-        banded = middle_band(row_view(block, slot, scope), density, top_masked)
-        masked[:, slot.start : slot.stop] = banded.reshape(block.shape)
+        d = slot.shape[-1] if scope == "per_row" else block.shape[1]
+        for columns in column_chunks(slot.start, slot.stop, vectors.shape[0], multiple=d):
+            rows = vectors[:, columns].reshape(-1, d)
+            yield columns, rows.where(middle_band(rows, density, top_masked, tie_rule), 0.0).reshape(vectors.shape[0], -1)
+
+
+def breadcrumb_masked(task_vectors: TaskVectors, density: float, top_masked: float, scope: str, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """τ̂_t = m_t ⊙ τ_t for every task, ``[T, N]``."""
+    masked = torch.empty_like(task_vectors.vectors)
+    for columns, block in banded_blocks(task_vectors, density, top_masked, scope, tie_rule):
+        masked[:, columns] = block
     return masked
 
 
@@ -84,6 +98,14 @@ def breadcrumb_masked(task_vectors: TaskVectors, density: float, top_masked: flo
 Density = Annotated[float, HParam("fraction β of each row kept (after the top γ)", (0.1, 0.15, 0.2), low=0.0, high=1.0)]
 TopMasked = Annotated[float, HParam("fraction γ of largest magnitudes masked", low=0.0, high=1.0)]
 Scope = Annotated[str, HParam("band along each tensor's last dimension or over the tensor", choices=SCOPES)]
+BandTieRule = Annotated[
+    str,
+    HParam(
+        "magnitudes tied at a band edge ranked lowest index first (a stable descending sort), highest "
+        "index first (a stable ascending sort), or as torch.sort orders them (mergekit)",
+        choices=BAND_TIE_RULES,
+    ),
+]
 
 
 @register(
@@ -93,10 +115,18 @@ Scope = Annotated[str, HParam("band along each tensor's last dimension or over t
     lam=lam_grid(1.0, (0.4, 0.6, 0.8, 1.0)),
 )
 def breadcrumbs(
-    task_vectors: TaskVectors, *, density: Density = 0.1, top_masked: TopMasked = 0.01, scope: Scope = "per_row"
+    task_vectors: TaskVectors,
+    *,
+    density: Density = 0.1,
+    top_masked: TopMasked = 0.01,
+    scope: Scope = "per_row",
+    tie_rule: BandTieRule = "lowest_index",
 ) -> torch.Tensor:
     """Mask each τ_t's largest and smallest magnitudes, then Task Arithmetic."""
-    return sum_vectors(breadcrumb_masked(task_vectors, density, top_masked, scope))
+    merged = torch.empty_like(task_vectors.pretrained)
+    for columns, block in banded_blocks(task_vectors, density, top_masked, scope, tie_rule):
+        merged[columns] = sum_vectors(block)
+    return merged
 
 
 @register(
@@ -105,7 +135,16 @@ def breadcrumbs(
     lam=lam_grid(1.0, (0.8, 1.0, 1.2, 1.4)),
 )
 def breadcrumbs_ties(
-    task_vectors: TaskVectors, *, density: Density = 0.1, top_masked: TopMasked = 0.01, scope: Scope = "per_row"
+    task_vectors: TaskVectors,
+    *,
+    density: Density = 0.1,
+    top_masked: TopMasked = 0.01,
+    scope: Scope = "per_row",
+    tie_rule: BandTieRule = "lowest_index",
+    zero_sign: ZeroSign = "majority",
 ) -> torch.Tensor:
     """Breadcrumbs mask, then TIES sign election and disjoint mean."""
-    return elect_and_merge(breadcrumb_masked(task_vectors, density, top_masked, scope))
+    election = ElectedMerge(task_vectors.layout.numel, task_vectors.vectors, zero_sign)
+    for columns, block in banded_blocks(task_vectors, density, top_masked, scope, tie_rule):
+        election.add(columns, block)
+    return election.result()

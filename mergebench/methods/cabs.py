@@ -39,6 +39,7 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core.selection import column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods.arithmetic import sum_vectors
@@ -63,12 +64,20 @@ def conflict_aware_n_m(block: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def cabs_masks(task_vectors: TaskVectors, n: int, m: int) -> torch.Tensor:
     """The kept positions of every task, ``[T, N]`` booleans, disjoint across tasks."""
+    masks = torch.empty_like(task_vectors.vectors, dtype=torch.bool)
+    for columns, block_masks in masked_blocks(task_vectors, n, m):
+        masks[:, columns] = block_masks
+    return masks
+
+
+def masked_blocks(task_vectors: TaskVectors, n: int, m: int):
+    """``(columns, keep-masks)`` for consecutive ``[T, c]`` blocks, each tensor cut at multiples of m."""
     if n > m:
         raise MergebenchError(f"CABS needs n <= m (got {n}:{m})")
-    masks = torch.empty_like(task_vectors.vectors, dtype=torch.bool)
-    for slot, block in task_vectors.slices():
-        masks[:, slot.start : slot.stop] = conflict_aware_n_m(block, n, m)
-    return masks
+    vectors = task_vectors.vectors
+    for slot in task_vectors.layout.slots:
+        for columns in column_chunks(slot.start, slot.stop, vectors.shape[0], multiple=m):
+            yield columns, conflict_aware_n_m(vectors[:, columns], n, m)
 
 
 @register(
@@ -83,4 +92,7 @@ def cabs(
     m: Annotated[int, HParam("block length m of n:m pruning", low=1)] = 32,
 ) -> torch.Tensor:
     """Sequential disjoint n:m pruning of the task vectors, then Task Arithmetic."""
-    return sum_vectors(task_vectors.vectors * cabs_masks(task_vectors, n, m))
+    merged = torch.empty_like(task_vectors.pretrained)
+    for columns, masks in masked_blocks(task_vectors, n, m):
+        merged[columns] = sum_vectors(task_vectors.vectors[:, columns].where(masks, 0.0))
+    return merged

@@ -20,7 +20,9 @@ authors' ``create_task_vector``:
 * ``consensus_ta``: τ_MTL = Σ_t τ_t (their ``k=100``: no magnitude trim).
 * ``consensus_ties``: τ_MTL = TIES with the top-20% global trim and *disjoint sum* (``merge_func=
   "dis-sum"``; both the TALL masks and the merged vector use it), i.e. Σ_t τ̂_t over the trimmed
-  entries whose sign agrees with the elected sign, not the disjoint mean of ``ties``.
+  entries whose sign agrees with the elected sign, not the disjoint mean of ``ties``. The trim keeps
+  exactly k entries, ties at the threshold broken as ``ties`` does (``tie_rule``); the authors'
+  ``abs >= kthvalue`` keeps every tied entry (``tie_rule="keep_all"``).
 
 The masks are computed against the *untrimmed* τ_t (as the authors). They pick λ_t per task on that
 task's validation set by evaluating each task with its own masked model; a harness that evaluates one
@@ -41,7 +43,8 @@ import torch
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.arithmetic import sum_vectors
 from mergebench.methods.registry import HParam, lam_grid, register
-from mergebench.methods.ties import elect_signs, keep_top_magnitudes
+from mergebench.core.selection import TopK, column_chunks
+from mergebench.methods.ties import ElectedMerge, TieRule, disjoint_sum
 
 MASK_LAMBDAS = (0.2, 0.4, 0.6)  # the authors' per-task λ_t grid is {0.2, 0.3, 0.4, 0.5, 0.6}
 CONSENSUS_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the authors sweep {0.1, …, 1.0}
@@ -54,19 +57,22 @@ def tall_mask(vectors: torch.Tensor, multi_task_vector: torch.Tensor, mask_lambd
 
 
 def consensus_mask(task_vectors: TaskVectors, multi_task_vector: torch.Tensor, mask_lambda: float, k: int) -> torch.Tensor:
-    """Entries in at least k TALL masks (boolean ``[N]``), computed tensor by tensor to bound memory."""
+    """Entries in at least k TALL masks (boolean ``[N]``), computed column chunk by column chunk."""
+    vectors = task_vectors.vectors
     mask = torch.empty(multi_task_vector.shape, dtype=torch.bool, device=multi_task_vector.device)
-    for slot, block in task_vectors.slices():
-        votes = tall_mask(block, multi_task_vector[slot.start : slot.stop], mask_lambda).sum(dim=0)
-        mask[slot.start : slot.stop] = votes >= k
+    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
+        mask[columns] = tall_mask(vectors[:, columns], multi_task_vector[columns], mask_lambda).sum(dim=0) >= k
     return mask
 
 
-def ties_disjoint_sum(vectors: torch.Tensor, trim_percent: float) -> torch.Tensor:
+def ties_disjoint_sum(vectors: torch.Tensor, trim_percent: float, tie_rule: str = "lowest_index") -> torch.Tensor:
     """TIES with the authors' "dis-sum": top-k% global trim, elected sign γ, Σ_t of agreeing entries."""
-    trimmed = keep_top_magnitudes(vectors, trim_percent)
-    signs = elect_signs(trimmed)
-    return signs * (trimmed * signs).clamp(min=0).sum(dim=0)
+    election = ElectedMerge(vectors.shape[1], vectors, combine=disjoint_sum)
+    selection = TopK.of_magnitudes(vectors, int(vectors.shape[1] * trim_percent / 100), tie_rule)
+    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
+        block = vectors[:, columns]
+        election.add(columns, block.where(selection.keep(block.abs()), 0.0))
+    return election.result()
 
 
 MinimumVotes = Annotated[int, HParam("minimum number of TALL masks an entry must be in", low=0)]
@@ -76,8 +82,13 @@ MaskLambda = Annotated[float, HParam("λ_t of the TALL masks, shared by all task
 @register("consensus_ta", citation="Wang et al., 2024 (TALL masks / Consensus Merging)", lam=lam_grid(0.6, CONSENSUS_LAMBDAS))
 def consensus_ta(task_vectors: TaskVectors, *, k: MinimumVotes = 2, mask_lambda: MaskLambda = 0.4) -> torch.Tensor:
     """Task Arithmetic restricted to the entries at least k tasks' TALL masks agree on."""
-    multi_task_vector = sum_vectors(task_vectors.vectors)
-    return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)
+    vectors = task_vectors.vectors
+    merged = torch.empty_like(task_vectors.pretrained)
+    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
+        block = vectors[:, columns]
+        multi_task_vector = sum_vectors(block)
+        merged[columns] = multi_task_vector * (tall_mask(block, multi_task_vector, mask_lambda).sum(dim=0) >= k)
+    return merged
 
 
 @register(
@@ -91,7 +102,8 @@ def consensus_ties(
     k: MinimumVotes = 2,
     mask_lambda: MaskLambda = 0.4,
     trim_percent: Annotated[float, HParam("percent of each task vector kept by the TIES trim", low=0.0, high=100.0)] = TIES_TRIM_PERCENT,
+    tie_rule: TieRule = "lowest_index",
 ) -> torch.Tensor:
     """TIES (disjoint sum) restricted to the entries at least k tasks' TALL masks agree on."""
-    multi_task_vector = ties_disjoint_sum(task_vectors.vectors, trim_percent)
+    multi_task_vector = ties_disjoint_sum(task_vectors.vectors, trim_percent, tie_rule)
     return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)

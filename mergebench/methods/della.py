@@ -39,33 +39,44 @@ import torch
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods.arithmetic import sum_vectors
-from mergebench.methods.breadcrumbs import descending_ranks, row_view
+from mergebench.methods.breadcrumbs import row_view
 from mergebench.methods.registry import HParam, lam_grid, register
-from mergebench.methods.ties import elect_and_merge
+from mergebench.methods.ties import ZeroSign, elect_and_merge
 
 DELLA_CITATION = "Deep et al., 2024 (DELLA-Merging)"
 
 
 def magprune_drop_probabilities(rows: torch.Tensor, p: float, epsilon: float) -> torch.Tensor:
-    """p_i = p + ε − 2ε·r_i/(d − 1) for each entry of ``[T, rows, d]``, r_i its ascending magnitude rank."""
+    """p_i = p + ε − 2ε·r_i/(d − 1) for each entry of ``[..., d]``, r_i its ascending magnitude rank.
+
+    The probabilities of ascending ranks 0 … d − 1 form one ramp, written at the entries' places by the
+    stable descending ``argsort`` (its position j is ascending rank d − 1 − j)."""
     d = rows.shape[-1]
     if d == 1:
         return torch.full_like(rows, p)
-    ascending = (d - 1) - descending_ranks(rows)
-    return p + epsilon - (2 * epsilon / (d - 1)) * ascending.to(rows.dtype)
+    ascending = torch.arange(d - 1, -1, -1, device=rows.device).to(rows.dtype)
+    ramp = p + epsilon - (2 * epsilon / (d - 1)) * ascending
+    order = torch.argsort(rows.abs(), dim=-1, descending=True, stable=True)
+    return torch.empty_like(rows).scatter_(-1, order, ramp.expand_as(rows))
 
 
 def magprune(task_vectors: TaskVectors, p: float, epsilon: float, seed: int) -> torch.Tensor:
-    """τ̃_t = m_t ⊙ τ_t / (1 − p_t), m_t[i] ~ Bernoulli(1 − p_t[i]), for every task, ``[T, N]``."""
+    """τ̃_t = m_t ⊙ τ_t / (1 − p_t), m_t[i] ~ Bernoulli(1 − p_t[i]), for every task, ``[T, N]``.
+
+    Task by task and tensor by tensor, drawing the uniforms in the row-major order of one
+    ``torch.rand([T, N])`` draw (the masks of DARE for the same seed when ε = 0)."""
     if not (0.0 <= p - epsilon and p + epsilon < 1.0):
         raise MergebenchError(f"DELLA needs 0 <= p - epsilon and p + epsilon < 1 (got p={p}, epsilon={epsilon})")
     vectors = task_vectors.vectors
-    drop = torch.empty_like(vectors)
-    for slot, block in task_vectors.slices():
-        drop[:, slot.start : slot.stop] = magprune_drop_probabilities(row_view(block, slot, "per_row"), p, epsilon).reshape(block.shape)
+    pruned = torch.empty_like(vectors)
     generator = torch.Generator(device=vectors.device).manual_seed(seed)
-    keep = torch.rand(vectors.shape, generator=generator, device=vectors.device) >= drop
-    return vectors * keep / (1.0 - drop)
+    for task in range(vectors.shape[0]):
+        for slot, block in task_vectors.slices():
+            values = block[task]
+            drop = magprune_drop_probabilities(row_view(values.unsqueeze(0), slot, "per_row"), p, epsilon).reshape(-1)
+            keep = torch.rand(values.shape, generator=generator, device=vectors.device) >= drop
+            torch.where(keep, values, values.new_zeros(()), out=pruned[task, slot.start : slot.stop]).div_(drop.neg_().add_(1.0))
+    return pruned
 
 
 MeanDropRate = Annotated[float, HParam("mean drop probability p", (0.3, 0.5, 0.7), low=0.0, high=1.0, high_inclusive=False)]
@@ -77,9 +88,11 @@ Epsilon = Annotated[float, HParam("half-width ε of the drop-probability window 
     citation=DELLA_CITATION,
     lam=lam_grid(1.1, (0.8, 1.0, 1.1, 1.2)),
 )
-def della(task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, seed: int) -> torch.Tensor:
+def della(
+    task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, zero_sign: ZeroSign = "majority", seed: int
+) -> torch.Tensor:
     """MagPrune each τ_t, then TIES sign election and disjoint mean."""
-    return elect_and_merge(magprune(task_vectors, p, epsilon, seed))
+    return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign)
 
 
 @register(

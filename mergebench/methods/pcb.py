@@ -37,6 +37,7 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core.selection import column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.registry import HParam, lam_grid, register
 
@@ -49,33 +50,53 @@ def within(rank: int, d: int) -> int:
 
 
 def min_max(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """(x − low)/(high − low) per row, 0 where the range is zero."""
+    """(rows − low) / (high − low), and 0 where high = low."""
     span = high - low
     return torch.where(span > 0, (rows - low) / torch.where(span > 0, span, 1.0), 0.0)
 
 
-def balancing_weights(task_vectors: TaskVectors, variant: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clipped task vectors τ̃ and the weights w after dropping all but the top-r scores, ``[T, N]`` each.
+def normalized_clipped(magnitudes: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|τ̃| = clamp(|τ|, low, high), Norm(|τ̃|)) of a block, with the task's clip bounds, which are also
+    the minimum and maximum of the clamped magnitudes (both are entries of the task vector)."""
+    clipped = torch.clamp(magnitudes, low, high)
+    return clipped, min_max(clipped, low, high)
+
+
+def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Tensor:
+    """τ_m = Σ_i w_i τ̃_i / max(Σ_i w_i, 10⁻¹²), holding one ``[T, N]`` temporary at a time.
 
     Quantiles, minima and maxima are taken over each task's whole task vector
     (:meth:`~mergebench.core.task_vectors.TaskVectors.order_statistics`), also when ``task_vectors``
-    holds one tensor of a streamed merge."""
+    holds one tensor of a streamed merge. Passes: the clip bounds of every task (over |τ|); the partner
+    sum Σ_j u_j (column chunks); every task's scores, row by row; their thresholds and maxima; each
+    task's weighted contribution, row by row."""
     vectors = task_vectors.vectors
-    num_tasks, d = vectors.shape[0], task_vectors.entries
+    num_tasks, held, d = vectors.shape[0], vectors.shape[1], task_vectors.entries
     clip = CLIP_RATIOS[variant]
-    magnitudes = vectors.abs()
-    low, high = task_vectors.order_statistics(magnitudes, [within(int(d * clip), d), within(int(d * (1 - clip)) - 1, d)])
-    clipped_magnitudes = torch.clamp(magnitudes, low, high)
-    signs = torch.sign(vectors)
-    # Norm over the clipped magnitudes: their minimum and maximum are the clipping bounds themselves
-    normalized = min_max(clipped_magnitudes, low, high)
-    intra = torch.exp(num_tasks * normalized**2)
-    partners = vectors if variant == "reference" else signs * normalized
-    inter = torch.tanh(vectors * partners.sum(dim=0))
-    scores = intra * inter
-    threshold, best = task_vectors.order_statistics(scores, [within(int(d * (1 - ratio)), d), d - 1])
-    weights = min_max(torch.maximum(scores, threshold), threshold, best)
-    return signs * clipped_magnitudes, weights
+    low, high = task_vectors.order_statistics(vectors.abs(), [within(int(d * clip), d), within(int(d * (1 - clip)) - 1, d)])
+    if variant == "reference":
+        partners = vectors.sum(dim=0)
+    else:
+        partners = torch.empty_like(vectors[0])
+        for columns in column_chunks(0, held, num_tasks):
+            block = vectors[:, columns]
+            partners[columns] = (torch.sign(block) * normalized_clipped(block.abs(), low, high)[1]).sum(dim=0)
+    scores = torch.empty_like(vectors)
+    for task, row in enumerate(vectors):
+        for columns in column_chunks(0, held, 1):
+            values = row[columns]
+            intra = torch.exp(num_tasks * normalized_clipped(values.abs(), low[task], high[task])[1] ** 2)
+            torch.mul(intra, torch.tanh(values * partners[columns]), out=scores[task, columns])
+    threshold, top = task_vectors.order_statistics(scores, [within(int(d * (1 - ratio)), d), d - 1])
+    numerator, denominator = torch.zeros_like(partners), torch.zeros_like(partners)
+    for task, row in enumerate(vectors):
+        for columns in column_chunks(0, held, 1):
+            values = row[columns]
+            weights = min_max(torch.maximum(scores[task, columns], threshold[task]), threshold[task], top[task])
+            clipped = torch.sign(values) * normalized_clipped(values.abs(), low[task], high[task])[0]
+            numerator[columns] += clipped * weights
+            denominator[columns] += weights
+    return numerator / denominator.clamp(min=1e-12)
 
 
 @register(
@@ -90,5 +111,4 @@ def pcb(
     variant: Annotated[str, HParam("the authors' vision script or their reference pcb-merging.py", choices=tuple(CLIP_RATIOS))] = "vision",
 ) -> torch.Tensor:
     """Score entries by intra- and inter-task competition, drop low scores, score-weighted mean."""
-    clipped, weights = balancing_weights(task_vectors, variant, ratio)
-    return (clipped * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-12)
+    return pcb_merge(task_vectors, variant, ratio)

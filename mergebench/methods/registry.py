@@ -319,9 +319,9 @@ def compose(base: MergeMethod, scaler: MergeMethod) -> MergeMethod:
 
     def composed(task_vectors: TaskVectors, **kwargs: Any) -> torch.Tensor:
         passed_through = [n for n in INJECTED if n in kwargs]
-        base_kwargs = {n: kwargs[n] for n in [*base_names, *passed_through]}
+        base_kwargs = {n: kwargs[n] for n in [*base_names, *passed_through] if n in kwargs}
         merged_vector = base.function(task_vectors, **base_kwargs)
-        return scaler.function(task_vectors, merged_vector, **{n: kwargs[n] for n in scaler.hparams})
+        return scaler.function(task_vectors, merged_vector, **{n: kwargs[n] for n in scaler.hparams if n in kwargs})
 
     hparams = {n: base.hparams[n] for n in base_names} | dict(scaler.hparams)
     origin = base.origin if base.origin != BUILTIN else scaler.origin

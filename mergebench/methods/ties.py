@@ -4,13 +4,27 @@ Three steps over the task vectors τ_t, then θ = θ₀ + λ·τ_m:
 
 1. **Trim**: keep the top-k% magnitudes of each τ_t, zero the rest. As in the authors' code the
    threshold is taken over the whole flattened task vector (``scope="global"``); ``scope="per_tensor"``
-   trims each parameter tensor separately (mergekit's behaviour). We keep exactly ⌊k%·d⌋ entries
-   (plus entries tied at the threshold); the authors' ``kthvalue`` indexing keeps one more.
-2. **Elect**: γ = sgn(Σ_t τ̂_t) per parameter ("mass" election). Where the sum is exactly zero the sign
-   of the majority of elected signs is used, as the authors' ``resolve_zero_signs``; if that too is
-   zero, +1.
+   trims each parameter tensor separately (mergekit's behaviour). We keep exactly ⌊k%·d⌋ entries;
+   among magnitudes tied at the threshold the lowest-index ones are kept (``tie_rule="lowest_index"``,
+   a stable descending sort); ``tie_rule="keep_all"`` keeps every tied entry (more than ⌊k%·d⌋ where
+   ties straddle the threshold, common in bfloat16); ``tie_rule="descending_sort"`` keeps the first k of
+   ``torch.argsort(|τ|, descending=True)`` as mergekit does (PyTorch's unstable sort, whose order of
+   ties is not an index order; this rule sorts). The authors' ``kthvalue`` indexing
+   keeps one more than ⌊k%·d⌋.
+2. **Elect**: γ = sgn(Σ_t τ̂_t) per parameter ("mass" election). Where the sum is exactly zero (all
+   kept values zero, or non-zero values cancelling) the sign of the majority of elected signs is used,
+   as the authors' ``resolve_zero_signs``, and +1 if that too is zero (``zero_sign="majority"``);
+   ``zero_sign="positive"`` takes +1 there, as mergekit (``sign_weight >= 0``). Only entries with
+   non-zero kept values summing to 0 are affected.
 3. **Disjoint merge**: τ_m = mean of the τ̂_t whose sign agrees with γ (entries with no agreeing task
    are 0).
+
+The merge runs in a few passes over ``[T, N]``: one radix select per task for the threshold (see
+:mod:`~mergebench.core.selection`), then trim, election and disjoint mean fused column chunk by
+column chunk (:class:`ElectedMerge`), with no ``[T, N]`` temporary. The whole-vector statistics (the
+global threshold with its tie rule, the majority sign) are asked of the
+:class:`~mergebench.core.task_vectors.TaskVectors` (``top_k``, ``total``), so a streamed merge, which
+holds one tensor at a time, counts them over every tensor and equals the in-memory merge bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core.selection import TIE_RULES, TopK, column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.registry import HParam, lam_grid, register
 
@@ -27,72 +42,144 @@ from mergebench.methods.registry import HParam, lam_grid, register
 TIES_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6)
 
 
-def kth_largest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a non-negative 1-D tensor, exactly.
-
-    For float32 a two-pass radix select: the bit patterns of non-negative floats sort like the floats,
-    so a histogram of their top 16 bits locates the bin holding the k-th largest, and only that bin is
-    searched — several times faster than ``kthvalue`` over the whole vector.
-    """
-    if magnitudes.dtype != torch.float32 or magnitudes.numel() < 1 << 16:
-        return magnitudes.kthvalue(magnitudes.numel() - k + 1).values
-    high_bits = magnitudes.view(torch.int32) >> 16
-    at_or_above = torch.bincount(high_bits, minlength=1 << 15).flip(0).cumsum(0).flip(0)
-    bin_index = int((at_or_above >= k).nonzero().max())
-    above_bin = int(at_or_above[bin_index + 1]) if bin_index + 1 < at_or_above.numel() else 0
-    in_bin = magnitudes[high_bits == bin_index]
-    return in_bin.kthvalue(in_bin.numel() - (k - above_bin) + 1).values
-
-
-def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, whole: TaskVectors | None = None) -> torch.Tensor:
-    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``.
-
-    With ``whole``, ``vectors`` is (part of) ``whole``'s task vectors and d and the threshold are taken
-    over ``whole``'s entire task vectors (a streamed merge hands over one tensor at a time)."""
-    d = vectors.shape[1] if whole is None else whole.entries
-    keep = int(d * k_percent / 100)
-    if keep <= 0:
-        return torch.zeros_like(vectors)
-    if keep >= d:
-        return vectors.clone()
-    magnitudes = vectors.abs()
-    if whole is None:
-        thresholds = torch.stack([kth_largest(row, keep) for row in magnitudes]).unsqueeze(1)
-    else:
-        (thresholds,) = whole.order_statistics(magnitudes, [d - keep])
-    return vectors * (magnitudes >= thresholds)
+TieRule = Annotated[
+    str,
+    HParam(
+        "entries tied at the top-k threshold: the lowest-index or the highest-index ones up to exactly k, "
+        "all of them (k or more), or those torch.argsort/torch.sort put first (exactly k; mergekit: descending_sort)",
+        choices=TIE_RULES,
+    ),
+]
+ZERO_SIGNS = ("majority", "positive")
+ZeroSign = Annotated[
+    str,
+    HParam(
+        "elected sign where the kept values sum to exactly 0: the majority of elected signs (authors' "
+        "resolve_zero_signs) or + (mergekit)",
+        choices=ZERO_SIGNS,
+    ),
+]
 
 
-def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str) -> torch.Tensor:
-    """TIES trim step, over the whole task vector or per parameter tensor."""
+def trim_selections(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str, tie_rule: str):
+    """``(start, stop, TopK)`` of the TIES trim of ``vectors`` (``task_vectors``'s own): one selection over
+    the whole task vector, which :meth:`~mergebench.core.task_vectors.TaskVectors.top_k` takes exactly also
+    when ``task_vectors`` holds one tensor of a streamed merge, or one per parameter tensor."""
     if scope == "global":
-        return keep_top_magnitudes(vectors, k_percent, task_vectors)
-    trimmed = torch.empty_like(vectors)
+        yield 0, vectors.shape[1], task_vectors.top_k(vectors, int(task_vectors.entries * k_percent / 100), tie_rule, magnitude=True)
+        return
     for slot in task_vectors.layout.slots:
-        trimmed[:, slot.start : slot.stop] = keep_top_magnitudes(vectors[:, slot.start : slot.stop], k_percent)
+        keep = int((slot.stop - slot.start) * k_percent / 100)
+        yield slot.start, slot.stop, TopK.of_magnitudes(vectors[:, slot.start : slot.stop], keep, tie_rule)
+
+
+def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``."""
+    selection = TopK.of_magnitudes(vectors, int(vectors.shape[1] * k_percent / 100), tie_rule)
+    trimmed = torch.empty_like(vectors)
+    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
+        block = vectors[:, columns]
+        torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
     return trimmed
 
 
-def elect_signs(vectors: torch.Tensor, whole: TaskVectors | None = None) -> torch.Tensor:
-    """γ = sgn(Σ_t τ_t), zeros resolved to the majority sign (then +1); with ``whole``, the majority of
-    ``whole``'s entire task vectors, of which ``vectors`` is (part of) the trimmed form."""
+def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """TIES trim step, over the whole task vector or per parameter tensor."""
+    trimmed = torch.empty_like(vectors)
+    for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
+        for columns in column_chunks(start, stop, vectors.shape[0]):
+            block = vectors[:, columns]
+            torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
+    return trimmed
+
+
+def elect_signs(vectors: torch.Tensor, zero_sign: str = "majority") -> torch.Tensor:
+    """γ = sgn(Σ_t τ_t), zeros resolved to the majority sign (then +1), or to +1."""
     signs = torch.sign(vectors.sum(dim=0))
-    majority = torch.sign(signs.sum() if whole is None else whole.total(signs))
-    fill = majority if majority != 0 else torch.ones_like(majority)
-    return torch.where(signs == 0, fill, signs)
+    return torch.where(signs == 0, zero_fill(signs.sum(), zero_sign), signs)
+
+
+def zero_fill(sign_total: torch.Tensor, zero_sign: str) -> torch.Tensor:
+    """The sign given to entries whose sum is exactly 0, from Σ sgn(Σ_t τ_t) over all entries."""
+    majority = torch.sign(sign_total)
+    return majority if zero_sign == "majority" and majority != 0 else torch.ones_like(majority)
 
 
 def disjoint_mean(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Mean over tasks of the entries whose sign equals the (non-zero) elected sign γ."""
-    agrees = (vectors * signs) > 0
-    total = torch.where(agrees, vectors, 0).sum(dim=0)
-    count = agrees.to(vectors.dtype).sum(dim=0).clamp(min=1)
-    return total / count
+    """Mean over tasks of the entries whose sign equals the (non-zero) elected sign γ.
+
+    With a_t = γ·τ_t, the agreeing entries are a_t > 0: their mean is γ·Σ max(a_t, 0) / #{a_t > 0}."""
+    aligned = vectors * signs
+    count = (aligned > 0).sum(dim=0).clamp(min=1).to(vectors.dtype)
+    return signs * aligned.clamp_(min=0).sum(dim=0) / count
 
 
-def elect_and_merge(vectors: torch.Tensor, whole: TaskVectors | None = None) -> torch.Tensor:
-    """TIES steps 2–3 on already sparsified task vectors (majority sign over ``whole``, see :func:`elect_signs`)."""
-    return disjoint_mean(vectors, elect_signs(vectors, whole))
+def disjoint_sum(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Σ_t of the entries whose sign equals the elected sign γ (the authors' "dis-sum")."""
+    return signs * (vectors * signs).clamp_(min=0).sum(dim=0)
+
+
+class ElectedMerge:
+    """TIES steps 2–3 (sign election, then disjoint mean or sum) computed column chunk by column chunk.
+
+    γ = sgn(Σ_t τ_t) is known per column except where the sum is exactly 0, whose sign depends on all
+    columns (the majority of elected signs). Each chunk is merged with its own γ; the few columns with
+    a zero sum but non-zero entries are remembered and merged again once the majority is known. With
+    ``whole``, the columns are (part of) ``whole``'s task vectors and the majority is taken over all of
+    them (:meth:`~mergebench.core.task_vectors.TaskVectors.total`: every tensor of a streamed merge);
+    without it, over the columns added.
+    """
+
+    def __init__(
+        self, num_columns: int, like: torch.Tensor, zero_sign: str = "majority", combine=disjoint_mean, whole: TaskVectors | None = None
+    ) -> None:
+        self.merged = torch.empty(num_columns, dtype=like.dtype, device=like.device)
+        self.zero_sign, self.combine, self.whole = zero_sign, combine, whole
+        self.sign_total = torch.zeros((), dtype=torch.long, device=like.device)
+        self.undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def add(self, columns: slice, vectors: torch.Tensor) -> None:
+        """Merge the ``[T, c]`` block of (sparsified) task vectors at ``columns``."""
+        signs = torch.sign(vectors.sum(dim=0))
+        self.sign_total += signs.sum(dtype=torch.long)
+        self.merged[columns] = self.combine(vectors, signs)
+        zero_sum = (signs == 0).nonzero().squeeze(1)
+        if zero_sum.numel():
+            candidates = vectors[:, zero_sum]
+            undecided = (candidates != 0).any(dim=0)
+            if bool(undecided.any()):
+                self.undecided.append((zero_sum[undecided] + columns.start, candidates[:, undecided]))
+
+    def result(self) -> torch.Tensor:
+        """τ_m, once every column was added."""
+        sign_total = self.sign_total
+        if self.zero_sign == "majority" and self.whole is not None:
+            sign_total = self.whole.total(sign_total)
+        fill = zero_fill(sign_total, self.zero_sign)
+        for index, vectors in self.undecided:
+            self.merged[index] = self.combine(vectors, fill.to(vectors.dtype).expand(vectors.shape[1]))
+        return self.merged
+
+
+def elect_and_merge(vectors: torch.Tensor, zero_sign: str = "majority", combine=disjoint_mean) -> torch.Tensor:
+    """TIES steps 2–3 on already sparsified task vectors ``[T, N]``."""
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, combine)
+    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
+        election.add(columns, vectors[:, columns])
+    return election.result()
+
+
+def ties_merge(task_vectors: TaskVectors, k_percent: float, scope: str, tie_rule: str, zero_sign: str, combine=disjoint_mean) -> torch.Tensor:
+    """Trim, elect, disjoint merge in one chunked pass after the top-k thresholds; the global threshold
+    and the majority sign are those of the whole task vector also when ``task_vectors`` is one tensor of
+    a streamed merge."""
+    vectors = task_vectors.vectors
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, combine, whole=task_vectors)
+    for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
+        for columns in column_chunks(start, stop, vectors.shape[0]):
+            block = vectors[:, columns]
+            election.add(columns, block.where(selection.keep(block.abs()), 0.0))
+    return election.result()
 
 
 @register(
@@ -105,6 +192,8 @@ def ties(
     *,
     k: Annotated[float, HParam("percent of each task vector's magnitudes kept", low=0.0, high=100.0)] = 20.0,
     scope: Annotated[str, HParam("top-k over the whole task vector or per tensor", choices=("global", "per_tensor"))] = "global",
+    tie_rule: TieRule = "lowest_index",
+    zero_sign: ZeroSign = "majority",
 ) -> torch.Tensor:
     """Trim, elect sign, disjoint mean."""
-    return elect_and_merge(trim(task_vectors, task_vectors.vectors, k, scope), task_vectors)
+    return ties_merge(task_vectors, k, scope, tie_rule, zero_sign)
