@@ -179,7 +179,7 @@ CASES = {
     "unknown task source": (RUN + ["--methods", "ties"], "source must be one of",
                             write_file("tasks/other.yaml", SUITE.replace("tiny-2", "other-2").replace("source: digits", "source: imagenet"))),
     # checkpoints
-    "expert with nan": (RUN + ["--methods", "ties"], ".safetensors) has NaN or infinite values in", edit_expert(nan_expert)),
+    "expert with nan": (RUN + ["--methods", "ties"], ".safetensors)' has NaN or infinite values in", edit_expert(nan_expert)),
     "expert of another shape": (RUN + ["--methods", "ties"], "is float32 [", edit_expert(wrong_shape)),
     "expert missing a tensor": (RUN + ["--methods", "ties"], "lacks tensor", edit_expert(missing_key)),
     "expert in half precision": (RUN + ["--methods", "ties"], "is float16", edit_expert(half_precision)),
