@@ -19,8 +19,8 @@
   rescale, normalize) with PIL and numpy, without torchvision. It splits in two exact halves: the
   resized, cropped ``uint8`` image (:func:`make_resize_crop`, what a data cache stores: 1 byte per
   value, lossless since PIL resizes ``uint8`` images to ``uint8``) and the rescale and normalization,
-  which both backbones (:class:`ClipImageEncoder`, :class:`OpenClipImageEncoder`) apply on the device as
-  the first operation of their forward pass.
+  which both backbones (:class:`ClipImageEncoder`, :class:`OpenClipImageEncoder`) apply on the device,
+  folded into the weights of their patch embedding (:class:`_NormalizingImageEncoder`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.func import functional_call
 
 from mergebench.core.checkpoints import StateDict, load_state_dict, save_state_dict
 from mergebench.errors import MergebenchError
@@ -255,10 +256,25 @@ def image_features(encoder: CLIPVisionModelWithProjection, pixel_values: torch.T
 class _NormalizingImageEncoder(nn.Module):
     """Pixels → the L2-normalized projected image embedding a :func:`zero_shot_head` scores.
 
-    ``uint8`` input (``[B, 3, H, W]`` from :func:`make_resize_crop`) is rescaled and normalized here, in
-    float32, exactly as :func:`make_preprocess` does; float input is taken as already normalized. Mean and
-    std are constants outside the state dict; subclasses embed the normalized pixels (:meth:`embed`).
+    ``uint8`` input (``[B, 3, H, W]`` from :func:`make_resize_crop`) is rescaled and normalized as
+    :func:`make_preprocess` does; float input is taken as already normalized. Mean and std are constants
+    outside the state dict; subclasses embed the normalized pixels (:meth:`embed`).
+
+    The rescale and normalization of ``uint8`` input are folded into the patch embedding, the first
+    layer: a convolution whose stride is its kernel, without padding, so that each output is a linear
+    function of one patch's pixels. With ``x̂_c = x_c · r / σ_c − μ_c / σ_c`` (``r`` the rescale factor),
+    ``conv(x̂; W, b) = conv(x; W′, b′)`` for ``W′[o, c] = W[o, c] · r / σ_c`` and
+    ``b′[o] = b[o] − Σ_{c,i,j} W[o, c, i, j] · μ_c / σ_c``. So a batch is converted from ``uint8`` once
+    and the convolution runs on it with ``W′`` and ``b′``, derived from the current weights at each call
+    (merged weights, :func:`torch.func.functional_call` parameters and gradients included) through
+    :func:`torch.func.functional_call`; the state dict is unchanged, and so is every output but for float
+    rounding. :meth:`normalized` is the explicit form, kept as the reference.
     """
+
+    tower_name: str
+    """The attribute holding the image tower, the module whose first layer is the patch embedding."""
+    patch_embedding_path: str
+    """Where the patch-embedding convolution sits in the tower (``nn.Conv2d``, stride = kernel)."""
 
     def __init__(self, processor_config: Mapping[str, Any]):
         super().__init__()
@@ -266,13 +282,39 @@ class _NormalizingImageEncoder(nn.Module):
         self.register_buffer("pixel_mean", torch.from_numpy(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.from_numpy(std).view(1, 3, 1, 1), persistent=False)
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+    def tower(self) -> nn.Module:
+        """The image tower (:attr:`tower_name`), called by :meth:`embed`."""
+        return getattr(self, self.tower_name)
+
+    def embed(self, pixels: torch.Tensor, tower: Callable[..., Any] | None = None) -> torch.Tensor:
+        """Projected embeddings of normalized pixels; ``tower`` (default :meth:`tower`) stands in for the tower's call."""
         raise NotImplementedError
 
+    def normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``uint8`` pixels rescaled and normalized in float32, as :func:`make_preprocess` does."""
+        return (pixels.float() * self.rescale - self.pixel_mean) / self.pixel_std
+
+    def folded_patch_embedding(self) -> dict[str, torch.Tensor]:
+        """``{"<path>.weight": W′, "<path>.bias": b′}``: the patch embedding taking ``uint8`` values as they are."""
+        conv = self.tower().get_submodule(self.patch_embedding_path)
+        if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size or any(conv.padding) or conv.groups != 1 or conv.in_channels != 3:
+            raise MergebenchError(f"cannot fold the normalization into {type(conv).__name__} {conv}: not a 3-channel patch embedding")
+        weight = conv.weight
+        scale = (self.rescale / self.pixel_std).to(weight.dtype).view(1, 3, 1, 1)
+        shift = (self.pixel_mean / self.pixel_std).to(weight.dtype).view(1, 3)
+        bias = -(weight.sum(dim=(2, 3)) * shift).sum(dim=1)
+        if conv.bias is not None:
+            bias = bias + conv.bias
+        return {f"{self.patch_embedding_path}.weight": weight * scale, f"{self.patch_embedding_path}.bias": bias}
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not pixels.is_floating_point():
-            pixels = (pixels.float() * self.rescale - self.pixel_mean) / self.pixel_std
-        embeddings = self.embed(pixels)
+        if pixels.is_floating_point():
+            embeddings = self.embed(pixels)
+        else:
+            tower = self.tower()
+            folded = self.folded_patch_embedding()
+            pixels = pixels.to(folded[f"{self.patch_embedding_path}.weight"].dtype)
+            embeddings = self.embed(pixels, lambda *args, **kwargs: functional_call(tower, folded, args, kwargs))
         return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
 
@@ -280,13 +322,15 @@ class ClipImageEncoder(_NormalizingImageEncoder):
     """A transformers CLIP vision encoder as a backbone; its state dict is that of
     ``CLIPVisionModelWithProjection`` (``vision_model.*``, ``visual_projection.weight``)."""
 
+    tower_name, patch_embedding_path = "vision_model", "embeddings.patch_embedding"
+
     def __init__(self, encoder: CLIPVisionModelWithProjection, processor_config: Mapping[str, Any]):
         super().__init__(processor_config)
         self.vision_model = encoder.vision_model
         self.visual_projection = encoder.visual_projection
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
+    def embed(self, pixels: torch.Tensor, tower: Callable[..., Any] | None = None) -> torch.Tensor:
+        return self.visual_projection((tower or self.vision_model)(pixel_values=pixels).pooler_output)
 
     def feed_forward_modules(self) -> tuple[str, ...]:
         """The MLP of every transformer layer (``fc1``, GELU, ``fc2``)."""
@@ -298,12 +342,14 @@ class OpenClipImageEncoder(_NormalizingImageEncoder):
     under ``visual.*``, the keys of tall_masks' checkpoints without their ``model.`` prefix
     (:func:`open_clip_visual_state`), projection ``visual.proj`` included."""
 
+    tower_name, patch_embedding_path = "visual", "conv1"
+
     def __init__(self, visual: nn.Module, processor_config: Mapping[str, Any]):
         super().__init__(processor_config)
         self.visual = visual
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixels)
+    def embed(self, pixels: torch.Tensor, tower: Callable[..., Any] | None = None) -> torch.Tensor:
+        return (tower or self.visual)(pixels)
 
     def feed_forward_modules(self) -> tuple[str, ...]:
         """The MLP of every residual block (``c_fc``, GELU, ``c_proj``)."""
