@@ -13,7 +13,9 @@ with 10 classes, named ``eurosat`` so that FusionBench finds class names and tem
   in its ``DataLoader`` at each evaluation.
 
 Each side evaluates the model ``--repeats`` times (a sweep evaluates one model per setting); the
-figure is images per second of the median evaluation, after one warm-up evaluation.
+figure is images per second of the median evaluation, after one warm-up evaluation. FusionBench's line
+also gives the part of that evaluation spent in its vision tower's forward passes (the rest: loading and
+preprocessing the images, the text head, the metrics), the work that mergebench's evaluation is made of.
 
     python benchmarks/eval_speed.py                      # 2,000 images, 224 px inputs, batch 64, CPU
     python benchmarks/eval_speed.py --device cuda --batch-size 256
@@ -119,19 +121,35 @@ def fusion_bench_side(folder: Path, device: str, batch_size: int, repeats: int) 
     )
     pool.fabric  # noqa: B018 (starts Lightning Fabric on its default accelerator)
     model = CLIPModel.from_pretrained(folder / "clip").vision_model.to(device)
+    in_tower = [0.0]  # seconds inside the vision tower's forward passes, the rest being data loading and preprocessing
+    tower_forward = model.forward
 
-    def evaluate() -> float:
+    def timed_forward(*args, **kwargs):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        began = time.perf_counter()
+        output = tower_forward(*args, **kwargs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        in_tower[0] += time.perf_counter() - began
+        return output
+
+    model.forward = timed_forward
+
+    def evaluate() -> tuple[float, float]:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        in_tower[0] = 0.0
         began = time.perf_counter()
         pool.evaluate(model)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - began
+        return time.perf_counter() - began, in_tower[0]
 
     evaluate()
-    seconds = statistics.median(evaluate() for _ in range(repeats))
-    return {"images": len(dataset), "seconds": seconds}
+    runs = [evaluate() for _ in range(repeats)]
+    return {"images": len(dataset), "seconds": statistics.median(total for total, _ in runs),
+            "tower_seconds": statistics.median(tower for _, tower in runs)}
 
 
 def main() -> None:
@@ -173,7 +191,8 @@ def main() -> None:
             return
         theirs = json.loads(result.stdout.strip().splitlines()[-1])
         their_rate = theirs["images"] / theirs["seconds"]
-        print(f"FusionBench  {their_rate:10,.0f} images/s   ({theirs['seconds']:.2f} s per evaluation)")
+        print(f"FusionBench  {their_rate:10,.0f} images/s   ({theirs['seconds']:.2f} s per evaluation, of which "
+              f"{theirs['tower_seconds']:.2f} s in the vision tower's forward passes)")
         print(f"ratio        {rate / their_rate:10.1f}×")
 
 
