@@ -7,7 +7,9 @@ with 10 classes, named ``eurosat`` so that FusionBench finds class names and tem
 * mergebench, as ``kind: clip`` suites run it: the split is decoded, resized and cropped once into a
   ``uint8`` tensor (:func:`~mergebench.runner.kinds.clip.decode_images`, the cached form; its one-time
   cost is printed apart), then every evaluation of a merged model is batched forward passes over that
-  tensor (:func:`~mergebench.evaluation.classification.correct_examples`: bf16 autocast on a GPU);
+  tensor (:func:`~mergebench.evaluation.classification.correct_examples`: bf16 autocast on a GPU), the
+  rescale and normalization folded into the patch embedding; the same evaluation with them as separate
+  operations over each batch (the "unfolded" line) is timed interleaved with it;
 * FusionBench 0.2's ``CLIPVisionModelTaskPool.evaluate`` in the test-only environment (``--peers``,
   default ``/work/peers-venv``), which decodes and preprocesses every image through ``CLIPProcessor``
   in its ``DataLoader`` at each evaluation.
@@ -90,18 +92,33 @@ def mergebench_side(folder: Path, device: torch.device, batch_size: int, repeats
     decode_seconds = time.perf_counter() - started
     labels = torch.tensor(dataset["label"])
 
-    def evaluate() -> float:
+    explicit = ExplicitNormalization(encoder)
+
+    def evaluate(backbone: torch.nn.Module) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
-        correct_examples(encoder, head, inputs, labels, batch_size)
+        correct_examples(backbone, head, inputs, labels, batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - began
 
-    evaluate()
-    seconds = statistics.median(evaluate() for _ in range(repeats))
-    return {"images": len(inputs), "seconds": seconds, "decode_seconds": decode_seconds}
+    evaluate(encoder), evaluate(explicit)
+    runs = [(evaluate(encoder), evaluate(explicit)) for _ in range(repeats)]  # interleaved: the same load on both
+    return {"images": len(inputs), "seconds": statistics.median(folded for folded, _ in runs),
+            "explicit_seconds": statistics.median(unfolded for _, unfolded in runs), "decode_seconds": decode_seconds}
+
+
+class ExplicitNormalization(torch.nn.Module):
+    """The encoder with its rescale and normalization done as separate operations over each batch (not folded
+    into the patch embedding): how mergebench evaluated before the fold, measured beside it."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.encoder.normalized(pixels))
 
 
 def fusion_bench_side(folder: Path, device: str, batch_size: int, repeats: int) -> dict:
@@ -176,7 +193,9 @@ def main() -> None:
         ours = mergebench_side(folder, torch.device(args.device), args.batch_size, args.repeats)
         rate = ours["images"] / ours["seconds"]
         print(f"mergebench   {rate:10,.0f} images/s   ({ours['seconds']:.2f} s per evaluation; "
-              f"decoding into the uint8 cache once: {ours['decode_seconds']:.2f} s)", flush=True)
+              f"decoding into the uint8 cache once: {ours['decode_seconds']:.2f} s)")
+        print(f"  unfolded   {ours['images'] / ours['explicit_seconds']:10,.0f} images/s   ({ours['explicit_seconds']:.2f} s "
+              "per evaluation, the rescale and normalization as separate operations, interleaved with the above)", flush=True)
         python = args.peers / "bin" / "python"
         if not python.is_file():
             print(f"FusionBench  not run: no environment at {args.peers}")
