@@ -522,8 +522,9 @@ class StreamedTaskVectors:
     ``base`` and each expert are ``{name: tensor}`` mappings: state dicts, or
     :class:`SafetensorsCheckpoint` objects whose tensors are read on demand. At any moment the engine
     holds one tensor (or one part of it, :meth:`each_tensor`) of the base and of one expert, and the
-    ``[T, n]`` task vectors of that tensor or part, so memory is bounded by the largest tensor. ``dtype`` is how task vectors are stored: with
-    ``torch.bfloat16`` each τ_t is rounded to bfloat16 (methods still compute in float32).
+    ``[T, n]`` task vectors of that tensor or part, so memory is bounded by the largest tensor.
+    ``dtype`` is how task vectors are stored: with ``torch.bfloat16`` each τ_t is rounded to bfloat16
+    (methods still compute in float32).
     """
 
     def __init__(
