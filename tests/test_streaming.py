@@ -166,6 +166,15 @@ def test_entrywise_methods_stream_in_column_blocks_bounded_by_the_part(family, t
     assert tracker.peak_bytes <= 2 * 37 * 4 and tracker.live == 0
 
 
+def test_bf16_checkpoints_in_column_blocks_equal_whole_tensors(tmp_path, monkeypatch):
+    base_dir, experts = save_family(tmp_path / "family", dtype=torch.bfloat16)
+    stream_merge(base_dir, experts, get_method("ties"), tmp_path / "whole", {})
+    monkeypatch.setattr(streaming, "PART_BYTES", 4 * len(experts) * 29)
+    stream_merge(base_dir, experts, get_method("ties"), tmp_path / "blocks", {})
+    whole, blocks = folder_state(tmp_path / "whole"), folder_state(tmp_path / "blocks")
+    assert all(blocks[name].dtype == torch.bfloat16 and torch.equal(blocks[name], whole[name]) for name in whole)
+
+
 def test_bf16_checkpoints_stay_bf16_and_match(tmp_path):
     base_dir, experts = save_family(tmp_path, dtype=torch.bfloat16, tie_word_embeddings=True)
     stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out", {"lam": 0.5})
