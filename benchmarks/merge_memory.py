@@ -87,12 +87,12 @@ def status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
 
 
-def child(folder: Path, method_name: str, tasks: int, setting: dict) -> None:
+def child(folder: Path, method_name: str, tasks: int, setting: dict, threads: int = 1) -> None:
     """One merge in this process; prints a JSON line of what it measured."""
     from mergebench.core.streaming import LiveTensorTracker, stream_merge
     from mergebench.methods import get_method
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     method = get_method(method_name)
     experts = {f"task{t}": folder / f"expert{t}.safetensors" for t in range(tasks)}
     tracker = LiveTensorTracker()
@@ -121,10 +121,11 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None, help="where to write the checkpoints (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--distinct", type=int, default=None, help="write this many distinct experts, the others as file copies of them")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the merge (default 1: on a shared machine more threads wait on each other)")
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "METHOD", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(Path(args.child[0]), args.child[1], int(args.child[2]), {})
+        child(Path(args.child[0]), args.child[1], int(args.child[2]), {}, args.threads)
         return
 
     counts = sorted({int(k) for k in args.tasks.split(",")})
@@ -151,7 +152,7 @@ def main() -> None:
         print(f"{'method':<8} {'k':>3} {'peak RSS above start':>21} {'peak RSS':>10} {'tensors alive':>14} {'passes':>7} {'seconds':>8}")
         for name in args.methods.split(","):
             for k in counts:
-                result = subprocess.run([sys.executable, __file__, "--child", str(folder), name, str(k)],
+                result = subprocess.run([sys.executable, __file__, "--child", str(folder), name, str(k), "--threads", str(args.threads)],
                                         capture_output=True, text=True)
                 if result.returncode != 0:
                     print(f"{name:<8} {k:>3} failed: {result.stderr.strip().splitlines()[-1:]}")

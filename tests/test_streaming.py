@@ -147,6 +147,34 @@ def test_whole_vector_statistics_streamed_equal_in_memory_exactly(family, tmp_pa
     assert any(not torch.equal(per_tensor[name], expected[name]) for name in expected)
 
 
+@pytest.mark.parametrize("method, setting, passes", [
+    ("ties", {"k": 30.0, "lam": 0.8}, 5),
+    ("pcb", {"ratio": 0.1, "lam": 1.0}, 5),
+    ("task_arithmetic", {"lam": 0.3}, 1),
+])
+def test_entrywise_methods_stream_in_column_blocks_bounded_by_the_part(family, tmp_path, monkeypatch, method, setting, passes):
+    """Entry-wise methods are handed parts of 37 columns of [3, n] task vectors: the merge is bit for bit
+    the in-memory one, and the checkpoint data alive at once is one part of the base and of one expert."""
+    base_dir, experts = family
+    monkeypatch.setattr(streaming, "PART_BYTES", 4 * len(experts) * 37)
+    tracker = LiveTensorTracker()
+    report = stream_merge(base_dir, experts, get_method(method), tmp_path / "out", setting, tracker=tracker)
+    streamed = folder_state(tmp_path / "out")
+    expected = in_memory_merge(base_dir, experts, method, setting)
+    assert all(torch.equal(streamed[name], expected[name]) for name in expected)
+    assert report.passes == passes
+    assert tracker.peak_bytes <= 2 * 37 * 4 and tracker.live == 0
+
+
+def test_bf16_checkpoints_in_column_blocks_equal_whole_tensors(tmp_path, monkeypatch):
+    base_dir, experts = save_family(tmp_path / "family", dtype=torch.bfloat16)
+    stream_merge(base_dir, experts, get_method("ties"), tmp_path / "whole", {})
+    monkeypatch.setattr(streaming, "PART_BYTES", 4 * len(experts) * 29)
+    stream_merge(base_dir, experts, get_method("ties"), tmp_path / "blocks", {})
+    whole, blocks = folder_state(tmp_path / "whole"), folder_state(tmp_path / "blocks")
+    assert all(blocks[name].dtype == torch.bfloat16 and torch.equal(blocks[name], whole[name]) for name in whole)
+
+
 def test_bf16_checkpoints_stay_bf16_and_match(tmp_path):
     base_dir, experts = save_family(tmp_path, dtype=torch.bfloat16, tie_word_embeddings=True)
     stream_merge(base_dir, experts, get_method("task_arithmetic"), tmp_path / "out", {"lam": 0.5})

@@ -41,9 +41,9 @@ def sorted_selection(vectors, k, tie_rule):
     return mask
 
 
-def streamed(base, finetuned, names, merge):
+def streamed(base, finetuned, names, merge, part_entries=None):
     tensors = StreamedTaskVectors(base, finetuned, names)
-    return torch.cat([part for _, part in tensors.each_tensor(merge)], dim=-1), tensors
+    return torch.cat([part for _, part in tensors.each_tensor(merge, part_entries=part_entries)], dim=-1), tensors
 
 
 @pytest.mark.parametrize("tie_rule", INDEX_RULES)
@@ -77,6 +77,35 @@ def test_streamed_ties_equals_in_memory_bit_for_bit(tie_rule, zero_sign, scope):
     expected = method.merged_vector(in_memory, setting)
     got, _ = streamed(base, finetuned, in_memory.layout.names, lambda part, _: method.merged_vector(part, setting))
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("part_entries", [1, 4, 5, 16, 1000])
+@pytest.mark.parametrize("method_name, setting", [
+    *[("ties", {"k": 40.0, "tie_rule": rule, "zero_sign": sign}) for rule in INDEX_RULES for sign in ("majority", "positive")],
+    ("pcb", {"ratio": 0.2}),
+    ("pcb", {"ratio": 0.1, "variant": "reference"}),
+    ("task_arithmetic", {}),
+])
+def test_entrywise_methods_merged_in_column_blocks_equal_whole_tensors_bit_for_bit(method_name, setting, part_entries):
+    """Parts of a few entries (cutting tensors anywhere, ties and zero sums across the cuts) merge to the
+    same bits as whole tensors and as the in-memory merge."""
+    base, finetuned = tied_checkpoints(seed=3)
+    in_memory = build_task_vectors(base, finetuned)
+    method = get_method(method_name)
+    setting = method.defaults() | setting
+    assert method.merges_entrywise(setting)
+    merge = lambda part, _: method.merged_vector(part, setting)  # noqa: E731
+    whole, whole_tensors = streamed(base, finetuned, in_memory.layout.names, merge)
+    blocked, blocked_tensors = streamed(base, finetuned, in_memory.layout.names, merge, part_entries)
+    assert torch.equal(blocked.view(torch.int32), whole.view(torch.int32))
+    assert torch.equal(blocked.view(torch.int32), method.merged_vector(in_memory, setting).view(torch.int32))
+    assert blocked_tensors.passes_run == whole_tensors.passes_run
+
+
+def test_entrywise_declarations():
+    assert get_method("ties").merges_entrywise({"scope": "global"})
+    assert not get_method("ties").merges_entrywise({"scope": "per_tensor"})
+    assert not any(get_method(name).merges_entrywise({}) for name in ("tsv", "dare_ties", "consensus_ties", "ties+lines", "regmean"))
 
 
 def test_sort_order_tie_rules_select_per_tensor_when_streamed_and_are_refused_over_the_whole_vector():

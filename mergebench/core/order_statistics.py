@@ -70,18 +70,16 @@ class RowOrderStatistics:
     def _add(self, block: torch.Tensor) -> None:
         keys = sortable_keys(block)
         high = keys >> 16  # in −2¹⁵..2¹⁵−1
-        row_start = torch.arange(self.rows, dtype=torch.int32, device=keys.device).unsqueeze(1) * BINS
-        if self.round == 0:
-            index = high + (row_start + BINS // 2)
-            self.counts += torch.bincount(index.view(-1), minlength=self.rows * BINS).view(self.rows, BINS)
+        if self.round == 0:  # row by row: no [rows, BINS] temporary besides the counts
+            high += BINS // 2
+            for row in range(self.rows):
+                self.counts[row] += torch.bincount(high[row], minlength=BINS)
             return
         low = keys & 0xFFFF
-        low += row_start
-        outside = self.rows * BINS  # one extra bin for the keys outside the rank's bin, dropped
         for column in range(self.ranks.shape[1]):
             in_bin = high == (self.high_bins[:, column : column + 1] - BINS // 2).to(torch.int32)
-            index = torch.where(in_bin, low, outside)
-            self.counts[column] += torch.bincount(index.view(-1), minlength=outside + 1)[:-1].view(self.rows, BINS)
+            for row in range(self.rows):
+                self.counts[column, row] += torch.bincount(low[row][in_bin[row]], minlength=BINS)
 
     def next_round(self) -> None:
         """Close the current round: locate each rank's bin (round 1) or its exact value (round 2)."""

@@ -66,6 +66,17 @@ def column_chunks(start: int, stop: int, num_rows: int, element_size: int = 4, m
         yield slice(first, min(first + width, stop))
 
 
+def row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Σ of each row of ``[R, n]`` values in float64; boolean rows are counted exactly, column chunk by
+    column chunk, so no ``[R, n]`` integer copy of them is made (a plain ``sum`` of booleans makes one)."""
+    if values.dtype != torch.bool:
+        return values.sum(dim=1, dtype=torch.float64)
+    counts = torch.zeros(values.shape[0], dtype=torch.int64, device=values.device)
+    for columns in column_chunks(0, values.shape[1], values.shape[0], element_size=8):
+        counts += values[:, columns].sum(dim=1)
+    return counts.to(torch.float64)
+
+
 def _radix_select(values: torch.Tensor, k: int, signed: bool) -> tuple[torch.Tensor, int, int]:
     """(k-th largest, number of entries greater, number equal) of a long float 1-D tensor.
 

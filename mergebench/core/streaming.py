@@ -22,6 +22,15 @@ is set by the largest tensor (usually the embedding), not by the model. The outp
 base's file names, shard assignment and index layout, and the base's other files (``config.json``,
 tokenizer, generation config) are copied, so it loads with ``from_pretrained``.
 
+**Entry-wise methods are handed column blocks.** A method that declares itself entry-wise
+(:attr:`~mergebench.methods.registry.MergeMethod.entrywise`: each entry of τ_m depends only on that
+entry's task values and on whole-vector statistics asked of its task vectors; Task Arithmetic, TIES at
+``scope=global``, PCB) is handed each tensor in parts of consecutive flat entries, ``[T, c]`` task
+vectors of :data:`PART_BYTES` (c = PART_BYTES / 4T), each read alone from every checkpoint by a
+positioned read of its byte range. The result is the same bit for bit, and the method's work no
+longer grows with T; what still does is small: the histograms of its whole-vector statistics (2¹⁶
+counts per task and rank). Other methods get whole tensors.
+
 Tensors that are not floating point, and names passed in ``exclude``, are copied from the base.
 
 **Whole-vector statistics are exact.** A method asks its whole-vector statistics of the
@@ -65,7 +74,7 @@ from safetensors import SafetensorError, safe_open
 
 from mergebench.core.checkpoints import atomic_folder
 from mergebench.core.order_statistics import RowOrderStatistics
-from mergebench.core.selection import TopK
+from mergebench.core.selection import TopK, row_sums
 from mergebench.core.task_vectors import ParamLayout, TaskVectors, TensorSlot
 from mergebench.errors import MergebenchError
 
@@ -87,6 +96,10 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+PART_BYTES = 1 << 23
+"""The float32 ``[T, c]`` task vectors an entry-wise method is handed at once in a streamed merge (8 MiB):
+a tensor's c = PART_BYTES / (4·T) columns, so that its memory does not grow with T."""
 
 TV_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Storage dtypes of task vectors (``--tv-dtype``): ``bf16`` rounds each τ_t = θ_t − θ₀ to bfloat16."""
@@ -243,19 +256,26 @@ class SafetensorsCheckpoint(Mapping):
     def names_in(self, file: str) -> list[str]:
         return [name for name, info in self.infos.items() if info.file == file]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into a fresh tensor, counted by the tracker if there is one."""
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Read one tensor into a fresh tensor, or the flat entries ``start:stop`` of it as a 1-D tensor,
+        counted by the tracker if there is one."""
         info = self.infos.get(name)
         if info is None:
             raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, offset, descriptor = memoryview(data.numpy()), self._starts[name], self._descriptor(info.file)
+        numel = math.prod(info.shape)
+        stop = numel if stop is None else stop
+        element = info.nbytes // numel if numel else 1
+        data = torch.empty((stop - start) * element, dtype=torch.uint8)
+        view, offset = memoryview(data.numpy()), self._starts[name] + start * element
+        descriptor = self._descriptor(info.file)
         while view.nbytes:
             read = os.preadv(descriptor, [view], offset)
             if read <= 0:
                 raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {name!r}")
             view, offset = view[read:], offset + read
-        tensor = data.view(info.torch_dtype).reshape(info.shape)
+        tensor = data.view(info.torch_dtype)
+        if (start, stop) == (0, numel):
+            tensor = tensor.reshape(info.shape)
         return self.tracker.track(tensor) if self.tracker is not None else tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -410,7 +430,7 @@ class _RunningTotals:
         self.done = False
 
     def add(self, values: torch.Tensor) -> None:
-        self.parts.append(values.sum(dim=1, dtype=torch.float64))
+        self.parts.append(row_sums(values))
 
     def next_round(self) -> None:
         self.done = True
@@ -489,14 +509,22 @@ def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
     return state.shape(name) if isinstance(state, SafetensorsCheckpoint) else tuple(state[name].shape)
 
 
+def _read(state: Mapping[str, torch.Tensor], name: str, start: int, stop: int) -> torch.Tensor:
+    """The flat entries ``start:stop`` of tensor ``name`` (read from disk alone for a checkpoint)."""
+    if isinstance(state, SafetensorsCheckpoint):
+        return state.get(name, start, stop)
+    return state[name].reshape(-1)[start:stop]
+
+
 class StreamedTaskVectors:
     """τ_t = θ_t − θ₀ of every expert over the tensors ``names``, read one tensor at a time.
 
-    ``base`` and each expert are ``{name: tensor}`` mappings: state dicts, or memory-mapped
+    ``base`` and each expert are ``{name: tensor}`` mappings: state dicts, or
     :class:`SafetensorsCheckpoint` objects whose tensors are read on demand. At any moment the engine
-    holds one tensor of every checkpoint and its ``[T, n]`` task vectors, so memory is bounded by the
-    largest tensor, whatever the number of tasks. ``dtype`` is how task vectors are stored: with
-    ``torch.bfloat16`` each τ_t is rounded to bfloat16 (methods still compute in float32).
+    holds one tensor (or one part of it, :meth:`each_tensor`) of the base and of one expert, and the
+    ``[T, n]`` task vectors of that tensor or part, so memory is bounded by the largest tensor.
+    ``dtype`` is how task vectors are stored: with ``torch.bfloat16`` each τ_t is rounded to bfloat16
+    (methods still compute in float32).
     """
 
     def __init__(
@@ -530,29 +558,36 @@ class StreamedTaskVectors:
         experts = {task: self.experts[task] for task in tasks}
         return StreamedTaskVectors(self.base, experts, self.layout.names, dtype=self.dtype, device=self.device)
 
-    def tensor(self, slot: TensorSlot) -> TaskVectors:
-        """The task vectors of one tensor: θ₀ ``[n]`` and τ_t = θ_t − θ₀ ``[T, n]`` in float32 (τ rounded
-        through :attr:`dtype`), reading one expert's tensor at a time.
+    def tensor(self, slot: TensorSlot, start: int = 0, stop: int | None = None) -> TaskVectors:
+        """The task vectors of one tensor, or of its flat entries ``start:stop``: θ₀ ``[n]`` and
+        τ_t = θ_t − θ₀ ``[T, n]`` in float32 (τ rounded through :attr:`dtype`), reading one expert's
+        entries at a time.
 
-        The first time a tensor is read, every checkpoint's copy of it is checked for NaN and infinite values."""
-        check = slot.name not in self._checked
-        base = self.base[slot.name]
+        The first time entries are read, every checkpoint's copy of them is checked for NaN and infinite values."""
+        stop = slot.stop - slot.start if stop is None else stop
+        check = (slot.name, start) not in self._checked
+        base = _read(self.base, slot.name, start, stop)
         if check:
             _require_finite(base, "base", slot.name)
         theta0 = base.reshape(-1).to(device=self.device, dtype=torch.float32)
         del base
         vectors = torch.empty((len(self.experts), theta0.numel()), device=self.device)
         for row, (task, expert) in enumerate(self.experts.items()):
-            tensor = expert[slot.name]
+            tensor = _read(expert, slot.name, start, stop)
             if check:
                 _require_finite(tensor, task, slot.name)
             torch.sub(tensor.reshape(-1).to(device=self.device, dtype=torch.float32), theta0, out=vectors[row])
             del tensor
-        self._checked.add(slot.name)
+        self._checked.add((slot.name, start))
         if self.dtype != torch.float32:
             vectors = vectors.to(self.dtype).to(torch.float32)
-        layout = ParamLayout((TensorSlot(slot.name, slot.shape, 0, theta0.numel()),))
+        shape = slot.shape if (start, stop) == (0, slot.stop - slot.start) else (stop - start,)
+        layout = ParamLayout((TensorSlot(slot.name, shape, 0, theta0.numel()),))
         return TaskVectors(theta0, vectors, layout, self.tasks)
+
+    def part_entries(self) -> int:
+        """The columns of a tensor handed at once to an entry-wise method: :data:`PART_BYTES` of float32 task vectors."""
+        return max(1, PART_BYTES // (4 * len(self.experts)))
 
     def require_finite(self, sources: Mapping[str, str] | None = None) -> None:
         """Raise naming the first checkpoint and tensor holding NaN or infinite values (reads every tensor once)."""
@@ -562,39 +597,63 @@ class StreamedTaskVectors:
                 where = f" ({sources[owner]})" if owner in sources else ""
                 _require_finite(state[slot.name], f"{owner}{where}" if where else owner, slot.name)
 
-    def each_tensor(self, merge: Callable[[TaskVectors, int], torch.Tensor], seed: int = 0) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
+    def each_tensor(
+        self, merge: Callable[[TaskVectors, int], torch.Tensor], seed: int = 0, part_entries: int | None = None
+    ) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
         """``(slot, merge(task vectors of the tensor, its seed))`` for every tensor, in layout order.
 
-        Whole-vector statistics the method asks for are counted first, in passes over every tensor
-        (:class:`WholeVectorPasses`); the tensors are then merged in one more pass.
+        With ``part_entries``, ``merge`` is handed each tensor in parts of at most that many consecutive
+        flat entries (column blocks of the ``[T, n]`` task vectors), which an entry-wise method merges as
+        it would the whole tensor (:attr:`~mergebench.methods.registry.MergeMethod.entrywise`); the
+        parts' results are put together into the tensor's. Whole-vector statistics the method asks for
+        are counted first, in passes over every part (:class:`WholeVectorPasses`); the tensors are then
+        merged in one more pass.
         """
         passes = WholeVectorPasses(self.layout.numel, self.device)
         while True:
-            merging = None
-            for position, slot in enumerate(self.layout.slots):
-                passes.start_tensor()
-                part = TensorOfTaskVectors(self.tensor(slot), passes, position)
-                try:
-                    result = merge(part, tensor_seed(seed, slot.name))
-                except StatisticAsked:
-                    if merging:
-                        raise MergebenchError(f"the method asked a whole-vector statistic at tensor {slot.name!r} that earlier tensors did not ask") from None
-                    merging = False
-                    continue
-                if merging is False:
-                    raise MergebenchError(f"the method asked fewer whole-vector statistics at tensor {slot.name!r} than at earlier tensors")
-                if merging is None:
-                    self.passes_run = passes.passes + 1
-                merging = True
-                yield slot, result
+            merging, position = None, 0
+            for slot in self.layout.slots:
+                numel = slot.stop - slot.start
+                width = numel if part_entries is None or numel == 0 else part_entries
+                merged = None
+                for start in range(0, max(numel, 1), max(width, 1)):
+                    passes.start_tensor()
+                    part = TensorOfTaskVectors(self.tensor(slot, start, min(start + width, numel)), passes, position)
+                    position += 1
+                    try:
+                        result = merge(part, tensor_seed(seed, slot.name))
+                    except StatisticAsked:
+                        result = None
+                    del part  # before the next part is read
+                    if result is None:
+                        if merging:
+                            raise MergebenchError(f"the method asked a whole-vector statistic at tensor {slot.name!r} that earlier tensors did not ask") from None
+                        merging = False
+                        continue
+                    if merging is False:
+                        raise MergebenchError(f"the method asked fewer whole-vector statistics at tensor {slot.name!r} than at earlier tensors")
+                    if merging is None:
+                        self.passes_run = passes.passes + 1
+                    merging = True
+                    if result.shape[-1] == numel:
+                        merged = result
+                    else:  # the parts' results side by side along their last axis
+                        if merged is None:
+                            merged = torch.empty((*result.shape[:-1], numel), dtype=result.dtype, device=result.device)
+                        merged[..., start : start + result.shape[-1]] = result
+                    del result
+                if merging:
+                    yield slot, merged
             if merging is not False:
                 return
             passes.end_pass()
 
     def merged_vector(self, method, setting: Mapping[str, Any], seed: int = 0) -> torch.Tensor:
-        """τ_m of ``method`` at ``setting`` over every tensor, ``[N]`` (without λ), merged tensor by tensor."""
+        """τ_m of ``method`` at ``setting`` over every tensor, ``[N]`` (without λ), merged tensor by tensor
+        (in column blocks where the method merges entry-wise at ``setting``)."""
         merged = torch.empty(self.layout.numel, device=self.device)
-        for slot, part in self.each_tensor(lambda part, tensor_seed: method.merged_vector(part, setting, seed=tensor_seed), seed):
+        parts = self.part_entries() if method.merges_entrywise(setting) else None
+        for slot, part in self.each_tensor(lambda part, tensor_seed: method.merged_vector(part, setting, seed=tensor_seed), seed, parts):
             merged[slot.start : slot.stop] = part
         return merged
 
@@ -675,7 +734,8 @@ def stream_merge(
     total = len(order)
     done = 0
     try:
-        merged_tensors = streamed.each_tensor(lambda part, tensor_seed: method.merge(part, full_setting, seed=tensor_seed), seed)
+        parts = streamed.part_entries() if method.merges_entrywise(full_setting) else None
+        merged_tensors = streamed.each_tensor(lambda part, tensor_seed: method.merge(part, full_setting, seed=tensor_seed), seed, parts)
         with atomic_folder(out_dir) as partial:
             for file in base_ckpt.files:
                 entries = [base_ckpt.infos[name] for name in sorted(base_ckpt.names_in(file))]
@@ -684,7 +744,7 @@ def stream_merge(
                     for entry in entries:
                         if entry.name in mergeable:
                             _, flat = next(merged_tensors)
-                            if not bool(torch.isfinite(flat).all()):
+                            if not all_finite(flat):
                                 raise MergebenchError(f"method {method.name} produced NaN or infinite values in {entry.name!r}")
                             tensor = flat.reshape(entry.shape).to(device="cpu", dtype=entry.torch_dtype)
                             del flat
@@ -717,8 +777,17 @@ def stream_merge(
     )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinite entry. For the common float dtypes the minimum and maximum are checked (a NaN
+    makes both NaN): one reduction without ``isfinite``'s boolean copy, many times faster."""
+    if tensor.numel() and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        low, high = torch.aminmax(tensor)
+        return bool(torch.isfinite(low) & torch.isfinite(high))
+    return bool(torch.isfinite(tensor).all())
+
+
 def _require_finite(tensor: torch.Tensor, owner: str, name: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise MergebenchError(f"checkpoint {owner!r} has NaN or infinite values in {name!r}")
 
 

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from mergebench.core.checkpoints import StateDict, check_compatible
-from mergebench.core.selection import TopK, kth_smallest
+from mergebench.core.selection import TopK, kth_smallest, row_sums
 from mergebench.errors import MergebenchError
 
 
@@ -98,7 +98,7 @@ class TaskVectors:
         """Per row of ``values`` (``[R, n]``, an entry-wise function of :attr:`vectors`): Σ over the entries
         of the whole task vector that precede the part held (none here; earlier tensors in a streamed
         merge) and Σ over all of it, ``[R, 1]`` float64 each."""
-        total = values.sum(dim=1, keepdim=True, dtype=torch.float64)
+        total = row_sums(values).unsqueeze(1)
         return torch.zeros_like(total), total
 
     def top_k(self, rows: torch.Tensor, k: int, tie_rule: str = "lowest_index", *, magnitude: bool = False) -> TopK:

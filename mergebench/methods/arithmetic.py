@@ -18,7 +18,7 @@ def sum_vectors(vectors: torch.Tensor) -> torch.Tensor:
     return vectors.sum(dim=0)
 
 
-@register("average", citation="Wortsman et al., 2022 (model soups)")
+@register("average", citation="Wortsman et al., 2022 (model soups)", entrywise=True)
 def average(task_vectors: TaskVectors) -> torch.Tensor:
     """Mean of the fine-tuned weights: τ_m = (1/T) Σ_t τ_t."""
     return task_vectors.vectors.mean(dim=0)
@@ -28,6 +28,7 @@ def average(task_vectors: TaskVectors) -> torch.Tensor:
     "task_arithmetic",
     citation="Ilharco et al., 2023 (Editing Models with Task Arithmetic)",
     lam=lam_grid(0.3, LAMBDA_TENTHS),
+    entrywise=True,
 )
 def task_arithmetic(task_vectors: TaskVectors) -> torch.Tensor:
     """Sum of task vectors: θ = θ₀ + λ Σ_t τ_t."""

@@ -103,6 +103,7 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
     "pcb",
     citation="Du et al., 2024 (PCB-Merging)",
     lam=lam_grid(1.2, (0.8, 1.0, 1.2, 1.4)),
+    entrywise=True,
 )
 def pcb(
     task_vectors: TaskVectors,

@@ -120,12 +120,23 @@ class MergeMethod:
     """λ is replaced by a post-scaler, which reads the whole merged task vector (LiNeS's layer depths)."""
     origin: str = BUILTIN
     """``builtin``, or the distribution (or module) of a plugin that registered the method."""
+    entrywise: bool | Callable[[Mapping[str, Any]], bool] = False
+    """Whether τ_m at an entry depends only on that entry's task values and on the whole-vector
+    statistics the method asks of its task vectors (``order_statistics``, ``total``, ``running_totals``,
+    ``top_k``), always or at a setting (a predicate over it): a streamed merge may then hand it a
+    tensor in column blocks (:meth:`merges_entrywise`)."""
 
     @property
     def tensorwise(self) -> bool:
         """Whether each tensor merges from the same tensor of every checkpoint alone (streamable): no data,
         no post-scaler over the whole vector, no upscaled model."""
         return not (self.uses_data or self.post_scaled or self.returns_model)
+
+    def merges_entrywise(self, setting: Mapping[str, Any]) -> bool:
+        """Whether a streamed merge at ``setting`` may hand the method column blocks of a tensor."""
+        if not self.tensorwise:
+            return False
+        return bool(self.entrywise(self.defaults() | dict(setting)) if callable(self.entrywise) else self.entrywise)
 
     @property
     def uses_data(self) -> bool:
@@ -258,6 +269,7 @@ def register(
     data: str = "none",
     examples: int = 0,
     returns_model: bool = False,
+    entrywise: bool | Callable[[Mapping[str, Any]], bool] = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Register ``function`` as merging method ``name``; its signature declares its hyperparameters.
 
@@ -265,7 +277,9 @@ def register(
     scaled onto θ₀; ``data`` is the access the method needs (see :mod:`mergebench.core.data_access`),
     received as the keyword-only ``model``; ``examples`` is how many examples per task it takes under
     ``train-samples`` (its paper's default); ``returns_model`` says the function returns the merged
-    backbone rather than τ_m.
+    backbone rather than τ_m; ``entrywise`` (a bool, or a predicate over a setting) says each entry of
+    τ_m depends only on that entry and on whole-vector statistics asked of the task vectors
+    (:attr:`MergeMethod.entrywise`).
     """
     if data not in DATA_ACCESS:
         raise ValueError(f"unknown data access {data!r}")
@@ -274,6 +288,8 @@ def register(
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
         hparams, injected = declared_hparams(function, name, positional=1)
+        if entrywise and "seed" in injected:
+            raise ValueError(f"method {name!r}: a randomized method draws its masks per tensor, so it cannot be entrywise")
         if ("model" in injected) != (data != "none"):
             raise ValueError(f"method {name!r}: takes 'model' exactly when it declares data access (data={data!r})")
         if lam is not None:
@@ -283,7 +299,7 @@ def register(
             hparams[SCALE] = lam
         METHODS[name] = MergeMethod(
             name, function, hparams, citation, data, "seed" in injected, _summary(function), examples, returns_model,
-            origin=_origin(function),
+            origin=_origin(function), entrywise=entrywise,
         )
         return function
 

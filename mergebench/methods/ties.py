@@ -186,6 +186,7 @@ def ties_merge(task_vectors: TaskVectors, k_percent: float, scope: str, tie_rule
     "ties",
     citation="Yadav et al., 2023 (TIES-Merging)",
     lam=lam_grid(1.0, TIES_LAMBDAS),
+    entrywise=lambda setting: setting["scope"] == "global",  # per_tensor trims over the tensor it is given
 )
 def ties(
     task_vectors: TaskVectors,
