@@ -107,6 +107,10 @@ def main() -> None:
         method = get_method(name)
         setting = method.defaults()
         merge = lambda: method.merge(task_vectors, setting, seed=0)  # noqa: E731
+        try:  # compile (or load) the method's kernels before timing
+            method.merge(random_task_vectors(args.tasks, 1, device), setting, seed=0)
+        except (MergebenchError, torch.OutOfMemoryError):
+            pass
         before = add()
         try:
             seconds = timed(merge, 1 if name in SVD_METHODS else args.repeats, device)

@@ -1,0 +1,243 @@
+"""Fused CPU kernels for the per-entry passes of the data-free merges (compiled with numba).
+
+Each kernel does in one pass over memory what several PyTorch operations do in as many passes (each of
+which reads and writes the whole ``[T, N]`` stack): a merge becomes a few reads of the task vectors,
+close to the cost of reading them once. They take contiguous-row float32 CPU tensors; any other tensor
+(a GPU, 16-bit task vectors) takes the PyTorch expressions of the methods, which compute the same
+numbers in the same order (sums over tasks are taken in task order, t = 0, 1, …, T − 1, on every
+path, so results do not depend on the device or on how columns are cut into blocks).
+
+* :func:`radix_select`: the k-th largest of a row (or of its magnitudes) with the counts of entries
+  greater than and equal to it, by two histogram passes over the bit patterns (16 high bits, then the
+  16 low bits inside the bin found) — no sort, no temporary of the row's size.
+* :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
+  with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
+  entries agreeing with γ, block of columns by block of columns.
+* :func:`masked_sum`: Σ_t m_t ⊙ τ_t / (1 − p) for packed keep-masks m_t (DARE).
+* :func:`pack_at_least`: the bits ``u ≥ p`` of uniform draws, eight to a byte.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; a platform without it merges in PyTorch
+    numba = None
+
+BLOCK = 2048
+"""Columns of a block of :func:`elect_columns`: T·BLOCK·4 bytes of task vectors stay in cache across its
+two loops (sums, then agreeing entries)."""
+
+KEEP_ALL, LOWEST_INDEX, HIGHEST_INDEX = 0, 1, 2
+TIE_CODES = {"keep_all": KEEP_ALL, "lowest_index": LOWEST_INDEX, "highest_index": HIGHEST_INDEX}
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels take these tensors: float32 on the CPU, rows contiguous."""
+    return numba is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and (t.dim() < 2 or t.stride(-1) == 1) and not t.requires_grad for t in tensors
+    )
+
+
+def _jit(function):
+    return numba.njit(cache=True, nogil=True)(function) if numba is not None else function
+
+
+@_jit
+def _key(x, magnitude):
+    """int32 key of a float32 that orders as the float (of |x| with ``magnitude``), −0 as +0."""
+    bits = np.int32(np.float32(x + np.float32(0.0)).view(np.int32))
+    if magnitude:
+        return bits & np.int32(0x7FFFFFFF)
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@_jit
+def _radix_select(row, k, magnitude):
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for x in row:
+        high[(_key(x, magnitude) >> 16) + 32768] += 1
+    above = 0
+    bin_index = (1 << 16) - 1
+    while above + high[bin_index] < k:
+        above += high[bin_index]
+        bin_index -= 1
+    low = np.zeros(1 << 16, dtype=np.int64)
+    wanted = bin_index - 32768
+    for x in row:
+        key = _key(x, magnitude)
+        if (key >> 16) == wanted:
+            low[key & 0xFFFF] += 1
+    low_index = (1 << 16) - 1
+    while above + low[low_index] < k:
+        above += low[low_index]
+        low_index -= 1
+    key = np.int32((wanted << 16) | low_index)
+    if not magnitude:
+        key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+    return np.int32(key).view(np.float32), above, low[low_index]
+
+
+def radix_select(row: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int]:
+    """(k-th largest of ``row`` or of ``|row|``, entries greater, entries equal) for 1 ≤ k ≤ len(row)."""
+    value, greater, equal = _radix_select(row.numpy(), k, magnitude)
+    return torch.tensor(value, dtype=torch.float32), int(greater), int(equal)
+
+
+@_jit
+def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset, scale):
+    """kept[:] = τ̂_t of ``values`` (one task's columns): x where kept by the threshold and tie rule, or
+    x / scale where the packed bit is set, else 0."""
+    width = values.shape[0]
+    if bits.shape[1] > 0:
+        for j in range(width):
+            column = offset + j
+            bit = (bits[t, column >> 3] >> (column & 7)) & 1
+            kept[j] = values[j] / scale if bit else np.float32(0.0)
+        return
+    v = threshold[t]
+    tied = False
+    for j in range(width):
+        magnitude = abs(values[j])
+        kept[j] = values[j] if magnitude > v else np.float32(0.0)
+        tied |= magnitude == v
+    if not tied:
+        return
+    for j in range(width):  # entries at the threshold, in index order
+        if abs(values[j]) == v:
+            keep = True
+            if rule != KEEP_ALL:
+                ties_seen[t] += 1
+                if rule == LOWEST_INDEX:
+                    keep = ties_seen[t] <= ties_to_keep[t]
+                else:
+                    keep = ties_seen[t] > ties_total[t] - ties_to_keep[t]
+            if keep:
+                kept[j] = values[j]
+
+
+@_jit
+def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, scale, mean, merged):
+    num_tasks, width = vectors.shape
+    kept = np.empty((num_tasks, BLOCK), dtype=np.float32)
+    sums = np.empty(BLOCK, dtype=np.float32)
+    signs = np.empty(BLOCK, dtype=np.float32)
+    agreeing = np.empty(BLOCK, dtype=np.float32)
+    counts = np.empty(BLOCK, dtype=np.float32)
+    sign_total = 0
+    undecided = []
+    negative = []
+    for first in range(0, width, BLOCK):
+        n = min(first + BLOCK, width) - first
+        for t in range(num_tasks):
+            _trim_row(vectors[t, first : first + n], kept[t], t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset + first, scale)
+        sums[:n] = kept[0, :n]
+        for t in range(1, num_tasks):
+            for j in range(n):
+                sums[j] += kept[t, j]
+        for j in range(n):
+            signs[j] = np.float32(1.0) if sums[j] > 0 else (np.float32(-1.0) if sums[j] < 0 else np.float32(0.0))
+            agreeing[j] = 0.0
+            counts[j] = 0.0
+        for t in range(num_tasks):
+            for j in range(n):
+                aligned = kept[t, j] * signs[j]
+                agreeing[j] += max(aligned, np.float32(0.0))
+                counts[j] += np.float32(1.0) if aligned > 0 else np.float32(0.0)
+        for j in range(n):
+            sign_total += np.int64(signs[j])
+            if mean:
+                merged[first + j] = signs[j] * agreeing[j] / max(counts[j], np.float32(1.0))
+            else:
+                merged[first + j] = signs[j] * agreeing[j]
+        for j in range(n):  # γ = 0: the value for γ = +1 now, for γ = −1 kept aside
+            if signs[j] != 0:
+                continue
+            positive, negative_sum, positives, negatives = np.float32(0.0), np.float32(0.0), 0, 0
+            for t in range(num_tasks):
+                value = kept[t, j]
+                if value > 0:
+                    positive += value
+                    positives += 1
+                elif value < 0:
+                    negative_sum += value
+                    negatives += 1
+            if positives + negatives == 0:
+                continue
+            undecided.append(first + j)
+            if mean:
+                merged[first + j] = positive / np.float32(max(positives, 1))
+                negative.append(negative_sum / np.float32(max(negatives, 1)))
+            else:
+                merged[first + j] = positive
+                negative.append(negative_sum)
+    return sign_total, np.array(undecided, dtype=np.int64), np.array(negative, dtype=np.float32)
+
+
+NO_BITS = np.zeros((0, 0), dtype=np.uint8)
+
+
+def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None, bits: torch.Tensor | None = None,
+                  offset: int = 0, scale: float = 1.0, mean: bool = True) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """TIES steps 1–3 over the ``[T, w]`` columns ``vectors``, written into ``merged`` (``[w]``).
+
+    The kept entries τ̂_t are those of ``selection`` (a :class:`~mergebench.core.selection.TopK` of the
+    magnitudes, whose tie counts it advances), or those whose bit is set in ``bits`` (``[T, ⌈N/8⌉]``
+    packed, for columns ``offset …``) divided by ``scale``, or every entry. Returns
+    ``(Σ γ, undecided columns, their merged value for γ = −1)``: where Σ_t τ̂_t is exactly 0 with
+    non-zero entries, ``merged`` holds the value for γ = +1."""
+    num_tasks = vectors.shape[0]
+    if selection is None or selection.full:
+        threshold, rule = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL
+    elif selection.empty:
+        threshold, rule = np.full(num_tasks, np.inf, dtype=np.float32), KEEP_ALL
+    else:
+        threshold = selection.value.reshape(-1).to(torch.float32).contiguous().numpy()
+        rule = KEEP_ALL if selection.all_ties_kept else TIE_CODES[selection.rule]
+    counts = (selection.ties_to_keep, selection.ties_total, selection.ties_seen) if selection is not None and not (selection.full or selection.empty) else None
+    none = np.zeros(num_tasks, dtype=np.int64)
+    ties_to_keep, ties_total, ties_seen = (c.numpy() for c in counts) if counts is not None else (none, none, none.copy())
+    sign_total, undecided, negative = _elect_columns(
+        vectors.numpy(), offset, threshold, rule, ties_to_keep, ties_total, ties_seen,
+        NO_BITS if bits is None else bits.numpy(), np.float32(scale), mean, merged.numpy(),
+    )
+    return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
+
+
+@_jit
+def _pack_at_least(draws, p, bits, first):
+    for j in range(draws.shape[0]):
+        column = first + j
+        if draws[j] >= p:
+            bits[column >> 3] |= np.uint8(1 << (column & 7))
+
+
+def pack_at_least(draws: torch.Tensor, p: float, bits: torch.Tensor, first: int) -> None:
+    """Set bit ``first + j`` of ``bits`` (uint8, zeroed) where ``draws[j] ≥ p`` (float32 compare);
+    ``first`` must be a multiple of 8 unless the bytes it shares were left zero by earlier calls."""
+    _pack_at_least(draws.numpy(), np.float32(p), bits.numpy(), first)
+
+
+@_jit
+def _masked_add(row, draws, p, scale, total):
+    for j in range(row.shape[0]):
+        if draws[j] >= p:
+            total[j] += row[j] / scale
+
+
+def masked_add(row: torch.Tensor, draws: torch.Tensor, p: float, total: torch.Tensor) -> None:
+    """``total += where(draws ≥ p, row, 0) / (1 − p)`` in one pass (DARE's drop and rescale)."""
+    _masked_add(row.numpy(), draws.numpy(), np.float32(p), np.float32(1.0 - p), total.numpy())
+
+
+def task_sum(rows: torch.Tensor) -> torch.Tensor:
+    """Σ_t over the first dimension in task order, the order of every kernel (``torch.sum`` over an
+    outer dimension may pair rows differently depending on the width); 16-bit rows are summed in
+    float32, as ``torch.sum`` does, and the sum rounded once."""
+    total = rows[0].to(torch.float32 if rows.element_size() < 4 else rows.dtype, copy=True)
+    for row in rows[1:]:
+        total += row
+    return total.to(rows.dtype)
