@@ -57,3 +57,17 @@ def test_task_sum_is_in_task_order():
     for row in rows[1:]:
         expected = expected + row
     assert torch.equal(kernels.task_sum(rows), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 + 7, 2**63 - 1])
+def test_cpu_random_stream_is_torch_rand(seed):
+    """The kernels' draws are torch.rand's on the CPU: masks u ≥ p for every p, across calls and rows."""
+    draws = torch.rand(3, 1500, generator=torch.Generator().manual_seed(seed))
+    random = kernels.TorchCpuRandom(seed)
+    for p in (0.3, 0.5):
+        bits = torch.zeros(3, 188, dtype=torch.uint8)
+        random = kernels.TorchCpuRandom(seed)
+        for row_bits in bits:
+            kernels.draw_keep_bits(random, p, row_bits, 1500)
+        unpacked = ((bits.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(3, -1)[:, :1500].bool()
+        assert torch.equal(unpacked, draws >= p)

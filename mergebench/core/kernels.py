@@ -13,8 +13,9 @@ path, so results do not depend on the device or on how columns are cut into bloc
 * :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
   with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
   entries agreeing with γ, block of columns by block of columns.
-* :func:`masked_sum`: Σ_t m_t ⊙ τ_t / (1 − p) for packed keep-masks m_t (DARE).
-* :func:`pack_at_least`: the bits ``u ≥ p`` of uniform draws, eight to a byte.
+* :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's Bernoulli masks are
+  drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`) and equal today's
+  ``torch.rand`` draws bit for bit.
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ def available(*tensors: torch.Tensor) -> bool:
 
 
 def _jit(function):
-    return numba.njit(cache=True, nogil=True)(function) if numba is not None else function
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(function) if numba is not None else function
+
+
+def _jit_apart(function):
+    """A kernel's inner loop compiled as a function of its own (not inlined), which LLVM vectorizes."""
+    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="never")(function) if numba is not None else function
 
 
 @_jit
@@ -87,16 +93,25 @@ def radix_select(row: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tens
     return torch.tensor(value, dtype=torch.float32), int(greater), int(equal)
 
 
+@_jit_apart
+def _unpack_kept(kept, values, bits, scale):
+    """kept = values / scale where the bits (from bit 0 of ``bits[0]``) are set, else 0."""
+    whole_bytes = kept.shape[0] >> 3
+    for byte in range(whole_bytes):
+        packed = np.int32(bits[byte])
+        for i in range(8):
+            kept[8 * byte + i] = values[8 * byte + i] / scale if (packed >> i) & 1 else np.float32(0.0)
+    for j in range(8 * whole_bytes, kept.shape[0]):
+        kept[j] = values[j] / scale if (np.int32(bits[whole_bytes]) >> (j & 7)) & 1 else np.float32(0.0)
+
+
 @_jit
 def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset, scale):
     """kept[:] = τ̂_t of ``values`` (one task's columns): x where kept by the threshold and tie rule, or
     x / scale where the packed bit is set, else 0."""
     width = values.shape[0]
     if bits.shape[1] > 0:
-        for j in range(width):
-            column = offset + j
-            bit = (bits[t, column >> 3] >> (column & 7)) & 1
-            kept[j] = values[j] / scale if bit else np.float32(0.0)
+        _unpack_kept(kept[:width], values, bits[t, offset >> 3 :], scale)
         return
     v = threshold[t]
     tied = False
@@ -190,6 +205,8 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     ``(Σ γ, undecided columns, their merged value for γ = −1)``: where Σ_t τ̂_t is exactly 0 with
     non-zero entries, ``merged`` holds the value for γ = +1."""
     num_tasks = vectors.shape[0]
+    if bits is not None and offset % 8:
+        raise ValueError(f"packed masks are read from byte boundaries: offset {offset} is not a multiple of 8")
     if selection is None or selection.full:
         threshold, rule = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL
     elif selection.empty:
@@ -207,30 +224,101 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 
+class TorchCpuRandom:
+    """The uniform draws of ``torch.rand`` from ``torch.Generator().manual_seed(seed)`` on the CPU, drawn
+    inside the kernels: PyTorch's CPU generator is MT19937 (32-bit outputs, seeded with the seed's low
+    32 bits), and a float32 draw is u = (y mod 2²⁴)·2⁻²⁴ for the next output y, so u ≥ p exactly when
+    y mod 2²⁴ ≥ ⌈p·2²⁴⌉ (p as float32). Same numbers, in the same order, as one ``torch.rand([T, N])``."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = np.zeros(MT_N, dtype=np.uint32)
+        self.draws = np.zeros(MT_N, dtype=np.int32)  # y mod 2²⁴ of the current block of outputs
+        self.position = np.array([MT_N], dtype=np.int64)  # the first draw twists
+        _seed_mt19937(self.state, seed & 0xFFFFFFFF)
+
+    @staticmethod
+    def threshold(p: float) -> int:
+        """The least y mod 2²⁴ whose draw u is ≥ p (p compared as float32, as ``u >= p`` is)."""
+        return int(np.ceil(float(np.float32(p)) * 2.0**24))
+
+
+MT_N, MT_M = 624, 397
+
+
 @_jit
-def _pack_at_least(draws, p, bits, first):
-    for j in range(draws.shape[0]):
-        column = first + j
-        if draws[j] >= p:
-            bits[column >> 3] |= np.uint8(1 << (column & 7))
-
-
-def pack_at_least(draws: torch.Tensor, p: float, bits: torch.Tensor, first: int) -> None:
-    """Set bit ``first + j`` of ``bits`` (uint8, zeroed) where ``draws[j] ≥ p`` (float32 compare);
-    ``first`` must be a multiple of 8 unless the bytes it shares were left zero by earlier calls."""
-    _pack_at_least(draws.numpy(), np.float32(p), bits.numpy(), first)
+def _seed_mt19937(state, seed):
+    state[0] = np.uint32(seed)
+    for j in range(1, MT_N):
+        previous = np.uint64(state[j - 1])
+        state[j] = np.uint32((np.uint64(1812433253) * (previous ^ (previous >> np.uint64(30))) + np.uint64(j)) & np.uint64(0xFFFFFFFF))
 
 
 @_jit
-def _masked_add(row, draws, p, scale, total):
-    for j in range(row.shape[0]):
-        if draws[j] >= p:
-            total[j] += row[j] / scale
+def _twist_pair(state, i, following, shifted):
+    y = (state[i] & np.uint32(0x80000000)) | (state[following] & np.uint32(0x7FFFFFFF))
+    state[i] = state[shifted] ^ (y >> np.uint32(1)) ^ (np.uint32(0x9908B0DF) * (y & np.uint32(1)))
 
 
-def masked_add(row: torch.Tensor, draws: torch.Tensor, p: float, total: torch.Tensor) -> None:
-    """``total += where(draws ≥ p, row, 0) / (1 − p)`` in one pass (DARE's drop and rescale)."""
-    _masked_add(row.numpy(), draws.numpy(), np.float32(p), np.float32(1.0 - p), total.numpy())
+@_jit
+def _next_block(state, draws):
+    """Advance MT19937 by one state (624 outputs) and temper them into ``draws`` (low 24 bits)."""
+    for i in range(MT_N - MT_M):
+        _twist_pair(state, i, i + 1, i + MT_M)
+    for i in range(MT_N - MT_M, MT_N - 1):
+        _twist_pair(state, i, i + 1, i + MT_M - MT_N)
+    _twist_pair(state, MT_N - 1, 0, MT_M - 1)
+    for i in range(MT_N):
+        y = state[i]
+        y ^= y >> np.uint32(11)
+        y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+        y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+        y ^= y >> np.uint32(18)
+        draws[i] = np.int32(y & np.uint32(0xFFFFFF))
+
+
+@_jit
+def _draw_keep_bits(state, draws, position, count, threshold, bits):
+    at = position[0]
+    for byte in range((count + 7) // 8):
+        packed = 0
+        for i in range(min(8, count - 8 * byte)):
+            if at == MT_N:
+                _next_block(state, draws)
+                at = 0
+            packed |= (1 << i) if draws[at] >= threshold else 0
+            at += 1
+        bits[byte] = np.uint8(packed)
+    position[0] = at
+
+
+def draw_keep_bits(random: TorchCpuRandom, p: float, bits: torch.Tensor, count: int) -> None:
+    """Pack the next ``count`` draws' ``u ≥ p`` into ``bits`` (uint8, bit j of byte j // 8)."""
+    _draw_keep_bits(random.state, random.draws, random.position, count, TorchCpuRandom.threshold(p), bits.numpy())
+
+
+@_jit_apart
+def _add_kept(total, row, draws, threshold, scale):
+    for i in range(total.shape[0]):
+        total[i] += row[i] / scale if draws[i] >= threshold else np.float32(0.0)
+
+
+@_jit
+def _dropped_add(state, draws, position, row, threshold, scale, total):
+    at, j = position[0], 0
+    while j < row.shape[0]:
+        if at == MT_N:
+            _next_block(state, draws)
+            at = 0
+        step = min(MT_N - at, row.shape[0] - j)
+        _add_kept(total[j : j + step], row[j : j + step], draws[at : at + step], threshold, scale)
+        at += step
+        j += step
+    position[0] = at
+
+
+def dropped_add(random: TorchCpuRandom, row: torch.Tensor, p: float, total: torch.Tensor) -> None:
+    """``total += where(u ≥ p, row, 0) / (1 − p)`` with the next draws u (DARE's drop and rescale)."""
+    _dropped_add(random.state, random.draws, random.position, row.numpy(), TorchCpuRandom.threshold(p), np.float32(1.0 - p), total.numpy())
 
 
 def task_sum(rows: torch.Tensor) -> torch.Tensor:

@@ -47,12 +47,14 @@ class DropMask:
     def __init__(self, vectors: torch.Tensor, p: float, seed: int) -> None:
         self.p = p
         self.bits = torch.zeros((vectors.shape[0], (vectors.shape[1] + 7) // 8), dtype=torch.uint8, device=vectors.device)
+        if kernels.available(vectors):
+            random = kernels.TorchCpuRandom(seed)
+            for task_bits in self.bits:
+                kernels.draw_keep_bits(random, p, task_bits, vectors.shape[1])
+            return
         for task, columns, draws in uniform_draws(vectors, seed):
-            if kernels.available(draws):
-                kernels.pack_at_least(draws, p, self.bits[task], columns.start)
-            else:
-                kept = torch.nn.functional.pad(draws >= p, (0, -(columns.stop - columns.start) % 8)).view(-1, 8).to(torch.uint8)
-                self.bits[task, columns.start // 8 : (columns.stop + 7) // 8] = (kept << BIT_POSITIONS.to(kept.device)).sum(dim=1, dtype=torch.uint8)
+            kept = torch.nn.functional.pad(draws >= p, (0, -(columns.stop - columns.start) % 8)).view(-1, 8).to(torch.uint8)
+            self.bits[task, columns.start // 8 : (columns.stop + 7) // 8] = (kept << BIT_POSITIONS.to(kept.device)).sum(dim=1, dtype=torch.uint8)
 
     def keep(self, columns: slice) -> torch.Tensor:
         """Boolean ``[T, c]`` mask of ``columns`` (``columns.start`` a multiple of 8)."""
@@ -76,16 +78,17 @@ def drop_and_rescale(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor
 
 
 def dropped_sum(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Σ_t τ̃_t without holding the ``[T, N]`` sparsified stack (one fused pass per chunk on the CPU)."""
+    """Σ_t τ̃_t without holding the ``[T, N]`` sparsified stack (on the CPU one fused pass per task)."""
     if p == 0:
         return sum_vectors(vectors)
     total = torch.zeros_like(vectors[0])
+    if kernels.available(vectors):
+        random = kernels.TorchCpuRandom(seed)
+        for row in vectors:
+            kernels.dropped_add(random, row, p, total)
+        return total
     for task, columns, draws in uniform_draws(vectors, seed):
-        row = vectors[task, columns]
-        if kernels.available(row):
-            kernels.masked_add(row, draws, p, total[columns])
-        else:
-            total[columns] += row.where(draws >= p, 0.0).div_(1.0 - p)
+        total[columns] += vectors[task, columns].where(draws >= p, 0.0).div_(1.0 - p)
     return total
 
 
