@@ -12,6 +12,9 @@ FUSED_METHODS = [
     ("ties", {}), ("ties", {"scope": "per_tensor"}), ("ties", {"tie_rule": "keep_all"}), ("ties", {"tie_rule": "highest_index"}),
     ("ties", {"zero_sign": "positive"}), ("ties", {"k": 100.0}), ("ties", {"k": 0.0}), ("dare", {}), ("dare", {"p": 0.9}),
     ("dare_ties", {}), ("dare_ties", {"p": 0.0}), ("consensus_ties", {}), ("breadcrumbs_ties", {}), ("della", {}),
+    ("breadcrumbs", {}), ("breadcrumbs", {"tie_rule": "highest_index"}), ("breadcrumbs", {"scope": "per_tensor"}),
+    ("breadcrumbs", {"top_masked": 0.0}), ("breadcrumbs", {"density": 0.0, "top_masked": 0.0}), ("breadcrumbs", {"density": 1.0}),
+    ("breadcrumbs", {"density": 0.3, "top_masked": 0.2, "tie_rule": "highest_index"}),
 ]
 
 

@@ -224,6 +224,95 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 
+@_jit
+def _select_descending(values, k):
+    """The k-th largest of ``values`` (1 ≤ k ≤ len), partially ordering ``values`` in place so that the
+    k − 1 entries before position k − 1 are ≥ it (quickselect, median-of-three pivots)."""
+    target, low, high = k - 1, 0, values.shape[0] - 1
+    while low < high:
+        middle = (low + high) >> 1
+        a, b, c = values[low], values[middle], values[high]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = low, high
+        while i <= j:
+            while values[i] > pivot:
+                i += 1
+            while values[j] < pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            high = j
+        elif target >= i:
+            low = i
+        else:
+            break
+    return values[target]
+
+
+@_jit
+def _top_rank_rule(magnitudes, k, rule):
+    """(threshold v, ties kept, ties before the kept ones) of the top-k of ``magnitudes`` (a scratch
+    copy it reorders): entries > v are in; of the entries = v, in index order, those after the first
+    ``skip`` and up to ``skip + keep`` are in."""
+    d = magnitudes.shape[0]
+    value = _select_descending(magnitudes, k)
+    greater, equal = 0, 0
+    for j in range(k):  # every entry > v is among the first k − 1 after the select
+        greater += magnitudes[j] > value
+    for j in range(d):
+        equal += magnitudes[j] == value
+    keep = k - greater
+    skip = equal - keep if rule == HIGHEST_INDEX else 0
+    return value, keep, skip
+
+
+@_jit
+def _middle_band(block, d, first, last, rule, out):
+    """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
+    in ``first … last − 1``, else 0."""
+    num_tasks, width = block.shape
+    scratch = np.empty(d, dtype=np.float32)
+    for t in range(num_tasks):
+        for start in range(0, width, d):
+            row = block[t, start : start + d]
+            high_value, high_keep, high_skip = np.float32(np.inf), 0, 0
+            low_value, low_keep, low_skip = np.float32(np.inf), 0, 0
+            everything = last >= d
+            if not everything:
+                for j in range(d):
+                    scratch[j] = abs(row[j])
+                high_value, high_keep, high_skip = _top_rank_rule(scratch, last, rule)
+            if first > 0:
+                for j in range(d):
+                    scratch[j] = abs(row[j])
+                low_value, low_keep, low_skip = _top_rank_rule(scratch, first, rule)
+            high_seen, low_seen = 0, 0
+            for j in range(d):
+                magnitude = abs(row[j])
+                inside = everything or magnitude > high_value
+                if magnitude == high_value:
+                    high_seen += 1
+                    inside = high_skip < high_seen <= high_skip + high_keep
+                above = magnitude > low_value
+                if magnitude == low_value:
+                    low_seen += 1
+                    above = low_skip < low_seen <= low_skip + low_keep
+                out[t, start + j] = row[j] if inside and not above else np.float32(0.0)
+
+
+def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str) -> torch.Tensor:
+    """Each task's ``[T, c]`` columns (c a multiple of d) with every d-entry row masked to its magnitude
+    ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an index rule): Breadcrumbs."""
+    out = torch.empty(block.shape, dtype=block.dtype)
+    if last <= 0:
+        return out.zero_()
+    _middle_band(block.numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
+    return out
+
+
 class TorchCpuRandom:
     """The uniform draws of ``torch.rand`` from ``torch.Generator().manual_seed(seed)`` on the CPU, drawn
     inside the kernels: PyTorch's CPU generator is MT19937 (32-bit outputs, seeded with the seed's low
