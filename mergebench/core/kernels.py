@@ -224,83 +224,129 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 
-@_jit
-def _select_descending(values, k):
-    """The k-th largest of ``values`` (1 ≤ k ≤ len), partially ordering ``values`` in place so that the
-    k − 1 entries before position k − 1 are ≥ it (quickselect, median-of-three pivots)."""
-    target, low, high = k - 1, 0, values.shape[0] - 1
-    while low < high:
-        middle = (low + high) >> 1
-        a, b, c = values[low], values[middle], values[high]
-        pivot = max(min(a, b), min(max(a, b), c))
-        i, j = low, high
-        while i <= j:
-            while values[i] > pivot:
-                i += 1
-            while values[j] < pivot:
-                j -= 1
-            if i <= j:
-                values[i], values[j] = values[j], values[i]
-                i += 1
-                j -= 1
-        if target <= j:
-            high = j
-        elif target >= i:
-            low = i
-        else:
-            break
-    return values[target]
+@_jit_apart
+def _count_at_least(keys, candidate):
+    count = np.int32(0)
+    for j in range(keys.shape[0]):
+        count += np.int32(keys[j] >= candidate)
+    return count
+
+
+@_jit_apart
+def _magnitude_keys(bits, keys):
+    for j in range(keys.shape[0]):
+        keys[j] = bits[j] & np.int32(0x7FFFFFFF)
 
 
 @_jit
-def _top_rank_rule(magnitudes, k, rule):
-    """(threshold v, ties kept, ties before the kept ones) of the top-k of ``magnitudes`` (a scratch
-    copy it reorders): entries > v are in; of the entries = v, in index order, those after the first
-    ``skip`` and up to ``skip + keep`` are in."""
-    d = magnitudes.shape[0]
-    value = _select_descending(magnitudes, k)
-    greater, equal = 0, 0
-    for j in range(k):  # every entry > v is among the first k − 1 after the select
-        greater += magnitudes[j] > value
-    for j in range(d):
-        equal += magnitudes[j] == value
+def _at_least(keys, value, out):
+    """The keys ≥ ``value``, in index order, as a prefix of ``out``."""
+    count = 0
+    for j in range(keys.shape[0]):  # written always, kept when ≥: no branch on the data
+        out[count] = keys[j]
+        count += keys[j] >= value
+    return out[:count]
+
+
+@_jit
+def _kth_largest_key(keys, k, scratch):
+    """The k-th largest of non-negative int32 ``keys`` (1 ≤ k ≤ len): the largest v with at least k keys
+    ≥ v, found bit by bit below the bits all keys share, each bit one vectorized count (no branches on
+    the data, unlike a quickselect). Once the exponent bits are known, only the keys sharing them are
+    searched further (gathered into ``scratch``)."""
+    high, low = keys.max(), keys.min()
+    free_bits = 0
+    while (high ^ low) >> free_bits:
+        free_bits += 1
+    value = high & ~((np.int32(1) << free_bits) - 1) if free_bits < 31 else np.int32(0)
+    searched = keys
+    for bit in range(free_bits - 1, -1, -1):
+        if bit == 22 and searched.shape[0] == keys.shape[0]:  # exponent known: keep its keys only
+            k -= _count_at_least(keys, value + (np.int32(1) << 23)) if value < np.int32(0x7F800000) else 0
+            searched = _at_least(keys, value, scratch)
+            searched = _below(searched, value + (np.int32(1) << 23))
+        candidate = value | (np.int32(1) << bit)
+        if _count_at_least(searched, candidate) >= k:
+            value = candidate
+    return value
+
+
+@_jit
+def _below(keys, value):
+    """The keys < ``value`` moved to the front of ``keys`` (in place), as a prefix."""
+    count = 0
+    for j in range(keys.shape[0]):
+        keys[count] = keys[j]
+        count += keys[j] < value
+    return keys[:count]
+
+
+@_jit
+def _top_rank_rule(keys, k, rule, scratch):
+    """(threshold key v, ties kept, ties skipped first) of the top-k of magnitude ``keys``: keys > v are
+    in; of the keys = v, in index order, those after the first ``skip`` and up to ``skip + keep``."""
+    value = _kth_largest_key(keys, k, scratch)
+    greater, equal = np.int32(0), np.int32(0)
+    for j in range(keys.shape[0]):
+        greater += np.int32(keys[j] > value)
+        equal += np.int32(keys[j] == value)
     keep = k - greater
     skip = equal - keep if rule == HIGHEST_INDEX else 0
     return value, keep, skip
 
 
 @_jit
-def _middle_band(block, d, first, last, rule, out):
+def _middle_band(block, bits, d, first, last, rule, out):
     """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
-    in ``first … last − 1``, else 0."""
+    in ``first … last − 1``, else 0 (``bits``: the block's float32 bit patterns as int32)."""
     num_tasks, width = block.shape
-    scratch = np.empty(d, dtype=np.float32)
+    keys = np.empty(d, dtype=np.int32)
+    top_keys = np.empty(d, dtype=np.int32)
+    scratch = np.empty(d, dtype=np.int32)
+    everything = last >= d
+    unbounded = np.int32(0x7FFFFFFF)  # above every finite magnitude's key
+    # an entry is in the band when its key is > the outer edge's and ≤ the inner edge's, the edges
+    # themselves decided by the tie rule; without an outer edge (the band reaches rank d − 1) every key
+    # is > −1, without an inner one (rank 0) every key is ≤ the largest
     for t in range(num_tasks):
         for start in range(0, width, d):
             row = block[t, start : start + d]
-            high_value, high_keep, high_skip = np.float32(np.inf), 0, 0
-            low_value, low_keep, low_skip = np.float32(np.inf), 0, 0
-            everything = last >= d
+            _magnitude_keys(bits[t, start : start + d], keys)
+            high_value, high_keep, high_skip = np.int32(-1), 0, 0
+            low_value, low_keep, low_skip = unbounded, 0, 0
+            top = keys
             if not everything:
-                for j in range(d):
-                    scratch[j] = abs(row[j])
-                high_value, high_keep, high_skip = _top_rank_rule(scratch, last, rule)
+                high_value, high_keep, high_skip = _top_rank_rule(keys, last, rule, scratch)
+                top = _at_least(keys, high_value, top_keys)  # the top ranks, where the inner edge lies
             if first > 0:
-                for j in range(d):
-                    scratch[j] = abs(row[j])
-                low_value, low_keep, low_skip = _top_rank_rule(scratch, first, rule)
-            high_seen, low_seen = 0, 0
-            for j in range(d):
-                magnitude = abs(row[j])
-                inside = everything or magnitude > high_value
-                if magnitude == high_value:
-                    high_seen += 1
-                    inside = high_skip < high_seen <= high_skip + high_keep
-                above = magnitude > low_value
-                if magnitude == low_value:
-                    low_seen += 1
-                    above = low_skip < low_seen <= low_skip + low_keep
-                out[t, start + j] = row[j] if inside and not above else np.float32(0.0)
+                low_value, low_keep, low_skip = _top_rank_rule(top, first, rule, scratch)
+            _band(row, keys, high_value, low_value, out[t, start : start + d])
+            if high_keep or low_keep:  # entries at an edge, ranked in index order by the tie rule
+                _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out[t, start : start + d])
+
+
+@_jit_apart
+def _band(row, keys, high_value, low_value, out):
+    for j in range(row.shape[0]):
+        out[j] = row[j] if (keys[j] > high_value) & (keys[j] <= low_value) else np.float32(0.0)
+
+
+@_jit
+def _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out):
+    high_seen, low_seen = 0, 0
+    for j in range(row.shape[0]):
+        key = keys[j]
+        if key != high_value and key != low_value:
+            continue
+        inside = key > high_value
+        if key == high_value:
+            high_seen += 1
+            inside = high_skip < high_seen <= high_skip + high_keep
+        above = key > low_value
+        if key == low_value:
+            low_seen += 1
+            above = low_skip < low_seen <= low_skip + low_keep
+        out[j] = row[j] if inside and not above else np.float32(0.0)
 
 
 def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str) -> torch.Tensor:
@@ -309,7 +355,7 @@ def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: st
     out = torch.empty(block.shape, dtype=block.dtype)
     if last <= 0:
         return out.zero_()
-    _middle_band(block.numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
+    _middle_band(block.numpy(), block.view(torch.int32).numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
     return out
 
 
