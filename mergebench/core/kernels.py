@@ -456,6 +456,48 @@ def dropped_add(random: TorchCpuRandom, row: torch.Tensor, p: float, total: torc
     _dropped_add(random.state, random.draws, random.position, row.numpy(), TorchCpuRandom.threshold(p), np.float32(1.0 - p), total.numpy())
 
 
+@_jit
+def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position, out):
+    """DELLA's MagPrune of every row segment (``starts[i]`` … + k·``widths[i]``, one tensor's rows):
+    drop probability p + ε − 2ε·r/(d − 1) by ascending magnitude rank r (ties: lower index ranked
+    higher), Bernoulli draws in row-major order, survivors divided by 1 − p_i."""
+    num_tasks = vectors.shape[0]
+    high = np.float32(p + epsilon)
+    drop = np.empty(vectors.shape[1], dtype=np.float32)
+    order = np.empty(vectors.shape[1], dtype=np.int64)
+    for t in range(num_tasks):
+        for segment in range(starts.shape[0] - 1):
+            d = widths[segment]
+            step = np.float32(2 * epsilon / (d - 1)) if d > 1 else np.float32(0.0)
+            for start in range(starts[segment], starts[segment + 1], d):
+                if d == 1:
+                    drop[0] = np.float32(p)
+                else:
+                    for j in range(d):  # descending magnitude, then ascending index: one int64 sort
+                        order[j] = (np.int64(0x7FFFFFFF - (bits[t, start + j] & 0x7FFFFFFF)) << 32) | j
+                    ranked = np.sort(order[:d])
+                    for j in range(d):
+                        drop[ranked[j] & 0xFFFFFFFF] = high - step * np.float32(d - 1 - j)
+                for j in range(d):
+                    if position[0] == MT_N:
+                        _next_block(state, draws)
+                        position[0] = 0
+                    u = np.float32(draws[position[0]]) * np.float32(2.0**-24)
+                    position[0] += 1
+                    value = vectors[t, start + j]
+                    out[t, start + j] = value / (np.float32(1.0) - drop[j]) if u >= drop[j] else np.float32(0.0)
+
+
+def magprune(vectors: torch.Tensor, starts: list[int], widths: list[int], p: float, epsilon: float, seed: int) -> torch.Tensor:
+    """DELLA's MagPrune of ``[T, N]`` task vectors whose tensor i spans ``starts[i]`` … ``starts[i + 1]``
+    in rows of ``widths[i]`` entries, with the draws of ``torch.rand([T, N])`` seeded with ``seed``."""
+    random = TorchCpuRandom(seed)
+    out = torch.empty_like(vectors)
+    _magprune(vectors.numpy(), vectors.view(torch.int32).numpy(), np.array(starts, dtype=np.int64), np.array(widths, dtype=np.int64),
+              p, epsilon, random.state, random.draws, random.position, out.numpy())
+    return out
+
+
 def task_sum(rows: torch.Tensor) -> torch.Tensor:
     """Σ_t over the first dimension in task order, the order of every kernel (``torch.sum`` over an
     outer dimension may pair rows differently depending on the width); 16-bit rows are summed in
