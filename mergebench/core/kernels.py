@@ -475,17 +475,28 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
                 else:
                     for j in range(d):  # descending magnitude, then ascending index: one int64 sort
                         order[j] = (np.int64(0x7FFFFFFF - (bits[t, start + j] & 0x7FFFFFFF)) << 32) | j
-                    ranked = np.sort(order[:d])
+                    ranked = order[:d]
+                    ranked.sort()
                     for j in range(d):
                         drop[ranked[j] & 0xFFFFFFFF] = high - step * np.float32(d - 1 - j)
-                for j in range(d):
-                    if position[0] == MT_N:
+                at, j = position[0], 0
+                while j < d:
+                    if at == MT_N:
                         _next_block(state, draws)
-                        position[0] = 0
-                    u = np.float32(draws[position[0]]) * np.float32(2.0**-24)
-                    position[0] += 1
-                    value = vectors[t, start + j]
-                    out[t, start + j] = value / (np.float32(1.0) - drop[j]) if u >= drop[j] else np.float32(0.0)
+                        at = 0
+                    count = min(MT_N - at, d - j)
+                    _prune(vectors[t, start + j : start + j + count], drop[j : j + count], draws[at : at + count], out[t, start + j : start + j + count])
+                    at += count
+                    j += count
+                position[0] = at
+
+
+@_jit_apart
+def _prune(values, drop, draws, out):
+    """out = values / (1 − drop) where the draw u = draws·2⁻²⁴ is ≥ drop, else 0."""
+    for j in range(values.shape[0]):
+        kept = np.float32(draws[j]) * np.float32(2.0**-24) >= drop[j]
+        out[j] = values[j] / (np.float32(1.0) - drop[j]) if kept else np.float32(0.0)
 
 
 def magprune(vectors: torch.Tensor, starts: list[int], widths: list[int], p: float, epsilon: float, seed: int) -> torch.Tensor:
