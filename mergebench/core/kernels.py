@@ -13,20 +13,25 @@ path, so results do not depend on the device or on how columns are cut into bloc
 * :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
   with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
   entries agreeing with γ, block of columns by block of columns.
-* :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's Bernoulli masks are
-  drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`) and equal today's
-  ``torch.rand`` draws bit for bit.
+* :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's and DELLA's Bernoulli
+  masks are drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`, :func:`magprune`)
+  and equal ``torch.rand``'s draws bit for bit.
+* :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by a
+  branch-free bit-by-bit search of the magnitudes' bit patterns.
+* :func:`magprune`: DELLA's rank-dependent drop probabilities (one sort per row) and draws.
+
+``torch.profiler`` does not see the kernels: ``benchmarks/merge_speed.py`` reports their time as the
+time outside PyTorch operators.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; a platform without it merges in PyTorch
-    numba = None
+ENABLED = True
+"""Whether CPU float32 tensors take the kernels (the tests turn them off to compare both paths)."""
 
 BLOCK = 2048
 """Columns of a block of :func:`elect_columns`: T·BLOCK·4 bytes of task vectors stay in cache across its
@@ -38,18 +43,18 @@ TIE_CODES = {"keep_all": KEEP_ALL, "lowest_index": LOWEST_INDEX, "highest_index"
 
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels take these tensors: float32 on the CPU, rows contiguous."""
-    return numba is not None and all(
+    return ENABLED and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and (t.dim() < 2 or t.stride(-1) == 1) and not t.requires_grad for t in tensors
     )
 
 
 def _jit(function):
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(function) if numba is not None else function
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
 
 
 def _jit_apart(function):
     """A kernel's inner loop compiled as a function of its own (not inlined), which LLVM vectorizes."""
-    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="never")(function) if numba is not None else function
+    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="never")(function)
 
 
 @_jit
