@@ -151,7 +151,7 @@ def breadcrumbs_ties(
     zero_sign: ZeroSign = "majority",
 ) -> torch.Tensor:
     """Breadcrumbs mask, then TIES sign election and disjoint mean."""
-    election = ElectedMerge(task_vectors.layout.numel, task_vectors.vectors, zero_sign)
+    election = ElectedMerge(task_vectors.layout.numel, task_vectors.vectors, zero_sign, whole=task_vectors)
     for columns, block in banded_blocks(task_vectors, density, top_masked, scope, tie_rule):
         election.add(columns, block)
     return election.result()

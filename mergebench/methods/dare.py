@@ -92,11 +92,13 @@ def dropped_sum(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return total
 
 
-def dropped_elected_merge(vectors: torch.Tensor, p: float, seed: int, zero_sign: str) -> torch.Tensor:
-    """TIES election and disjoint mean of τ̃_t, reading τ_t and the packed masks (no τ̃ stack is held)."""
+def dropped_elected_merge(task_vectors: TaskVectors, p: float, seed: int, zero_sign: str) -> torch.Tensor:
+    """TIES election and disjoint mean of τ̃_t, reading τ_t and the packed masks (no τ̃ stack is held);
+    the majority sign is the whole task vector's, also in a streamed merge."""
+    vectors = task_vectors.vectors
     if p == 0:
-        return elect_and_merge(vectors, zero_sign)
-    election = ElectedMerge(vectors.shape[1], vectors, zero_sign)
+        return elect_and_merge(vectors, zero_sign, whole=task_vectors)
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, whole=task_vectors)
     election.add(slice(0, vectors.shape[1]), vectors, drop=(DropMask(vectors, p, seed), 1.0 - p))
     return election.result()
 
@@ -121,4 +123,4 @@ def dare(task_vectors: TaskVectors, *, p: DropRate = 0.5, seed: int) -> torch.Te
 )
 def dare_ties(task_vectors: TaskVectors, *, p: DropRate = 0.5, zero_sign: ZeroSign = "majority", seed: int) -> torch.Tensor:
     """Drop and rescale each τ_t, then TIES sign election and disjoint mean."""
-    return dropped_elected_merge(task_vectors.vectors, p, seed, zero_sign)
+    return dropped_elected_merge(task_vectors, p, seed, zero_sign)

@@ -96,7 +96,7 @@ def della(
     task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, zero_sign: ZeroSign = "majority", seed: int
 ) -> torch.Tensor:
     """MagPrune each τ_t, then TIES sign election and disjoint mean."""
-    return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign)
+    return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign, whole=task_vectors)
 
 
 @register(

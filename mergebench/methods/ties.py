@@ -187,9 +187,10 @@ class ElectedMerge:
         return self.merged
 
 
-def elect_and_merge(vectors: torch.Tensor, zero_sign: str = "majority", mean: bool = True) -> torch.Tensor:
-    """TIES steps 2–3 on already sparsified task vectors ``[T, N]``."""
-    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, mean)
+def elect_and_merge(vectors: torch.Tensor, zero_sign: str = "majority", mean: bool = True, whole: TaskVectors | None = None) -> torch.Tensor:
+    """TIES steps 2–3 on already sparsified task vectors ``[T, N]`` (the majority sign over ``whole``'s
+    entire task vectors when given, see :class:`ElectedMerge`)."""
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, mean, whole)
     election.add(slice(0, vectors.shape[1]), vectors)
     return election.result()
 
