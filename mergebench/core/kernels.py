@@ -514,6 +514,36 @@ def magprune(vectors: torch.Tensor, starts: list[int], widths: list[int], p: flo
     return out
 
 
+@_jit
+def _conflict_aware_sum(vectors, starts, n, m, merged):
+    num_tasks = vectors.shape[0]
+    taken = np.zeros(m, dtype=np.bool_)
+    for segment in range(starts.shape[0] - 1):
+        for first in range(starts[segment], starts[segment + 1], m):
+            width = min(m, starts[segment + 1] - first)
+            taken[:width] = False
+            merged[first : first + width] = 0.0
+            for t in range(num_tasks):
+                for _ in range(n):  # the largest available magnitude, the lowest index among equals
+                    best, best_magnitude = -1, np.float32(-1.0)
+                    for j in range(width):
+                        magnitude = abs(vectors[t, first + j])
+                        if not taken[j] and magnitude > best_magnitude:
+                            best, best_magnitude = j, magnitude
+                    if best < 0:
+                        break
+                    taken[best] = True
+                    merged[first + best] += vectors[t, first + best]
+
+
+def conflict_aware_sum(vectors: torch.Tensor, starts: list[int], n: int, m: int) -> torch.Tensor:
+    """CABS: Σ_t of each task's top n magnitudes among the positions of every block of m (blocks cut
+    from each tensor's start ``starts[i]``) that earlier tasks did not take."""
+    merged = torch.empty(vectors.shape[1], dtype=vectors.dtype)
+    _conflict_aware_sum(vectors.numpy(), np.array(starts, dtype=np.int64), n, m, merged.numpy())
+    return merged
+
+
 def task_sum(rows: torch.Tensor) -> torch.Tensor:
     """Σ_t over the first dimension in task order, the order of every kernel (``torch.sum`` over an
     outer dimension may pair rows differently depending on the width); 16-bit rows are summed in
