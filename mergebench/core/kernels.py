@@ -18,7 +18,7 @@ path, so results do not depend on the device or on how columns are cut into bloc
   and equal ``torch.rand``'s draws bit for bit.
 * :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by a
   branch-free bit-by-bit search of the magnitudes' bit patterns.
-* :func:`magprune`: DELLA's rank-dependent drop probabilities (one sort per row) and draws.
+* :func:`magprune`: DELLA's rank-dependent drop probabilities (one radix sort per row) and draws.
 
 ``torch.profiler`` does not see the kernels: ``benchmarks/merge_speed.py`` reports their time as the
 time outside PyTorch operators.
@@ -462,14 +462,45 @@ def dropped_add(random: TorchCpuRandom, row: torch.Tensor, p: float, total: torc
 
 
 @_jit
+def _stable_order(keys, order, spare_keys, spare_order, counts):
+    """The indices of non-negative int32 ``keys`` in ascending key order, equal keys in index order: a
+    least-significant-digit radix sort (stable), a byte per pass, skipping bytes all keys share.
+    ``keys`` is overwritten; the answer is a prefix of ``order`` or of ``spare_order``."""
+    d = keys.shape[0]
+    source_keys, source_order, target_keys, target_order = keys, order[:d], spare_keys[:d], spare_order[:d]
+    for j in range(d):
+        source_order[j] = j
+    for shift in range(0, 32, 8):
+        counts[:] = 0
+        for j in range(d):
+            counts[(source_keys[j] >> shift) & 255] += 1
+        if counts.max() == d:
+            continue
+        total = 0
+        for byte in range(256):
+            total, counts[byte] = total + counts[byte], total
+        for j in range(d):
+            byte = (source_keys[j] >> shift) & 255
+            target_keys[counts[byte]] = source_keys[j]
+            target_order[counts[byte]] = source_order[j]
+            counts[byte] += 1
+        source_keys, target_keys = target_keys, source_keys
+        source_order, target_order = target_order, source_order
+    return source_order
+
+
+@_jit
 def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position, out):
     """DELLA's MagPrune of every row segment (``starts[i]`` … + k·``widths[i]``, one tensor's rows):
     drop probability p + ε − 2ε·r/(d − 1) by ascending magnitude rank r (ties: lower index ranked
     higher), Bernoulli draws in row-major order, survivors divided by 1 − p_i."""
     num_tasks = vectors.shape[0]
     high = np.float32(p + epsilon)
-    drop = np.empty(vectors.shape[1], dtype=np.float32)
-    order = np.empty(vectors.shape[1], dtype=np.int64)
+    longest = max(widths.max(), 1)
+    drop = np.empty(longest, dtype=np.float32)
+    keys, spare_keys = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
+    order, spare_order = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
+    counts = np.empty(256, dtype=np.int64)
     for t in range(num_tasks):
         for segment in range(starts.shape[0] - 1):
             d = widths[segment]
@@ -478,12 +509,11 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
                 if d == 1:
                     drop[0] = np.float32(p)
                 else:
-                    for j in range(d):  # descending magnitude, then ascending index: one int64 sort
-                        order[j] = (np.int64(0x7FFFFFFF - (bits[t, start + j] & 0x7FFFFFFF)) << 32) | j
-                    ranked = order[:d]
-                    ranked.sort()
+                    for j in range(d):  # descending magnitude: ascending 0x7FFFFFFF − |x|'s bits
+                        keys[j] = np.int32(0x7FFFFFFF) - (bits[t, start + j] & np.int32(0x7FFFFFFF))
+                    ranked = _stable_order(keys[:d], order, spare_keys, spare_order, counts)
                     for j in range(d):
-                        drop[ranked[j] & 0xFFFFFFFF] = high - step * np.float32(d - 1 - j)
+                        drop[ranked[j]] = high - step * np.float32(d - 1 - j)
                 at, j = position[0], 0
                 while j < d:
                     if at == MT_N:
