@@ -131,6 +131,8 @@ def test_ties_per_tensor_streamed_equals_in_memory(family, tmp_path):
     ("ties", {"k": 30.0, "lam": 0.8, "tie_rule": "keep_all", "zero_sign": "positive"}, 3),
     ("pcb", {"ratio": 0.1, "lam": 1.0}, 5),
     ("pcb", {"ratio": 0.2, "variant": "reference", "lam": 1.2}, 5),
+    ("consensus_ties", {"trim_percent": 30.0, "lam": 0.6}, 5),  # TIES's 4 passes, then the merge
+    ("breadcrumbs_ties", {"lam": 1.0}, 2),  # the majority sign, then the merge
 ])
 def test_whole_vector_statistics_streamed_equal_in_memory_exactly(family, tmp_path, method, setting, passes):
     """Global TIES (top-k over the whole task vector) and PCB (quantiles over the whole task vector):

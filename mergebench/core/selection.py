@@ -36,6 +36,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from mergebench.core import kernels
 from mergebench.errors import MergebenchError
 
 TIE_RULES = ("lowest_index", "highest_index", "keep_all", "descending_sort", "ascending_sort")
@@ -81,6 +82,8 @@ def _radix_select(values: torch.Tensor, k: int, signed: bool) -> tuple[torch.Ten
     """(k-th largest, number of entries greater, number equal) of a long float 1-D tensor.
 
     16-bit floats must be non-negative; float32 may be signed when ``signed``."""
+    if kernels.available(values) and values.is_contiguous():
+        return kernels.radix_select(values, k, magnitude=False)
     if values.element_size() == 2:
         counts = torch.bincount(values.view(torch.int16).to(torch.int32), minlength=1 << 15)
         at_or_above = counts.flip(0).cumsum(0).flip(0)
@@ -153,7 +156,11 @@ class TopK:
             return cls(torch.zeros((num_rows, 1), dtype=rows.dtype, device=rows.device), empty, empty, k, d, tie_rule)
         radix = rows.dtype in _RADIX_DTYPES and d >= RADIX_MIN_LENGTH and (magnitude or rows.element_size() == 4)
         if radix:
-            selected = [_radix_select(row.abs() if magnitude else row, k, signed and not magnitude) for row in rows]
+            selected = [
+                kernels.radix_select(row, k, magnitude) if kernels.available(row) and row.is_contiguous()
+                else _radix_select(row.abs() if magnitude else row, k, signed and not magnitude)
+                for row in rows
+            ]
             value = torch.stack([v for v, _, _ in selected]).reshape(num_rows, 1)
             greater = torch.tensor([g for _, g, _ in selected], device=rows.device).reshape(num_rows, 1)
             equal = torch.tensor([e for _, _, e in selected], device=rows.device).reshape(num_rows, 1)

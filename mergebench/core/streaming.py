@@ -41,15 +41,12 @@ the whole flattened vector) and majority sign, PCB's magnitude quantiles and sco
 streamed merge answers them in passes over every tensor before the merging pass
 (:class:`WholeVectorPasses`: for an order statistic a histogram of the values' top 16 bits, then of the
 low 16 bits inside the bin that holds the rank; for sums one pass), so the streamed result equals the
-in-memory one exactly; each statistic costs one or two extra reading passes. What stays per tensor:
-
-* ``consensus_ties`` trims its TIES step per tensor;
-* the TIES sign election of ``dare_ties``, ``della``, ``breadcrumbs_ties`` and ``consensus_ties``
-  resolves an entry whose task values sum to exactly zero with the majority sign of that tensor (with
-  ``zero_sign="majority"``; ``"positive"`` needs no statistic);
-* Randomized methods (DARE, DELLA) draw tensor ``name``'s masks from a generator seeded with
-  :func:`tensor_seed` ``(seed, name)``, so masks differ across tensors but are reproducible; they are
-  not the masks of an in-memory merge with the same seed.
+in-memory one exactly; each statistic costs one or two extra reading passes. The same holds for
+``consensus_ties``'s global trim and for the majority sign of every TIES-style method (``dare_ties``,
+``della``, ``breadcrumbs_ties``, ``consensus_ties``). What stays per tensor: randomized methods (DARE,
+DELLA) draw tensor ``name``'s masks from a generator seeded with :func:`tensor_seed` ``(seed, name)``,
+so masks differ across tensors but are reproducible; they are not the masks of an in-memory merge
+with the same seed.
 
 Methods that need the whole model are refused: data-using methods (Fisher, RegMean, AdaMerging) and
 post-scalers such as LiNeS (``lines``, ``<method>+lines``), whose per-layer coefficients depend on
@@ -105,9 +102,10 @@ TV_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat
 """Storage dtypes of task vectors (``--tv-dtype``): ``bf16`` rounds each τ_t = θ_t − θ₀ to bfloat16."""
 
 PER_TENSOR_NOTES: dict[str, str] = {
-    "consensus_ties": "the TIES trim of consensus_ties is taken per tensor when streaming",
+    name: f"{name} draws its random masks per tensor (seeded with the seed and the tensor's name) when streaming"
+    for name in ("dare", "dare_ties", "della", "della_linear")
 }
-"""Methods whose whole-vector statistics become per-tensor statistics in a streamed merge."""
+"""Methods whose streamed merge is not their in-memory merge (every whole-vector statistic is exact)."""
 
 REFUSED_REASON = "needs the whole model at once (data access or per-layer coefficients), which a streamed merge does not hold"
 

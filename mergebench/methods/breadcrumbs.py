@@ -43,6 +43,7 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core import kernels
 from mergebench.core.task_vectors import TaskVectors, TensorSlot
 from mergebench.methods.arithmetic import sum_vectors
 from mergebench.methods.registry import HParam, lam_grid, register
@@ -52,6 +53,7 @@ from mergebench.methods.ties import ElectedMerge, ZeroSign
 BREADCRUMBS_CITATION = "Davari & Belilovsky, 2024 (Model Breadcrumbs)"
 SCOPES = ("per_row", "per_tensor")
 BAND_TIE_RULES = ("lowest_index", "highest_index", "ascending_sort")
+INDEX_TIE_RULES = ("lowest_index", "highest_index")
 
 
 def row_view(block: torch.Tensor, slot: TensorSlot, scope: str) -> torch.Tensor:
@@ -82,7 +84,12 @@ def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, 
             continue
         d = slot.shape[-1] if scope == "per_row" else block.shape[1]
         for columns in column_chunks(slot.start, slot.stop, vectors.shape[0], multiple=d):
-            rows = vectors[:, columns].reshape(-1, d)
+            block = vectors[:, columns]
+            if kernels.available(block) and tie_rule in INDEX_TIE_RULES:
+                first = int(d * top_masked)
+                yield columns, kernels.middle_band(block, d, first, first + int(d * density), tie_rule)
+                continue
+            rows = block.reshape(-1, d)
             yield columns, rows.where(middle_band(rows, density, top_masked, tie_rule), 0.0).reshape(vectors.shape[0], -1)
 
 
@@ -144,7 +151,7 @@ def breadcrumbs_ties(
     zero_sign: ZeroSign = "majority",
 ) -> torch.Tensor:
     """Breadcrumbs mask, then TIES sign election and disjoint mean."""
-    election = ElectedMerge(task_vectors.layout.numel, task_vectors.vectors, zero_sign)
+    election = ElectedMerge(task_vectors.layout.numel, task_vectors.vectors, zero_sign, whole=task_vectors)
     for columns, block in banded_blocks(task_vectors, density, top_masked, scope, tie_rule):
         election.add(columns, block)
     return election.result()

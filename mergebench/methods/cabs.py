@@ -27,7 +27,7 @@ Assumptions where the code does not decide: for more than two tasks the same rul
 sequentially; a trailing block shorter than m (tensor size not a multiple of m) keeps its top n like
 any block (the GLUE script zeros it, the 7B script requires divisibility); the 7B script's special
 case for n ≥ m/2, where the second task also reuses half of each block, is not reproduced.
-Magnitude ties are broken by ``torch.topk``.
+Of magnitudes tied at a block's n-th place, the lowest-index entries are kept (a stable sort).
 Defaults: 3:32 is the authors' RoBERTa-GLUE setting (90.6 % sparsity, leaving room for up to 10
 disjoint tasks); n ∈ {2, 3, 4} keeps 8 tasks disjoint. λ ∈ [0.4, 1.0] in their GLUE sweep, 1.2 in
 their 7B recipe.
@@ -39,6 +39,7 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core import kernels
 from mergebench.core.selection import column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
@@ -56,7 +57,8 @@ def conflict_aware_n_m(block: torch.Tensor, n: int, m: int) -> torch.Tensor:
     masks = torch.zeros_like(magnitudes, dtype=torch.bool)
     for task in range(num_tasks):
         scores = magnitudes[task].masked_fill(taken, -1.0)
-        chosen = torch.zeros_like(taken).scatter_(1, scores.topk(min(n, m), dim=1).indices, True)
+        best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : min(n, m)]
+        chosen = torch.zeros_like(taken).scatter_(1, best, True)
         masks[task] = chosen & ~taken
         taken |= masks[task]
     return masks.reshape(num_tasks, -1)[:, :numel]
@@ -92,6 +94,12 @@ def cabs(
     m: Annotated[int, HParam("block length m of n:m pruning", low=1)] = 32,
 ) -> torch.Tensor:
     """Sequential disjoint n:m pruning of the task vectors, then Task Arithmetic."""
+    vectors = task_vectors.vectors
+    if n > m:
+        raise MergebenchError(f"CABS needs n <= m (got {n}:{m})")
+    if kernels.available(vectors) and vectors.is_contiguous():
+        starts = [slot.start for slot in task_vectors.layout.slots] + [vectors.shape[1]]
+        return kernels.conflict_aware_sum(vectors, starts, n, m)
     merged = torch.empty_like(task_vectors.pretrained)
     for columns, masks in masked_blocks(task_vectors, n, m):
         merged[columns] = sum_vectors(task_vectors.vectors[:, columns].where(masks, 0.0))

@@ -43,8 +43,8 @@ import torch
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.arithmetic import sum_vectors
 from mergebench.methods.registry import HParam, lam_grid, register
-from mergebench.core.selection import TopK, column_chunks
-from mergebench.methods.ties import ElectedMerge, TieRule, disjoint_sum
+from mergebench.core.selection import column_chunks
+from mergebench.methods.ties import ElectedMerge, TieRule
 
 MASK_LAMBDAS = (0.2, 0.4, 0.6)  # the authors' per-task λ_t grid is {0.2, 0.3, 0.4, 0.5, 0.6}
 CONSENSUS_LAMBDAS = (0.2, 0.4, 0.6, 0.8, 1.0)  # the authors sweep {0.1, …, 1.0}
@@ -65,13 +65,13 @@ def consensus_mask(task_vectors: TaskVectors, multi_task_vector: torch.Tensor, m
     return mask
 
 
-def ties_disjoint_sum(vectors: torch.Tensor, trim_percent: float, tie_rule: str = "lowest_index") -> torch.Tensor:
-    """TIES with the authors' "dis-sum": top-k% global trim, elected sign γ, Σ_t of agreeing entries."""
-    election = ElectedMerge(vectors.shape[1], vectors, combine=disjoint_sum)
-    selection = TopK.of_magnitudes(vectors, int(vectors.shape[1] * trim_percent / 100), tie_rule)
-    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
-        block = vectors[:, columns]
-        election.add(columns, block.where(selection.keep(block.abs()), 0.0))
+def ties_disjoint_sum(task_vectors: TaskVectors, trim_percent: float, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """TIES with the authors' "dis-sum": top-k% global trim, elected sign γ, Σ_t of agreeing entries
+    (threshold and majority sign over the whole task vector, also in a streamed merge)."""
+    vectors = task_vectors.vectors
+    election = ElectedMerge(vectors.shape[1], vectors, mean=False, whole=task_vectors)
+    selection = task_vectors.top_k(vectors, int(task_vectors.entries * trim_percent / 100), tie_rule, magnitude=True)
+    election.add(slice(0, vectors.shape[1]), vectors, selection)
     return election.result()
 
 
@@ -105,5 +105,5 @@ def consensus_ties(
     tie_rule: TieRule = "lowest_index",
 ) -> torch.Tensor:
     """TIES (disjoint sum) restricted to the entries at least k tasks' TALL masks agree on."""
-    multi_task_vector = ties_disjoint_sum(task_vectors.vectors, trim_percent, tie_rule)
+    multi_task_vector = ties_disjoint_sum(task_vectors, trim_percent, tie_rule)
     return multi_task_vector * consensus_mask(task_vectors, multi_task_vector, mask_lambda, k)

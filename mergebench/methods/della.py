@@ -36,6 +36,7 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core import kernels
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
 from mergebench.methods.arithmetic import sum_vectors
@@ -68,6 +69,9 @@ def magprune(task_vectors: TaskVectors, p: float, epsilon: float, seed: int) -> 
     if not (0.0 <= p - epsilon and p + epsilon < 1.0):
         raise MergebenchError(f"DELLA needs 0 <= p - epsilon and p + epsilon < 1 (got p={p}, epsilon={epsilon})")
     vectors = task_vectors.vectors
+    if kernels.available(vectors) and vectors.is_contiguous():
+        slots = [(slot.start, slot.stop, slot.shape[-1] if len(slot.shape) else 1) for slot in task_vectors.layout.slots if slot.stop > slot.start]
+        return kernels.magprune(vectors, [start for start, _, _ in slots] + [vectors.shape[1]], [d for _, _, d in slots], p, epsilon, seed)
     pruned = torch.empty_like(vectors)
     generator = torch.Generator(device=vectors.device).manual_seed(seed)
     for task in range(vectors.shape[0]):
@@ -92,7 +96,7 @@ def della(
     task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, zero_sign: ZeroSign = "majority", seed: int
 ) -> torch.Tensor:
     """MagPrune each τ_t, then TIES sign election and disjoint mean."""
-    return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign)
+    return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign, whole=task_vectors)
 
 
 @register(

@@ -33,7 +33,9 @@ from typing import Annotated
 
 import torch
 
-from mergebench.core.selection import TIE_RULES, TopK, column_chunks
+from mergebench.core import kernels
+from mergebench.core.kernels import task_sum
+from mergebench.core.selection import TIE_RULES, SortedTopK, TopK, column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.registry import HParam, lam_grid, register
 
@@ -73,29 +75,30 @@ def trim_selections(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent:
         yield slot.start, slot.stop, TopK.of_magnitudes(vectors[:, slot.start : slot.stop], keep, tie_rule)
 
 
-def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, tie_rule: str = "lowest_index") -> torch.Tensor:
-    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``."""
-    selection = TopK.of_magnitudes(vectors, int(vectors.shape[1] * k_percent / 100), tie_rule)
+def trimmed_columns(vectors: torch.Tensor, selections) -> torch.Tensor:
+    """τ̂: ``vectors`` with the entries outside each ``(start, stop, TopK)`` selection zeroed."""
     trimmed = torch.empty_like(vectors)
-    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
-        block = vectors[:, columns]
-        torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
-    return trimmed
-
-
-def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str, tie_rule: str = "lowest_index") -> torch.Tensor:
-    """TIES trim step, over the whole task vector or per parameter tensor."""
-    trimmed = torch.empty_like(vectors)
-    for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
+    for start, stop, selection in selections:
         for columns in column_chunks(start, stop, vectors.shape[0]):
             block = vectors[:, columns]
             torch.where(selection.keep(block.abs()), block, block.new_zeros(()), out=trimmed[:, columns])
     return trimmed
 
 
+def keep_top_magnitudes(vectors: torch.Tensor, k_percent: float, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """Zero all but the ⌊k%·d⌋ largest-magnitude entries of each row of ``[T, d]``."""
+    d = vectors.shape[1]
+    return trimmed_columns(vectors, [(0, d, TopK.of_magnitudes(vectors, int(d * k_percent / 100), tie_rule))])
+
+
+def trim(task_vectors: TaskVectors, vectors: torch.Tensor, k_percent: float, scope: str, tie_rule: str = "lowest_index") -> torch.Tensor:
+    """TIES trim step, over the whole task vector or per parameter tensor."""
+    return trimmed_columns(vectors, trim_selections(task_vectors, vectors, k_percent, scope, tie_rule))
+
+
 def elect_signs(vectors: torch.Tensor, zero_sign: str = "majority") -> torch.Tensor:
     """γ = sgn(Σ_t τ_t), zeros resolved to the majority sign (then +1), or to +1."""
-    signs = torch.sign(vectors.sum(dim=0))
+    signs = torch.sign(task_sum(vectors))
     return torch.where(signs == 0, zero_fill(signs.sum(), zero_sign), signs)
 
 
@@ -111,74 +114,95 @@ def disjoint_mean(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     With a_t = γ·τ_t, the agreeing entries are a_t > 0: their mean is γ·Σ max(a_t, 0) / #{a_t > 0}."""
     aligned = vectors * signs
     count = (aligned > 0).sum(dim=0).clamp(min=1).to(vectors.dtype)
-    return signs * aligned.clamp_(min=0).sum(dim=0) / count
+    return signs * task_sum(aligned.clamp_(min=0)) / count
 
 
 def disjoint_sum(vectors: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Σ_t of the entries whose sign equals the elected sign γ (the authors' "dis-sum")."""
-    return signs * (vectors * signs).clamp_(min=0).sum(dim=0)
+    return signs * task_sum((vectors * signs).clamp_(min=0))
 
 
 class ElectedMerge:
-    """TIES steps 2–3 (sign election, then disjoint mean or sum) computed column chunk by column chunk.
+    """TIES steps 2–3 (sign election, then disjoint mean or sum), computed block of columns by block.
 
-    γ = sgn(Σ_t τ_t) is known per column except where the sum is exactly 0, whose sign depends on all
-    columns (the majority of elected signs). Each chunk is merged with its own γ; the few columns with
+    γ = sgn(Σ_t τ̂_t) is known per column except where the sum is exactly 0, whose sign depends on all
+    columns (the majority of elected signs). Each block is merged with its own γ; the few columns with
     a zero sum but non-zero entries are remembered and merged again once the majority is known. With
     ``whole``, the columns are (part of) ``whole``'s task vectors and the majority is taken over all of
     them (:meth:`~mergebench.core.task_vectors.TaskVectors.total`: every tensor of a streamed merge);
-    without it, over the columns added.
+    without it, over the columns added. float32 CPU task vectors go through the fused kernel
+    (:func:`~mergebench.core.kernels.elect_columns`: one pass, no temporaries), others through the
+    PyTorch expressions above, chunk by chunk; both sum over tasks in task order and agree.
     """
 
-    def __init__(
-        self, num_columns: int, like: torch.Tensor, zero_sign: str = "majority", combine=disjoint_mean, whole: TaskVectors | None = None
-    ) -> None:
+    def __init__(self, num_columns: int, like: torch.Tensor, zero_sign: str = "majority", mean: bool = True, whole: TaskVectors | None = None) -> None:
         self.merged = torch.empty(num_columns, dtype=like.dtype, device=like.device)
-        self.zero_sign, self.combine, self.whole = zero_sign, combine, whole
+        self.zero_sign, self.mean, self.whole = zero_sign, mean, whole
         self.sign_total = torch.zeros((), dtype=torch.long, device=like.device)
-        self.undecided: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.undecided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (columns, merged value for γ = −1)
 
-    def add(self, columns: slice, vectors: torch.Tensor) -> None:
-        """Merge the ``[T, c]`` block of (sparsified) task vectors at ``columns``."""
-        signs = torch.sign(vectors.sum(dim=0))
+    def add(self, columns: slice, vectors: torch.Tensor, selection: TopK | None = None, drop=None) -> None:
+        """Merge the ``[T, c]`` task vectors at ``columns``, trimmed to ``selection`` (a top-k of their
+        magnitudes, passed every column left to right) or dropped and rescaled by ``drop`` (a DARE
+        ``(mask, 1 − p)`` over the whole stack, ``columns`` starting at a multiple of 8) when given."""
+        if kernels.available(vectors, self.merged) and not isinstance(selection, SortedTopK):
+            mask, scale = drop if drop is not None else (None, 1.0)
+            sign_total, index, negative = kernels.elect_columns(
+                vectors, self.merged[columns], selection=selection, bits=None if mask is None else mask.bits, offset=columns.start, scale=scale, mean=self.mean
+            )
+            self.sign_total += sign_total
+            if index.numel():
+                self.undecided.append((index + columns.start, negative))
+            return
+        for chunk in column_chunks(columns.start, columns.stop, vectors.shape[0], multiple=8):
+            block = vectors[:, chunk.start - columns.start : chunk.stop - columns.start]
+            if selection is not None:
+                block = block.where(selection.keep(block.abs()), 0.0)
+            if drop is not None:
+                block = block.where(drop[0].keep(chunk), 0.0).div_(drop[1])
+            self._add_block(chunk, block)
+
+    def _add_block(self, columns: slice, vectors: torch.Tensor) -> None:
+        combine = disjoint_mean if self.mean else disjoint_sum
+        signs = torch.sign(task_sum(vectors))
         self.sign_total += signs.sum(dtype=torch.long)
-        self.merged[columns] = self.combine(vectors, signs)
+        self.merged[columns] = combine(vectors, signs)
         zero_sum = (signs == 0).nonzero().squeeze(1)
         if zero_sum.numel():
             candidates = vectors[:, zero_sum]
             undecided = (candidates != 0).any(dim=0)
             if bool(undecided.any()):
-                self.undecided.append((zero_sum[undecided] + columns.start, candidates[:, undecided]))
+                candidates = candidates[:, undecided]
+                self.merged[zero_sum[undecided] + columns.start] = combine(candidates, torch.ones_like(candidates[0]))
+                self.undecided.append((zero_sum[undecided] + columns.start, combine(candidates, -torch.ones_like(candidates[0]))))
 
     def result(self) -> torch.Tensor:
-        """τ_m, once every column was added."""
+        """τ_m, once every column was added (the undecided columns hold their γ = +1 value until now)."""
         sign_total = self.sign_total
         if self.zero_sign == "majority" and self.whole is not None:
             sign_total = self.whole.total(sign_total)
-        fill = zero_fill(sign_total, self.zero_sign)
-        for index, vectors in self.undecided:
-            self.merged[index] = self.combine(vectors, fill.to(vectors.dtype).expand(vectors.shape[1]))
+        if zero_fill(sign_total, self.zero_sign) < 0:
+            for index, negative in self.undecided:
+                self.merged[index] = negative.to(self.merged)
         return self.merged
 
 
-def elect_and_merge(vectors: torch.Tensor, zero_sign: str = "majority", combine=disjoint_mean) -> torch.Tensor:
-    """TIES steps 2–3 on already sparsified task vectors ``[T, N]``."""
-    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, combine)
-    for columns in column_chunks(0, vectors.shape[1], vectors.shape[0]):
-        election.add(columns, vectors[:, columns])
+def elect_and_merge(vectors: torch.Tensor, zero_sign: str = "majority", mean: bool = True, whole: TaskVectors | None = None) -> torch.Tensor:
+    """TIES steps 2–3 on already sparsified task vectors ``[T, N]`` (the majority sign over ``whole``'s
+    entire task vectors when given, see :class:`ElectedMerge`)."""
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, mean, whole)
+    election.add(slice(0, vectors.shape[1]), vectors)
     return election.result()
 
 
-def ties_merge(task_vectors: TaskVectors, k_percent: float, scope: str, tie_rule: str, zero_sign: str, combine=disjoint_mean) -> torch.Tensor:
-    """Trim, elect, disjoint merge in one chunked pass after the top-k thresholds; the global threshold
+def ties_merge(task_vectors: TaskVectors, k_percent: float, scope: str, tie_rule: str, zero_sign: str, mean: bool = True) -> torch.Tensor:
+    """Trim, elect, disjoint merge in one blocked pass after the top-k thresholds; the global threshold
     and the majority sign are those of the whole task vector also when ``task_vectors`` is one tensor of
     a streamed merge."""
     vectors = task_vectors.vectors
-    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, combine, whole=task_vectors)
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, mean, whole=task_vectors)
     for start, stop, selection in trim_selections(task_vectors, vectors, k_percent, scope, tie_rule):
-        for columns in column_chunks(start, stop, vectors.shape[0]):
-            block = vectors[:, columns]
-            election.add(columns, block.where(selection.keep(block.abs()), 0.0))
+        election.add(slice(start, stop), vectors[:, start:stop], selection)
     return election.result()
 
 

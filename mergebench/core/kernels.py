@@ -1,0 +1,584 @@
+"""Fused CPU kernels for the per-entry passes of the data-free merges (compiled with numba).
+
+Each kernel does in one pass over memory what several PyTorch operations do in as many passes (each of
+which reads and writes the whole ``[T, N]`` stack): a merge becomes a few reads of the task vectors,
+close to the cost of reading them once. They take contiguous-row float32 CPU tensors; any other tensor
+(a GPU, 16-bit task vectors) takes the PyTorch expressions of the methods, which compute the same
+numbers in the same order (sums over tasks are taken in task order, t = 0, 1, …, T − 1, on every
+path, so results do not depend on the device or on how columns are cut into blocks).
+
+* :func:`radix_select`: the k-th largest of a row (or of its magnitudes) with the counts of entries
+  greater than and equal to it, by two histogram passes over the bit patterns (16 high bits, then the
+  16 low bits inside the bin found) — no sort, no temporary of the row's size.
+* :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
+  with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
+  entries agreeing with γ, block of columns by block of columns.
+* :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's and DELLA's Bernoulli
+  masks are drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`, :func:`magprune`)
+  and equal ``torch.rand``'s draws bit for bit.
+* :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by a
+  branch-free bit-by-bit search of the magnitudes' bit patterns.
+* :func:`magprune`: DELLA's rank-dependent drop probabilities (one radix sort per row) and draws.
+
+``torch.profiler`` does not see the kernels: ``benchmarks/merge_speed.py`` reports their time as the
+time outside PyTorch operators.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+ENABLED = True
+"""Whether CPU float32 tensors take the kernels (the tests turn them off to compare both paths)."""
+
+BLOCK = 2048
+"""Columns of a block of :func:`elect_columns`: T·BLOCK·4 bytes of task vectors stay in cache across its
+two loops (sums, then agreeing entries)."""
+
+KEEP_ALL, LOWEST_INDEX, HIGHEST_INDEX = 0, 1, 2
+TIE_CODES = {"keep_all": KEEP_ALL, "lowest_index": LOWEST_INDEX, "highest_index": HIGHEST_INDEX}
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels take these tensors: float32 on the CPU, rows contiguous."""
+    return ENABLED and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and (t.dim() < 2 or t.stride(-1) == 1) and not t.requires_grad for t in tensors
+    )
+
+
+def _jit(function):
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
+
+
+def _jit_apart(function):
+    """A kernel's inner loop compiled as a function of its own (not inlined), which LLVM vectorizes."""
+    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="never")(function)
+
+
+@_jit
+def _key(x, magnitude):
+    """int32 key of a float32 that orders as the float (of |x| with ``magnitude``), −0 as +0."""
+    bits = np.int32(np.float32(x + np.float32(0.0)).view(np.int32))
+    if magnitude:
+        return bits & np.int32(0x7FFFFFFF)
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@_jit
+def _radix_select(row, k, magnitude):
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for x in row:
+        high[(_key(x, magnitude) >> 16) + 32768] += 1
+    above = 0
+    bin_index = (1 << 16) - 1
+    while above + high[bin_index] < k:
+        above += high[bin_index]
+        bin_index -= 1
+    low = np.zeros(1 << 16, dtype=np.int64)
+    wanted = bin_index - 32768
+    for x in row:
+        key = _key(x, magnitude)
+        if (key >> 16) == wanted:
+            low[key & 0xFFFF] += 1
+    low_index = (1 << 16) - 1
+    while above + low[low_index] < k:
+        above += low[low_index]
+        low_index -= 1
+    key = np.int32((wanted << 16) | low_index)
+    if not magnitude:
+        key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+    return np.int32(key).view(np.float32), above, low[low_index]
+
+
+def radix_select(row: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int]:
+    """(k-th largest of ``row`` or of ``|row|``, entries greater, entries equal) for 1 ≤ k ≤ len(row)."""
+    value, greater, equal = _radix_select(row.numpy(), k, magnitude)
+    return torch.tensor(value, dtype=torch.float32), int(greater), int(equal)
+
+
+@_jit_apart
+def _unpack_kept(kept, values, bits, scale):
+    """kept = values / scale where the bits (from bit 0 of ``bits[0]``) are set, else 0."""
+    whole_bytes = kept.shape[0] >> 3
+    for byte in range(whole_bytes):
+        packed = np.int32(bits[byte])
+        for i in range(8):
+            kept[8 * byte + i] = values[8 * byte + i] / scale if (packed >> i) & 1 else np.float32(0.0)
+    for j in range(8 * whole_bytes, kept.shape[0]):
+        kept[j] = values[j] / scale if (np.int32(bits[whole_bytes]) >> (j & 7)) & 1 else np.float32(0.0)
+
+
+@_jit
+def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset, scale):
+    """kept[:] = τ̂_t of ``values`` (one task's columns): x where kept by the threshold and tie rule, or
+    x / scale where the packed bit is set, else 0."""
+    width = values.shape[0]
+    if bits.shape[1] > 0:
+        _unpack_kept(kept[:width], values, bits[t, offset >> 3 :], scale)
+        return
+    v = threshold[t]
+    tied = False
+    for j in range(width):
+        magnitude = abs(values[j])
+        kept[j] = values[j] if magnitude > v else np.float32(0.0)
+        tied |= magnitude == v
+    if not tied:
+        return
+    for j in range(width):  # entries at the threshold, in index order
+        if abs(values[j]) == v:
+            keep = True
+            if rule != KEEP_ALL:
+                ties_seen[t] += 1
+                if rule == LOWEST_INDEX:
+                    keep = ties_seen[t] <= ties_to_keep[t]
+                else:
+                    keep = ties_seen[t] > ties_total[t] - ties_to_keep[t]
+            if keep:
+                kept[j] = values[j]
+
+
+@_jit
+def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, scale, mean, merged):
+    num_tasks, width = vectors.shape
+    kept = np.empty((num_tasks, BLOCK), dtype=np.float32)
+    sums = np.empty(BLOCK, dtype=np.float32)
+    signs = np.empty(BLOCK, dtype=np.float32)
+    agreeing = np.empty(BLOCK, dtype=np.float32)
+    counts = np.empty(BLOCK, dtype=np.float32)
+    sign_total = 0
+    undecided = []
+    negative = []
+    for first in range(0, width, BLOCK):
+        n = min(first + BLOCK, width) - first
+        for t in range(num_tasks):
+            _trim_row(vectors[t, first : first + n], kept[t], t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset + first, scale)
+        sums[:n] = kept[0, :n]
+        for t in range(1, num_tasks):
+            for j in range(n):
+                sums[j] += kept[t, j]
+        for j in range(n):
+            signs[j] = np.float32(1.0) if sums[j] > 0 else (np.float32(-1.0) if sums[j] < 0 else np.float32(0.0))
+            agreeing[j] = 0.0
+            counts[j] = 0.0
+        for t in range(num_tasks):
+            for j in range(n):
+                aligned = kept[t, j] * signs[j]
+                agreeing[j] += max(aligned, np.float32(0.0))
+                counts[j] += np.float32(1.0) if aligned > 0 else np.float32(0.0)
+        for j in range(n):
+            sign_total += np.int64(signs[j])
+            if mean:
+                merged[first + j] = signs[j] * agreeing[j] / max(counts[j], np.float32(1.0))
+            else:
+                merged[first + j] = signs[j] * agreeing[j]
+        for j in range(n):  # γ = 0: the value for γ = +1 now, for γ = −1 kept aside
+            if signs[j] != 0:
+                continue
+            positive, negative_sum, positives, negatives = np.float32(0.0), np.float32(0.0), 0, 0
+            for t in range(num_tasks):
+                value = kept[t, j]
+                if value > 0:
+                    positive += value
+                    positives += 1
+                elif value < 0:
+                    negative_sum += value
+                    negatives += 1
+            if positives + negatives == 0:
+                continue
+            undecided.append(first + j)
+            if mean:
+                merged[first + j] = positive / np.float32(max(positives, 1))
+                negative.append(negative_sum / np.float32(max(negatives, 1)))
+            else:
+                merged[first + j] = positive
+                negative.append(negative_sum)
+    return sign_total, np.array(undecided, dtype=np.int64), np.array(negative, dtype=np.float32)
+
+
+NO_BITS = np.zeros((0, 0), dtype=np.uint8)
+
+
+def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None, bits: torch.Tensor | None = None,
+                  offset: int = 0, scale: float = 1.0, mean: bool = True) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """TIES steps 1–3 over the ``[T, w]`` columns ``vectors``, written into ``merged`` (``[w]``).
+
+    The kept entries τ̂_t are those of ``selection`` (a :class:`~mergebench.core.selection.TopK` of the
+    magnitudes, whose tie counts it advances), or those whose bit is set in ``bits`` (``[T, ⌈N/8⌉]``
+    packed, for columns ``offset …``) divided by ``scale``, or every entry. Returns
+    ``(Σ γ, undecided columns, their merged value for γ = −1)``: where Σ_t τ̂_t is exactly 0 with
+    non-zero entries, ``merged`` holds the value for γ = +1."""
+    num_tasks = vectors.shape[0]
+    if bits is not None and offset % 8:
+        raise ValueError(f"packed masks are read from byte boundaries: offset {offset} is not a multiple of 8")
+    if selection is None or selection.full:
+        threshold, rule = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL
+    elif selection.empty:
+        threshold, rule = np.full(num_tasks, np.inf, dtype=np.float32), KEEP_ALL
+    else:
+        threshold = selection.value.reshape(-1).to(torch.float32).contiguous().numpy()
+        rule = KEEP_ALL if selection.all_ties_kept else TIE_CODES[selection.rule]
+    counts = (selection.ties_to_keep, selection.ties_total, selection.ties_seen) if selection is not None and not (selection.full or selection.empty) else None
+    none = np.zeros(num_tasks, dtype=np.int64)
+    ties_to_keep, ties_total, ties_seen = (c.numpy() for c in counts) if counts is not None else (none, none, none.copy())
+    sign_total, undecided, negative = _elect_columns(
+        vectors.numpy(), offset, threshold, rule, ties_to_keep, ties_total, ties_seen,
+        NO_BITS if bits is None else bits.numpy(), np.float32(scale), mean, merged.numpy(),
+    )
+    return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
+
+
+@_jit_apart
+def _count_at_least(keys, candidate):
+    count = np.int32(0)
+    for j in range(keys.shape[0]):
+        count += np.int32(keys[j] >= candidate)
+    return count
+
+
+@_jit_apart
+def _magnitude_keys(bits, keys):
+    for j in range(keys.shape[0]):
+        keys[j] = bits[j] & np.int32(0x7FFFFFFF)
+
+
+@_jit
+def _at_least(keys, value, out):
+    """The keys ≥ ``value``, in index order, as a prefix of ``out``."""
+    count = 0
+    for j in range(keys.shape[0]):  # written always, kept when ≥: no branch on the data
+        out[count] = keys[j]
+        count += keys[j] >= value
+    return out[:count]
+
+
+@_jit
+def _kth_largest_key(keys, k, scratch):
+    """The k-th largest of non-negative int32 ``keys`` (1 ≤ k ≤ len): the largest v with at least k keys
+    ≥ v, found bit by bit below the bits all keys share, each bit one vectorized count (no branches on
+    the data, unlike a quickselect). Once the exponent bits are known, only the keys sharing them are
+    searched further (gathered into ``scratch``)."""
+    high, low = keys.max(), keys.min()
+    free_bits = 0
+    while (high ^ low) >> free_bits:
+        free_bits += 1
+    value = high & ~((np.int32(1) << free_bits) - 1) if free_bits < 31 else np.int32(0)
+    searched = keys
+    for bit in range(free_bits - 1, -1, -1):
+        if bit == 22 and searched.shape[0] == keys.shape[0]:  # exponent known: keep its keys only
+            k -= _count_at_least(keys, value + (np.int32(1) << 23)) if value < np.int32(0x7F800000) else 0
+            searched = _at_least(keys, value, scratch)
+            searched = _below(searched, value + (np.int32(1) << 23))
+        candidate = value | (np.int32(1) << bit)
+        if _count_at_least(searched, candidate) >= k:
+            value = candidate
+    return value
+
+
+@_jit
+def _below(keys, value):
+    """The keys < ``value`` moved to the front of ``keys`` (in place), as a prefix."""
+    count = 0
+    for j in range(keys.shape[0]):
+        keys[count] = keys[j]
+        count += keys[j] < value
+    return keys[:count]
+
+
+@_jit
+def _top_rank_rule(keys, k, rule, scratch):
+    """(threshold key v, ties kept, ties skipped first) of the top-k of magnitude ``keys``: keys > v are
+    in; of the keys = v, in index order, those after the first ``skip`` and up to ``skip + keep``."""
+    value = _kth_largest_key(keys, k, scratch)
+    greater, equal = np.int32(0), np.int32(0)
+    for j in range(keys.shape[0]):
+        greater += np.int32(keys[j] > value)
+        equal += np.int32(keys[j] == value)
+    keep = k - greater
+    skip = equal - keep if rule == HIGHEST_INDEX else 0
+    return value, keep, skip
+
+
+@_jit
+def _middle_band(block, bits, d, first, last, rule, out):
+    """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
+    in ``first … last − 1``, else 0 (``bits``: the block's float32 bit patterns as int32)."""
+    num_tasks, width = block.shape
+    keys = np.empty(d, dtype=np.int32)
+    top_keys = np.empty(d, dtype=np.int32)
+    scratch = np.empty(d, dtype=np.int32)
+    everything = last >= d
+    unbounded = np.int32(0x7FFFFFFF)  # above every finite magnitude's key
+    # an entry is in the band when its key is > the outer edge's and ≤ the inner edge's, the edges
+    # themselves decided by the tie rule; without an outer edge (the band reaches rank d − 1) every key
+    # is > −1, without an inner one (rank 0) every key is ≤ the largest
+    for t in range(num_tasks):
+        for start in range(0, width, d):
+            row = block[t, start : start + d]
+            _magnitude_keys(bits[t, start : start + d], keys)
+            high_value, high_keep, high_skip = np.int32(-1), 0, 0
+            low_value, low_keep, low_skip = unbounded, 0, 0
+            top = keys
+            if not everything:
+                high_value, high_keep, high_skip = _top_rank_rule(keys, last, rule, scratch)
+                top = _at_least(keys, high_value, top_keys)  # the top ranks, where the inner edge lies
+            if first > 0:
+                low_value, low_keep, low_skip = _top_rank_rule(top, first, rule, scratch)
+            _band(row, keys, high_value, low_value, out[t, start : start + d])
+            if high_keep or low_keep:  # entries at an edge, ranked in index order by the tie rule
+                _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out[t, start : start + d])
+
+
+@_jit_apart
+def _band(row, keys, high_value, low_value, out):
+    for j in range(row.shape[0]):
+        out[j] = row[j] if (keys[j] > high_value) & (keys[j] <= low_value) else np.float32(0.0)
+
+
+@_jit
+def _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out):
+    high_seen, low_seen = 0, 0
+    for j in range(row.shape[0]):
+        key = keys[j]
+        if key != high_value and key != low_value:
+            continue
+        inside = key > high_value
+        if key == high_value:
+            high_seen += 1
+            inside = high_skip < high_seen <= high_skip + high_keep
+        above = key > low_value
+        if key == low_value:
+            low_seen += 1
+            above = low_skip < low_seen <= low_skip + low_keep
+        out[j] = row[j] if inside and not above else np.float32(0.0)
+
+
+def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str) -> torch.Tensor:
+    """Each task's ``[T, c]`` columns (c a multiple of d) with every d-entry row masked to its magnitude
+    ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an index rule): Breadcrumbs."""
+    out = torch.empty(block.shape, dtype=block.dtype)
+    if last <= 0:
+        return out.zero_()
+    _middle_band(block.numpy(), block.view(torch.int32).numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
+    return out
+
+
+class TorchCpuRandom:
+    """The uniform draws of ``torch.rand`` from ``torch.Generator().manual_seed(seed)`` on the CPU, drawn
+    inside the kernels: PyTorch's CPU generator is MT19937 (32-bit outputs, seeded with the seed's low
+    32 bits), and a float32 draw is u = (y mod 2²⁴)·2⁻²⁴ for the next output y, so u ≥ p exactly when
+    y mod 2²⁴ ≥ ⌈p·2²⁴⌉ (p as float32). Same numbers, in the same order, as one ``torch.rand([T, N])``."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = np.zeros(MT_N, dtype=np.uint32)
+        self.draws = np.zeros(MT_N, dtype=np.int32)  # y mod 2²⁴ of the current block of outputs
+        self.position = np.array([MT_N], dtype=np.int64)  # the first draw twists
+        _seed_mt19937(self.state, seed & 0xFFFFFFFF)
+
+    @staticmethod
+    def threshold(p: float) -> int:
+        """The least y mod 2²⁴ whose draw u is ≥ p (p compared as float32, as ``u >= p`` is)."""
+        return int(np.ceil(float(np.float32(p)) * 2.0**24))
+
+
+MT_N, MT_M = 624, 397
+
+
+@_jit
+def _seed_mt19937(state, seed):
+    state[0] = np.uint32(seed)
+    for j in range(1, MT_N):
+        previous = np.uint64(state[j - 1])
+        state[j] = np.uint32((np.uint64(1812433253) * (previous ^ (previous >> np.uint64(30))) + np.uint64(j)) & np.uint64(0xFFFFFFFF))
+
+
+@_jit
+def _twist_pair(state, i, following, shifted):
+    y = (state[i] & np.uint32(0x80000000)) | (state[following] & np.uint32(0x7FFFFFFF))
+    state[i] = state[shifted] ^ (y >> np.uint32(1)) ^ (np.uint32(0x9908B0DF) * (y & np.uint32(1)))
+
+
+@_jit
+def _next_block(state, draws):
+    """Advance MT19937 by one state (624 outputs) and temper them into ``draws`` (low 24 bits)."""
+    for i in range(MT_N - MT_M):
+        _twist_pair(state, i, i + 1, i + MT_M)
+    for i in range(MT_N - MT_M, MT_N - 1):
+        _twist_pair(state, i, i + 1, i + MT_M - MT_N)
+    _twist_pair(state, MT_N - 1, 0, MT_M - 1)
+    for i in range(MT_N):
+        y = state[i]
+        y ^= y >> np.uint32(11)
+        y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+        y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+        y ^= y >> np.uint32(18)
+        draws[i] = np.int32(y & np.uint32(0xFFFFFF))
+
+
+@_jit
+def _draw_keep_bits(state, draws, position, count, threshold, bits):
+    at = position[0]
+    for byte in range((count + 7) // 8):
+        packed = 0
+        for i in range(min(8, count - 8 * byte)):
+            if at == MT_N:
+                _next_block(state, draws)
+                at = 0
+            packed |= (1 << i) if draws[at] >= threshold else 0
+            at += 1
+        bits[byte] = np.uint8(packed)
+    position[0] = at
+
+
+def draw_keep_bits(random: TorchCpuRandom, p: float, bits: torch.Tensor, count: int) -> None:
+    """Pack the next ``count`` draws' ``u ≥ p`` into ``bits`` (uint8, bit j of byte j // 8)."""
+    _draw_keep_bits(random.state, random.draws, random.position, count, TorchCpuRandom.threshold(p), bits.numpy())
+
+
+@_jit_apart
+def _add_kept(total, row, draws, threshold, scale):
+    for i in range(total.shape[0]):
+        total[i] += row[i] / scale if draws[i] >= threshold else np.float32(0.0)
+
+
+@_jit
+def _dropped_add(state, draws, position, row, threshold, scale, total):
+    at, j = position[0], 0
+    while j < row.shape[0]:
+        if at == MT_N:
+            _next_block(state, draws)
+            at = 0
+        step = min(MT_N - at, row.shape[0] - j)
+        _add_kept(total[j : j + step], row[j : j + step], draws[at : at + step], threshold, scale)
+        at += step
+        j += step
+    position[0] = at
+
+
+def dropped_add(random: TorchCpuRandom, row: torch.Tensor, p: float, total: torch.Tensor) -> None:
+    """``total += where(u ≥ p, row, 0) / (1 − p)`` with the next draws u (DARE's drop and rescale)."""
+    _dropped_add(random.state, random.draws, random.position, row.numpy(), TorchCpuRandom.threshold(p), np.float32(1.0 - p), total.numpy())
+
+
+@_jit
+def _stable_order(keys, order, spare_keys, spare_order, counts):
+    """The indices of non-negative int32 ``keys`` in ascending key order, equal keys in index order: a
+    least-significant-digit radix sort (stable), a byte per pass, skipping bytes all keys share.
+    ``keys`` is overwritten; the answer is a prefix of ``order`` or of ``spare_order``."""
+    d = keys.shape[0]
+    source_keys, source_order, target_keys, target_order = keys, order[:d], spare_keys[:d], spare_order[:d]
+    for j in range(d):
+        source_order[j] = j
+    for shift in range(0, 32, 8):
+        counts[:] = 0
+        for j in range(d):
+            counts[(source_keys[j] >> shift) & 255] += 1
+        if counts.max() == d:
+            continue
+        total = 0
+        for byte in range(256):
+            total, counts[byte] = total + counts[byte], total
+        for j in range(d):
+            byte = (source_keys[j] >> shift) & 255
+            target_keys[counts[byte]] = source_keys[j]
+            target_order[counts[byte]] = source_order[j]
+            counts[byte] += 1
+        source_keys, target_keys = target_keys, source_keys
+        source_order, target_order = target_order, source_order
+    return source_order
+
+
+@_jit
+def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position, out):
+    """DELLA's MagPrune of every row segment (``starts[i]`` … + k·``widths[i]``, one tensor's rows):
+    drop probability p + ε − 2ε·r/(d − 1) by ascending magnitude rank r (ties: lower index ranked
+    higher), Bernoulli draws in row-major order, survivors divided by 1 − p_i."""
+    num_tasks = vectors.shape[0]
+    high = np.float32(p + epsilon)
+    longest = max(widths.max(), 1)
+    drop = np.empty(longest, dtype=np.float32)
+    keys, spare_keys = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
+    order, spare_order = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
+    counts = np.empty(256, dtype=np.int64)
+    for t in range(num_tasks):
+        for segment in range(starts.shape[0] - 1):
+            d = widths[segment]
+            step = np.float32(2 * epsilon / (d - 1)) if d > 1 else np.float32(0.0)
+            for start in range(starts[segment], starts[segment + 1], d):
+                if d == 1:
+                    drop[0] = np.float32(p)
+                else:
+                    for j in range(d):  # descending magnitude: ascending 0x7FFFFFFF − |x|'s bits
+                        keys[j] = np.int32(0x7FFFFFFF) - (bits[t, start + j] & np.int32(0x7FFFFFFF))
+                    ranked = _stable_order(keys[:d], order, spare_keys, spare_order, counts)
+                    for j in range(d):
+                        drop[ranked[j]] = high - step * np.float32(d - 1 - j)
+                at, j = position[0], 0
+                while j < d:
+                    if at == MT_N:
+                        _next_block(state, draws)
+                        at = 0
+                    count = min(MT_N - at, d - j)
+                    _prune(vectors[t, start + j : start + j + count], drop[j : j + count], draws[at : at + count], out[t, start + j : start + j + count])
+                    at += count
+                    j += count
+                position[0] = at
+
+
+@_jit_apart
+def _prune(values, drop, draws, out):
+    """out = values / (1 − drop) where the draw u = draws·2⁻²⁴ is ≥ drop, else 0."""
+    for j in range(values.shape[0]):
+        kept = np.float32(draws[j]) * np.float32(2.0**-24) >= drop[j]
+        out[j] = values[j] / (np.float32(1.0) - drop[j]) if kept else np.float32(0.0)
+
+
+def magprune(vectors: torch.Tensor, starts: list[int], widths: list[int], p: float, epsilon: float, seed: int) -> torch.Tensor:
+    """DELLA's MagPrune of ``[T, N]`` task vectors whose tensor i spans ``starts[i]`` … ``starts[i + 1]``
+    in rows of ``widths[i]`` entries, with the draws of ``torch.rand([T, N])`` seeded with ``seed``."""
+    random = TorchCpuRandom(seed)
+    out = torch.empty_like(vectors)
+    _magprune(vectors.numpy(), vectors.view(torch.int32).numpy(), np.array(starts, dtype=np.int64), np.array(widths, dtype=np.int64),
+              p, epsilon, random.state, random.draws, random.position, out.numpy())
+    return out
+
+
+@_jit
+def _conflict_aware_sum(vectors, starts, n, m, merged):
+    num_tasks = vectors.shape[0]
+    taken = np.zeros(m, dtype=np.bool_)
+    for segment in range(starts.shape[0] - 1):
+        for first in range(starts[segment], starts[segment + 1], m):
+            width = min(m, starts[segment + 1] - first)
+            taken[:width] = False
+            merged[first : first + width] = 0.0
+            for t in range(num_tasks):
+                for _ in range(n):  # the largest available magnitude, the lowest index among equals
+                    best, best_magnitude = -1, np.float32(-1.0)
+                    for j in range(width):
+                        magnitude = abs(vectors[t, first + j])
+                        if not taken[j] and magnitude > best_magnitude:
+                            best, best_magnitude = j, magnitude
+                    if best < 0:
+                        break
+                    taken[best] = True
+                    merged[first + best] += vectors[t, first + best]
+
+
+def conflict_aware_sum(vectors: torch.Tensor, starts: list[int], n: int, m: int) -> torch.Tensor:
+    """CABS: Σ_t of each task's top n magnitudes among the positions of every block of m (blocks cut
+    from each tensor's start ``starts[i]``) that earlier tasks did not take."""
+    merged = torch.empty(vectors.shape[1], dtype=vectors.dtype)
+    _conflict_aware_sum(vectors.numpy(), np.array(starts, dtype=np.int64), n, m, merged.numpy())
+    return merged
+
+
+def task_sum(rows: torch.Tensor) -> torch.Tensor:
+    """Σ_t over the first dimension in task order, the order of every kernel (``torch.sum`` over an
+    outer dimension may pair rows differently depending on the width); 16-bit rows are summed in
+    float32, as ``torch.sum`` does, and the sum rounded once."""
+    total = rows[0].to(torch.float32 if rows.element_size() < 4 else rows.dtype, copy=True)
+    for row in rows[1:]:
+        total += row
+    return total.to(rows.dtype)

@@ -1,0 +1,78 @@
+"""The fused CPU kernels against the PyTorch expressions they replace (which GPUs and 16-bit task
+vectors take): the same numbers, bit for bit, on stacks with tied magnitudes and zero-sum columns."""
+
+import pytest
+import torch
+
+from mergebench.core import kernels
+from mergebench.core.task_vectors import ParamLayout, TaskVectors
+from mergebench.methods.registry import get_method
+
+FUSED_METHODS = [
+    ("ties", {}), ("ties", {"scope": "per_tensor"}), ("ties", {"tie_rule": "keep_all"}), ("ties", {"tie_rule": "highest_index"}),
+    ("ties", {"zero_sign": "positive"}), ("ties", {"k": 100.0}), ("ties", {"k": 0.0}), ("dare", {}), ("dare", {"p": 0.9}),
+    ("dare_ties", {}), ("dare_ties", {"p": 0.0}), ("consensus_ties", {}), ("breadcrumbs_ties", {}), ("della", {}),
+    ("breadcrumbs", {}), ("breadcrumbs", {"tie_rule": "highest_index"}), ("breadcrumbs", {"scope": "per_tensor"}),
+    ("breadcrumbs", {"top_masked": 0.0}), ("breadcrumbs", {"density": 0.0, "top_masked": 0.0}), ("breadcrumbs", {"density": 1.0}),
+    ("breadcrumbs", {"density": 0.3, "top_masked": 0.2, "tie_rule": "highest_index"}),
+    ("della", {"epsilon": 0.0}), ("della", {"p": 0.7, "epsilon": 0.2}), ("della_linear", {}),
+    ("cabs", {}), ("cabs", {"n": 1, "m": 4}), ("cabs", {"n": 5, "m": 7}), ("cabs", {"n": 4, "m": 4}),
+]
+
+
+def stack_with_ties(num_tasks: int = 5) -> TaskVectors:
+    """Random task vectors whose magnitudes tie (rounded entries) and whose kept values cancel exactly."""
+    shapes = {"a": (300, 200), "b": (200,), "c": (64, 3, 4, 4), "d": (1000, 77)}
+    layout = ParamLayout.of({k: torch.empty(v, device="meta") for k, v in shapes.items()}, list(shapes))
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn((num_tasks, layout.numel), generator=generator) * 1e-2
+    vectors[:, ::7] = torch.round(vectors[:, ::7] * 300) / 300
+    vectors[:3, 5::11] = torch.tensor([0.01, -0.01, 0.0]).unsqueeze(1)
+    vectors[3:, 5::11] = 0
+    return TaskVectors(torch.zeros(layout.numel), vectors, layout, tuple(f"t{i}" for i in range(num_tasks)))
+
+
+@pytest.mark.parametrize("name,overrides", FUSED_METHODS, ids=lambda value: str(value))
+def test_fused_kernels_equal_the_pytorch_path(name, overrides, monkeypatch):
+    task_vectors = stack_with_ties()
+    method = get_method(name)
+    setting = {**method.defaults(), **overrides}
+    fused = method.merge(task_vectors, setting, seed=3)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert not kernels.available(task_vectors.vectors)
+    assert torch.equal(method.merge(task_vectors, setting, seed=3), fused)
+
+
+@pytest.mark.parametrize("magnitude", [True, False])
+def test_radix_select_matches_a_sort(magnitude):
+    row = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+    row[:500] = 0.25
+    row[500:600] = -0.25
+    row[600:700] = -0.0
+    ranked = (row.abs() if magnitude else row).sort(descending=True).values
+    for k in (1, 100, 450, 700, 50_000, 99_999, 100_000):
+        value, greater, equal = kernels.radix_select(row, k, magnitude)
+        assert value == ranked[k - 1]
+        assert (greater, equal) == (int((ranked > value).sum()), int((ranked == value).sum()))
+
+
+def test_task_sum_is_in_task_order():
+    rows = torch.randn(7, 1000, generator=torch.Generator().manual_seed(2))
+    expected = rows[0].clone()
+    for row in rows[1:]:
+        expected = expected + row
+    assert torch.equal(kernels.task_sum(rows), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 + 7, 2**63 - 1])
+def test_cpu_random_stream_is_torch_rand(seed):
+    """The kernels' draws are torch.rand's on the CPU: masks u ≥ p for every p, across calls and rows."""
+    draws = torch.rand(3, 1500, generator=torch.Generator().manual_seed(seed))
+    random = kernels.TorchCpuRandom(seed)
+    for p in (0.3, 0.5):
+        bits = torch.zeros(3, 188, dtype=torch.uint8)
+        random = kernels.TorchCpuRandom(seed)
+        for row_bits in bits:
+            kernels.draw_keep_bits(random, p, row_bits, 1500)
+        unpacked = ((bits.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(3, -1)[:, :1500].bool()
+        assert torch.equal(unpacked, draws >= p)
