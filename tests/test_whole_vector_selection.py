@@ -85,6 +85,8 @@ def test_streamed_ties_equals_in_memory_bit_for_bit(tie_rule, zero_sign, scope):
     ("pcb", {"ratio": 0.2}),
     ("pcb", {"ratio": 0.1, "variant": "reference"}),
     ("task_arithmetic", {}),
+    ("consensus_ta", {}),
+    ("consensus_ties", {"trim_percent": 40.0}),
 ])
 def test_entrywise_methods_merged_in_column_blocks_equal_whole_tensors_bit_for_bit(method_name, setting, part_entries):
     """Parts of a few entries (cutting tensors anywhere, ties and zero sums across the cuts) merge to the
@@ -105,7 +107,7 @@ def test_entrywise_methods_merged_in_column_blocks_equal_whole_tensors_bit_for_b
 def test_entrywise_declarations():
     assert get_method("ties").merges_entrywise({"scope": "global"})
     assert not get_method("ties").merges_entrywise({"scope": "per_tensor"})
-    assert not any(get_method(name).merges_entrywise({}) for name in ("tsv", "dare_ties", "consensus_ties", "ties+lines", "regmean"))
+    assert not any(get_method(name).merges_entrywise({}) for name in ("tsv", "dare_ties", "breadcrumbs_ties", "ties+lines", "regmean"))
 
 
 def test_sort_order_tie_rules_select_per_tensor_when_streamed_and_are_refused_over_the_whole_vector():

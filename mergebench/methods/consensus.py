@@ -79,7 +79,7 @@ MinimumVotes = Annotated[int, HParam("minimum number of TALL masks an entry must
 MaskLambda = Annotated[float, HParam("λ_t of the TALL masks, shared by all tasks", MASK_LAMBDAS, low=0.0)]
 
 
-@register("consensus_ta", citation="Wang et al., 2024 (TALL masks / Consensus Merging)", lam=lam_grid(0.6, CONSENSUS_LAMBDAS))
+@register("consensus_ta", citation="Wang et al., 2024 (TALL masks / Consensus Merging)", lam=lam_grid(0.6, CONSENSUS_LAMBDAS), entrywise=True)
 def consensus_ta(task_vectors: TaskVectors, *, k: MinimumVotes = 2, mask_lambda: MaskLambda = 0.4) -> torch.Tensor:
     """Task Arithmetic restricted to the entries at least k tasks' TALL masks agree on."""
     vectors = task_vectors.vectors
@@ -95,6 +95,7 @@ def consensus_ta(task_vectors: TaskVectors, *, k: MinimumVotes = 2, mask_lambda:
     "consensus_ties",
     citation="Wang et al., 2024 (TALL masks / Consensus Merging) with Yadav et al., 2023 (TIES)",
     lam=lam_grid(0.6, CONSENSUS_LAMBDAS),
+    entrywise=True,  # the TIES trim and majority sign are whole-vector statistics; the TALL masks per entry
 )
 def consensus_ties(
     task_vectors: TaskVectors,
