@@ -27,7 +27,7 @@ from mergebench.methods.spectral import matrix_shape
 
 VIT_B32_VISION_PARAMS = 87_849_216  # open_clip ViT-B-32 visual tower
 ADD_GOALS = {"average": 1.0, "task_arithmetic": 1.0, "model_stock": 2.0}  # every other data-free method: 3×
-SVD_METHODS = {"tsv", "iso_c", "iso_cts"}
+SVD_METHODS = {"tsv", "iso_c", "iso_cts", "opcm"}  # SVD-based: against one SVD of every matrix
 SVD_GOAL = 1.5
 
 

@@ -354,10 +354,10 @@ def _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep,
         out[j] = row[j] if inside and not above else np.float32(0.0)
 
 
-def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str) -> torch.Tensor:
-    """Each task's ``[T, c]`` columns (c a multiple of d) with every d-entry row masked to its magnitude
-    ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an index rule): Breadcrumbs."""
-    out = torch.empty(block.shape, dtype=block.dtype)
+def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``[T, c]``) = each task's columns ``block`` (c a multiple of d) with every d-entry row masked
+    to its magnitude ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an index rule):
+    Breadcrumbs."""
     if last <= 0:
         return out.zero_()
     _middle_band(block.numpy(), block.view(torch.int32).numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
@@ -548,21 +548,21 @@ def magprune(vectors: torch.Tensor, starts: list[int], widths: list[int], p: flo
 def _conflict_aware_sum(vectors, starts, n, m, merged):
     num_tasks = vectors.shape[0]
     taken = np.zeros(m, dtype=np.bool_)
+    available = np.empty(m, dtype=np.float32)  # |τ_t| where not taken, −1 where taken
     for segment in range(starts.shape[0] - 1):
         for first in range(starts[segment], starts[segment + 1], m):
             width = min(m, starts[segment + 1] - first)
             taken[:width] = False
             merged[first : first + width] = 0.0
             for t in range(num_tasks):
+                for j in range(width):
+                    available[j] = np.float32(-1.0) if taken[j] else abs(vectors[t, first + j])
                 for _ in range(n):  # the largest available magnitude, the lowest index among equals
-                    best, best_magnitude = -1, np.float32(-1.0)
-                    for j in range(width):
-                        magnitude = abs(vectors[t, first + j])
-                        if not taken[j] and magnitude > best_magnitude:
-                            best, best_magnitude = j, magnitude
-                    if best < 0:
+                    best = np.argmax(available[:width])
+                    if available[best] < 0:
                         break
                     taken[best] = True
+                    available[best] = -1.0
                     merged[first + best] += vectors[t, first + best]
 
 

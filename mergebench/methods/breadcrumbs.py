@@ -76,8 +76,10 @@ def middle_band(rows: torch.Tensor, density: float, top_masked: float, tie_rule:
 
 
 def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, scope: str, tie_rule: str):
-    """``(columns, m_t ⊙ τ_t)`` for consecutive ``[T, c]`` blocks covering every column (0-d tensors unmasked)."""
+    """``(columns, m_t ⊙ τ_t)`` for consecutive ``[T, c]`` blocks covering every column (0-d tensors
+    unmasked); a block may be overwritten once the next one is asked for."""
     vectors = task_vectors.vectors
+    storage = torch.empty(0, dtype=vectors.dtype, device=vectors.device)  # reused by the kernel's blocks
     for slot, block in task_vectors.slices():
         if len(slot.shape) == 0 or block.shape[1] == 0:
             yield slice(slot.start, slot.stop), block
@@ -87,7 +89,10 @@ def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, 
             block = vectors[:, columns]
             if kernels.available(block) and tie_rule in INDEX_TIE_RULES:
                 first = int(d * top_masked)
-                yield columns, kernels.middle_band(block, d, first, first + int(d * density), tie_rule)
+                if storage.numel() < block.numel():
+                    storage = torch.empty(block.numel(), dtype=vectors.dtype)
+                out = storage[: block.numel()].view(block.shape)
+                yield columns, kernels.middle_band(block, d, first, first + int(d * density), tie_rule, out)
                 continue
             rows = block.reshape(-1, d)
             yield columns, rows.where(middle_band(rows, density, top_masked, tie_rule), 0.0).reshape(vectors.shape[0], -1)
