@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mergebench.core.checkpoints import atomic_folder
+from mergebench.core.checkpoints import all_finite, atomic_folder
 from mergebench.core.order_statistics import RowOrderStatistics
 from mergebench.core.selection import TopK
 from mergebench.core.task_vectors import ParamLayout, TaskVectors, TensorSlot
@@ -249,14 +249,35 @@ class SafetensorsCheckpoint(Mapping):
         if info is None:
             raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
         data = torch.empty(info.nbytes, dtype=torch.uint8)
-        view, offset, descriptor = memoryview(data.numpy()), self._starts[name], self._descriptor(info.file)
+        self._read(info, data)
+        tensor = data.view(info.torch_dtype).reshape(info.shape)
+        return self.tracker.track(tensor) if self.tracker is not None else tensor
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read one tensor's bytes into ``out`` (a contiguous CPU tensor of at least its size in bytes, of
+        any dtype) and return them as a flat tensor of the checkpoint's dtype that shares ``out``'s memory.
+
+        No tensor is allocated: the engine reads into buffers it reuses from tensor to tensor, whose pages
+        are already mapped (a fresh buffer of a large tensor costs a page fault per 4 KiB on first write,
+        more than the read itself). The tracker counts the read in ``loaded``, not as a live tensor."""
+        info = self.infos.get(name)
+        if info is None:
+            raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
+        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() < info.nbytes:
+            raise ValueError(f"read_into needs a contiguous CPU tensor of at least {info.nbytes} bytes")
+        data = out.reshape(-1).view(torch.uint8)[: info.nbytes]
+        self._read(info, data)
+        if self.tracker is not None:
+            self.tracker.loaded += 1
+        return data.view(info.torch_dtype)
+
+    def _read(self, info: TensorInfo, data: torch.Tensor) -> None:
+        view, offset, descriptor = memoryview(data.numpy()), self._starts[info.name], self._descriptor(info.file)
         while view.nbytes:
             read = os.preadv(descriptor, [view], offset)
             if read <= 0:
-                raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {name!r}")
+                raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {info.name!r}")
             view, offset = view[read:], offset + read
-        tensor = data.view(info.torch_dtype).reshape(info.shape)
-        return self.tracker.track(tensor) if self.tracker is not None else tensor
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.infos:
@@ -530,29 +551,48 @@ class StreamedTaskVectors:
         experts = {task: self.experts[task] for task in tasks}
         return StreamedTaskVectors(self.base, experts, self.layout.names, dtype=self.dtype, device=self.device)
 
-    def tensor(self, slot: TensorSlot) -> TaskVectors:
+    def tensor(self, slot: TensorSlot, workspace: "_Workspace | None" = None) -> TaskVectors:
         """The task vectors of one tensor: θ₀ ``[n]`` and τ_t = θ_t − θ₀ ``[T, n]`` in float32 (τ rounded
-        through :attr:`dtype`), reading one expert's tensor at a time.
+        through :attr:`dtype`), each checkpoint's tensor read straight into its row.
 
-        The first time a tensor is read, every checkpoint's copy of it is checked for NaN and infinite values."""
-        check = slot.name not in self._checked
-        base = self.base[slot.name]
-        if check:
-            _require_finite(base, "base", slot.name)
-        theta0 = base.reshape(-1).to(device=self.device, dtype=torch.float32)
-        del base
-        vectors = torch.empty((len(self.experts), theta0.numel()), device=self.device)
-        for row, (task, expert) in enumerate(self.experts.items()):
-            tensor = expert[slot.name]
-            if check:
-                _require_finite(tensor, task, slot.name)
-            torch.sub(tensor.reshape(-1).to(device=self.device, dtype=torch.float32), theta0, out=vectors[row])
-            del tensor
-        self._checked.add(slot.name)
+        With a ``workspace`` (:meth:`each_tensor`'s), θ₀ and τ are views of its buffers, overwritten by
+        the next call; without one they are fresh tensors.
+
+        The first time a tensor is read, every checkpoint's copy of it is checked for NaN and infinite
+        values: τ_t = θ_t − θ₀ is non-finite wherever θ_t or θ₀ is, so one check of the ``[T, n]`` task
+        vectors (:func:`all_finite`) clears them all; only when it fails is each checkpoint's tensor
+        checked, in order (base first), to name the first that holds one."""
+        numel = slot.stop - slot.start
+        workspace = workspace if workspace is not None else _Workspace(len(self.experts), numel, self.device)
+        theta0, vectors = workspace.views(numel)
+        self._read_flat(self.base, slot.name, theta0, workspace)
+        for row, expert in enumerate(self.experts.values()):
+            self._read_flat(expert, slot.name, vectors[row], workspace)
+            vectors[row].sub_(theta0)
+        if slot.name not in self._checked:
+            if not all_finite(vectors):
+                _require_finite(self.base[slot.name], "base", slot.name)
+                for task, expert in self.experts.items():
+                    _require_finite(expert[slot.name], task, slot.name)
+            self._checked.add(slot.name)
         if self.dtype != torch.float32:
-            vectors = vectors.to(self.dtype).to(torch.float32)
-        layout = ParamLayout((TensorSlot(slot.name, slot.shape, 0, theta0.numel()),))
+            vectors.copy_(vectors.to(self.dtype))
+        layout = ParamLayout((TensorSlot(slot.name, slot.shape, 0, numel),))
         return TaskVectors(theta0, vectors, layout, self.tasks)
+
+    @staticmethod
+    def _read_flat(state: Mapping[str, torch.Tensor], name: str, out: torch.Tensor, workspace: "_Workspace") -> None:
+        """Tensor ``name`` of ``state``, flattened, into the float32 ``out``: a float32 safetensors tensor
+        is read into ``out`` itself, another dtype (or for another device) through the workspace's reusable
+        CPU buffer and converted; a state dict's tensor is copied (and converted) into ``out``."""
+        if isinstance(state, SafetensorsCheckpoint):
+            info = state.infos.get(name)
+            if info is not None and info.torch_dtype == out.dtype and out.device.type == "cpu":
+                state.read_into(name, out)
+            else:
+                out.copy_(state.read_into(name, workspace.raw(info.nbytes if info is not None else 0)))
+            return
+        out.copy_(state[name].reshape(-1))
 
     def require_finite(self, sources: Mapping[str, str] | None = None) -> None:
         """Raise naming the first checkpoint and tensor holding NaN or infinite values (reads every tensor once)."""
@@ -561,21 +601,25 @@ class StreamedTaskVectors:
             for slot in self.layout.slots:
                 where = f" ({sources[owner]})" if owner in sources else ""
                 _require_finite(state[slot.name], f"{owner}{where}" if where else owner, slot.name)
+        self._checked.update(slot.name for slot in self.layout.slots)
 
     def each_tensor(self, merge: Callable[[TaskVectors, int], torch.Tensor], seed: int = 0) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
         """``(slot, merge(task vectors of the tensor, its seed))`` for every tensor, in layout order.
 
         Whole-vector statistics the method asks for are counted first, in passes over every tensor
-        (:class:`WholeVectorPasses`); the tensors are then merged in one more pass.
+        (:class:`WholeVectorPasses`); the tensors are then merged in one more pass. Every tensor's task
+        vectors are read into the same buffers (:class:`_Workspace`), so ``merge`` must not keep them past
+        its call; a result that shares their memory is copied before it is yielded.
         """
         passes = WholeVectorPasses(self.layout.numel, self.device)
+        workspace = _Workspace(len(self.experts), max((slot.stop - slot.start for slot in self.layout.slots), default=0), self.device)
         while True:
             merging = None
             for position, slot in enumerate(self.layout.slots):
                 passes.start_tensor()
-                part = TensorOfTaskVectors(self.tensor(slot), passes, position)
+                part = TensorOfTaskVectors(self.tensor(slot, workspace), passes, position)
                 try:
-                    result = merge(part, tensor_seed(seed, slot.name))
+                    result = workspace.detached(merge(part, tensor_seed(seed, slot.name)))
                 except StatisticAsked:
                     if merging:
                         raise MergebenchError(f"the method asked a whole-vector statistic at tensor {slot.name!r} that earlier tensors did not ask") from None
@@ -601,9 +645,43 @@ class StreamedTaskVectors:
     def pretrained(self) -> torch.Tensor:
         """θ₀ flattened over every tensor, ``[N]`` float32."""
         flat = torch.empty(self.layout.numel, device=self.device)
+        workspace = _Workspace(0, 0, self.device)
         for slot in self.layout.slots:
-            flat[slot.start : slot.stop] = self.base[slot.name].reshape(-1).to(device=self.device, dtype=torch.float32)
+            self._read_flat(self.base, slot.name, flat[slot.start : slot.stop], workspace)
         return flat
+
+
+class _Workspace:
+    """The buffers :meth:`StreamedTaskVectors.each_tensor` reads every tensor's θ₀ and τ into, reused
+    from tensor to tensor: one float32 block of (T + 1) × the largest tensor's entries, and a byte buffer
+    for tensors that need a conversion (another dtype, another device). Reused buffers keep their pages
+    mapped; a fresh tensor per read pays a page fault per 4 KiB of it on first write, which costs more
+    than reading the bytes from the page cache."""
+
+    def __init__(self, rows: int, numel: int, device: str | torch.device) -> None:
+        self.rows, self.device = rows, device
+        self.flat = torch.empty((rows + 1) * numel, device=device)
+        self._raw = torch.empty(0, dtype=torch.uint8)
+
+    def views(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ₀ ``[numel]`` and τ ``[T, numel]``, views of the float32 block (grown if too small)."""
+        needed = (self.rows + 1) * numel
+        if self.flat.numel() < needed:
+            self.flat = torch.empty(needed, device=self.device)
+        return self.flat[:numel], self.flat[numel:needed].view(self.rows, numel)
+
+    def raw(self, nbytes: int) -> torch.Tensor:
+        """A CPU byte buffer of at least ``nbytes``."""
+        if self._raw.numel() < nbytes:
+            self._raw = torch.empty(nbytes, dtype=torch.uint8)
+        return self._raw
+
+    def detached(self, result: Any) -> Any:
+        """``result``, copied if it shares the float32 block's memory (a method that returned θ₀ or a row
+        of τ), so that reading the next tensor does not overwrite it."""
+        if isinstance(result, torch.Tensor) and self.flat.numel() and result.untyped_storage().data_ptr() == self.flat.untyped_storage().data_ptr():
+            return result.clone()
+        return result
 
 
 @dataclass
@@ -684,7 +762,7 @@ def stream_merge(
                     for entry in entries:
                         if entry.name in mergeable:
                             _, flat = next(merged_tensors)
-                            if not bool(torch.isfinite(flat).all()):
+                            if not all_finite(flat):
                                 raise MergebenchError(f"method {method.name} produced NaN or infinite values in {entry.name!r}")
                             tensor = flat.reshape(entry.shape).to(device="cpu", dtype=entry.torch_dtype)
                             del flat
@@ -718,7 +796,7 @@ def stream_merge(
 
 
 def _require_finite(tensor: torch.Tensor, owner: str, name: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise MergebenchError(f"checkpoint {owner!r} has NaN or infinite values in {name!r}")
 
 
