@@ -16,7 +16,9 @@ the tie rule decides:
 * ``"descending_sort"`` / ``"ascending_sort"``: the first k of ``torch.argsort(descending=True)``, or
   the last k of ``torch.sort`` ascending, both without ``stable=True`` (in float32), exactly as mergekit
   calls them (``magnitude`` and ``magnitude_outliers``). Their order of tied entries is whatever
-  PyTorch's unstable CPU sort gives, not an index order, so these rules sort (slow) to reproduce it.
+  PyTorch's unstable CPU sort gives, not an index order, so these rules sort (slow) to reproduce it, but
+  only a row where ties straddle the threshold needs the sort: where exactly k entries are >= v (no NaN),
+  any sort puts those k first, and the threshold alone selects them (float32 task vectors rarely tie).
 
 **Over a whole vector held in parts.** :meth:`TopK.of_part` selects over a whole task vector of which
 only a part (one tensor of a streamed merge) is held: it asks the threshold and the counts of the
@@ -137,7 +139,13 @@ class TopK:
         num_rows, d = rows.shape
         empty = torch.zeros((num_rows, 1), dtype=torch.long, device=rows.device)
         if tie_rule in SORT_RULES and 0 < k < d:
-            return SortedTopK(rows.abs() if magnitude else rows, k, tie_rule)
+            ranked = rows.abs() if magnitude else rows
+            # Where no tie straddles the k-th largest value v (exactly k entries are >= v), every sort puts
+            # the same k entries first, so the threshold alone gives the sort's selection: sort only if not.
+            threshold = cls.of_values(ranked, k, "keep_all", signed=signed and not magnitude)
+            if not bool(torch.isnan(ranked.sum())) and bool(((ranked >= threshold.value).sum(dim=1) == k).all()):
+                return threshold
+            return SortedTopK(ranked, k, tie_rule)
         if k <= 0 or k >= d:
             return cls(torch.zeros((num_rows, 1), dtype=rows.dtype, device=rows.device), empty, empty, k, d, tie_rule)
         radix = rows.dtype in _RADIX_DTYPES and d >= RADIX_MIN_LENGTH and (magnitude or rows.element_size() == 4)
