@@ -3,7 +3,8 @@
 The base model and every expert are opened as safetensors (a folder with
 ``model.safetensors.index.json`` and its shards, a folder with one ``*.safetensors`` file, or such a
 file itself): only the header of each file is read up front (checked by ``safetensors.safe_open``), and
-each tensor is read when asked for by a positioned read of its bytes into a fresh tensor. Nothing stays
+each tensor is read when asked for by a positioned read of its bytes (into a fresh tensor, or, in the
+merge, straight into the engine's reused task-vector buffers). Nothing stays
 mapped into the process: pages of a memory-mapped checkpoint, once touched, count in the process's
 resident memory until the map is closed, which would grow with the number of experts; read this way,
 the checkpoints' pages live in the kernel's page cache, shared and reclaimable, and the process holds
