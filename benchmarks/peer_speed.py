@@ -7,7 +7,9 @@ includes starting Python and importing mergekit, reported on its own line), and,
 a plain in-memory add over the same files (load every file, θ₀ + Σ_t (θ_t − θ₀), save). The merged
 tensors are compared: max |difference| over all tensors, 0 when identical. mergebench runs with the
 options that reproduce mergekit (TIES: ``scope=per_tensor``, ``tie_rule=descending_sort``,
-``zero_sign=positive``).
+``zero_sign=positive``); TIES is also run with mergebench's default exact-k tie rule (``lowest_index``,
+no sort) and compared with the same mergekit output. Ratios to mergekit are given with its whole time
+and without its start-up (measured once, before the merges).
 
     MERGEBENCH_PEER_PYTHON=/path/to/peers-venv/bin/python python benchmarks/peer_speed.py
     python benchmarks/peer_speed.py --layers 2 --hidden 256 --experts 4 --peer-python /path/to/python
@@ -132,14 +134,17 @@ def main() -> None:
         base, experts = write_checkpoints(root, args)
         params = sum(t.numel() for t in load_folder(base).values())
         print(f"random Llama: {args.layers} layers, hidden {args.hidden}, {params / 1e6:.1f}M parameters, {args.experts} experts, float32 safetensors")
+        startup = 0.0
         if args.peer_python:
             started = time.perf_counter()
             subprocess.run([args.peer_python, "-c", "import mergekit.merge, mergekit.merge_methods"], check=True)
-            print(f"{'mergekit start-up (python + import)':<44} {time.perf_counter() - started:8.2f} s")
+            startup = time.perf_counter() - started
+            print(f"{'mergekit start-up (python + import)':<44} {startup:8.2f} s")
         for method in args.methods.split(","):
             ours_out = root / f"ours_{method}"
+            merge_method = get_method(method)  # the registry is loaded (imported) before the clock starts
             started = time.perf_counter()
-            stream_merge(base, {name: folder / "model.safetensors" for name, folder in experts.items()}, get_method(method),
+            stream_merge(base, {name: folder / "model.safetensors" for name, folder in experts.items()}, merge_method,
                          ours_out, MERGEBENCH_SETTINGS[method], copy_files=False)
             ours_seconds = time.perf_counter() - started
             ours = load_folder(ours_out)
@@ -152,9 +157,23 @@ def main() -> None:
             if args.peer_python:
                 theirs_out = root / f"mergekit_{method}"
                 theirs_seconds = run_mergekit(args.peer_python, method, base, experts, theirs_out)
-                diff = max_difference(ours, load_folder(theirs_out))
+                theirs = load_folder(theirs_out)
+                diff = max_difference(ours, theirs)
                 print(f"{'mergekit-yaml ' + method:<44} {theirs_seconds:8.2f} s   mergekit ÷ mergebench = "
-                      f"{theirs_seconds / ours_seconds:.2f}   max|diff| = {diff:.3g}")
+                      f"{theirs_seconds / ours_seconds:.2f} ({(theirs_seconds - startup) / ours_seconds:.2f} without start-up)"
+                      f"   max|diff| = {diff:.3g}")
+                if method == "ties":
+                    # mergebench's default exact-k rule (ties at the threshold kept lowest index first), no sort
+                    default_out = root / "ours_ties_lowest_index"
+                    setting = MERGEBENCH_SETTINGS[method] | {"tie_rule": "lowest_index"}
+                    started = time.perf_counter()
+                    stream_merge(base, {name: folder / "model.safetensors" for name, folder in experts.items()}, merge_method,
+                                 default_out, setting, copy_files=False)
+                    default_seconds = time.perf_counter() - started
+                    diff = max_difference(load_folder(default_out), theirs)
+                    print(f"{'mergebench stream_merge ties tie_rule=lowest_index':<44} {default_seconds:8.2f} s   mergekit ÷ mergebench = "
+                          f"{theirs_seconds / default_seconds:.2f} ({(theirs_seconds - startup) / default_seconds:.2f} without start-up)"
+                          f"   max|diff| vs mergekit = {diff:.3g}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ the tie rule decides:
 * ``"descending_sort"`` / ``"ascending_sort"``: the first k of ``torch.argsort(descending=True)``, or
   the last k of ``torch.sort`` ascending, both without ``stable=True`` (in float32), exactly as mergekit
   calls them (``magnitude`` and ``magnitude_outliers``). Their order of tied entries is whatever
-  PyTorch's unstable CPU sort gives, not an index order, so these rules sort (slow) to reproduce it.
+  PyTorch's unstable CPU sort gives, not an index order, so these rules sort (slow) to reproduce it, but
+  only a row where ties straddle the threshold needs the sort: where exactly k entries are >= v (no NaN),
+  any sort puts those k first, and the threshold alone selects them. Rows are sorted one by one in a
+  batched sort, so only the rows with straddling ties are sorted.
 
 **Over a whole vector held in parts.** :meth:`TopK.of_part` selects over a whole task vector of which
 only a part (one tensor of a streamed merge) is held: it asks the threshold and the counts of the
@@ -151,7 +154,17 @@ class TopK:
         num_rows, d = rows.shape
         empty = torch.zeros((num_rows, 1), dtype=torch.long, device=rows.device)
         if tie_rule in SORT_RULES and 0 < k < d:
-            return SortedTopK(rows.abs() if magnitude else rows, k, tie_rule)
+            ranked = rows.abs() if magnitude else rows
+            # Where no tie straddles the k-th largest value v (exactly k entries are >= v), every sort puts
+            # the same k entries first, so the threshold alone gives the sort's selection: sort only if not.
+            if bool(torch.isnan(ranked.sum())):
+                return SortedTopK(ranked, k, tie_rule)
+            threshold = cls.of_values(ranked, k, "keep_all", signed=signed and not magnitude)
+            keep = ranked >= threshold.value
+            straddling = (keep.sum(dim=1) != k).nonzero().squeeze(1)
+            if not straddling.numel():
+                return threshold
+            return SortedTopK(ranked, k, tie_rule, keep=keep, rows=straddling)
         if k <= 0 or k >= d:
             return cls(torch.zeros((num_rows, 1), dtype=rows.dtype, device=rows.device), empty, empty, k, d, tie_rule)
         radix = rows.dtype in _RADIX_DTYPES and d >= RADIX_MIN_LENGTH and (magnitude or rows.element_size() == 4)
@@ -230,13 +243,20 @@ class TopK:
 class SortedTopK(TopK):
     """The top-k of each row as PyTorch's unstable sorts order it (``descending_sort``, ``ascending_sort``)."""
 
-    def __init__(self, values: torch.Tensor, k: int, tie_rule: str) -> None:
-        values = values.float()
+    def __init__(self, values: torch.Tensor, k: int, tie_rule: str, *, keep: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+        """Sort every row, or only ``rows`` (each row is sorted on its own, as a batched sort does), the
+        other rows' keep-mask given in ``keep``."""
+        values = values.float() if rows is None else values[rows].float()
         if tie_rule == "descending_sort":
             chosen = torch.argsort(values, dim=1, descending=True)[:, :k]
         else:
             chosen = torch.sort(values, dim=1).indices[:, values.shape[1] - k :]
-        self.mask = torch.zeros_like(values, dtype=torch.bool).scatter_(1, chosen, True)
+        sorted_mask = torch.zeros_like(values, dtype=torch.bool).scatter_(1, chosen, True)
+        if rows is None:
+            self.mask = sorted_mask
+        else:
+            keep[rows] = sorted_mask
+            self.mask = keep
         self.offset = 0
 
     def keep(self, values: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The base model and every expert are opened as safetensors (a folder with
 ``model.safetensors.index.json`` and its shards, a folder with one ``*.safetensors`` file, or such a
 file itself): only the header of each file is read up front (checked by ``safetensors.safe_open``), and
-each tensor is read when asked for by a positioned read of its bytes into a fresh tensor. Nothing stays
+each tensor is read when asked for by a positioned read of its bytes (into a fresh tensor, or, in the
+merge, straight into the engine's reused task-vector buffers). Nothing stays
 mapped into the process: pages of a memory-mapped checkpoint, once touched, count in the process's
 resident memory until the map is closed, which would grow with the number of experts; read this way,
 the checkpoints' pages live in the kernel's page cache, shared and reclaimable, and the process holds
@@ -69,7 +70,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mergebench.core.checkpoints import atomic_folder
+from mergebench.core.checkpoints import all_finite, atomic_folder
 from mergebench.core.order_statistics import RowOrderStatistics
 from mergebench.core.selection import TopK, row_sums
 from mergebench.core.task_vectors import ParamLayout, TaskVectors, TensorSlot
@@ -262,19 +263,43 @@ class SafetensorsCheckpoint(Mapping):
             raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
         numel = math.prod(info.shape)
         stop = numel if stop is None else stop
-        element = info.nbytes // numel if numel else 1
-        data = torch.empty((stop - start) * element, dtype=torch.uint8)
-        view, offset = memoryview(data.numpy()), self._starts[name] + start * element
-        descriptor = self._descriptor(info.file)
-        while view.nbytes:
-            read = os.preadv(descriptor, [view], offset)
-            if read <= 0:
-                raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {name!r}")
-            view, offset = view[read:], offset + read
+        data = torch.empty((stop - start) * _element_size(info), dtype=torch.uint8)
+        self._read(info, data, start)
         tensor = data.view(info.torch_dtype)
         if (start, stop) == (0, numel):
             tensor = tensor.reshape(info.shape)
         return self.tracker.track(tensor) if self.tracker is not None else tensor
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Read the flat entries ``start:stop`` of one tensor into ``out`` (a contiguous CPU tensor of at
+        least their size in bytes, of any dtype) and return them as a flat tensor of the checkpoint's dtype
+        that shares ``out``'s memory.
+
+        No tensor is allocated: the engine reads into buffers it reuses from tensor to tensor, whose pages
+        are already mapped (a fresh buffer of a large tensor costs a page fault per 4 KiB on first write,
+        more than the read itself). The tracker counts the read in ``loaded``, not as a live tensor."""
+        info = self.infos.get(name)
+        if info is None:
+            raise MergebenchError(f"checkpoint {self.path} has no tensor {name!r}")
+        stop = math.prod(info.shape) if stop is None else stop
+        nbytes = (stop - start) * _element_size(info)
+        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() < nbytes:
+            raise ValueError(f"read_into needs a contiguous CPU tensor of at least {nbytes} bytes")
+        data = out.reshape(-1).view(torch.uint8)[:nbytes]
+        self._read(info, data, start)
+        if self.tracker is not None:
+            self.tracker.loaded += 1
+        return data.view(info.torch_dtype)
+
+    def _read(self, info: TensorInfo, data: torch.Tensor, start: int) -> None:
+        """Fill the byte tensor ``data`` from tensor ``info``'s bytes, beginning at its entry ``start``."""
+        view, descriptor = memoryview(data.numpy()), self._descriptor(info.file)
+        offset = self._starts[info.name] + start * _element_size(info)
+        while view.nbytes:
+            read = os.preadv(descriptor, [view], offset)
+            if read <= 0:
+                raise MergebenchError(f"safetensors file {self.folder / info.file} ends inside tensor {info.name!r}")
+            view, offset = view[read:], offset + read
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.infos:
@@ -507,6 +532,11 @@ def _shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
     return state.shape(name) if isinstance(state, SafetensorsCheckpoint) else tuple(state[name].shape)
 
 
+def _element_size(info: TensorInfo) -> int:
+    numel = math.prod(info.shape)
+    return info.nbytes // numel if numel else 1
+
+
 def _read(state: Mapping[str, torch.Tensor], name: str, start: int, stop: int) -> torch.Tensor:
     """The flat entries ``start:stop`` of tensor ``name`` (read from disk alone for a checkpoint)."""
     if isinstance(state, SafetensorsCheckpoint):
@@ -548,7 +578,7 @@ class StreamedTaskVectors:
             slots.append(TensorSlot(name, shape, offset, offset + numel))
             offset += numel
         self.layout = ParamLayout(tuple(slots))
-        self._checked: set[str] = set()
+        self._checked: set[str | tuple[str, int]] = set()  # tensors, or (tensor, first entry) of parts, checked finite
         self.passes_run = 0
         """Reading passes over the checkpoints made by the last :meth:`each_tensor` (counting and merging)."""
 
@@ -556,32 +586,51 @@ class StreamedTaskVectors:
         experts = {task: self.experts[task] for task in tasks}
         return StreamedTaskVectors(self.base, experts, self.layout.names, dtype=self.dtype, device=self.device)
 
-    def tensor(self, slot: TensorSlot, start: int = 0, stop: int | None = None) -> TaskVectors:
+    def tensor(self, slot: TensorSlot, start: int = 0, stop: int | None = None, workspace: "_Workspace | None" = None) -> TaskVectors:
         """The task vectors of one tensor, or of its flat entries ``start:stop``: θ₀ ``[n]`` and
-        τ_t = θ_t − θ₀ ``[T, n]`` in float32 (τ rounded through :attr:`dtype`), reading one expert's
-        entries at a time.
+        τ_t = θ_t − θ₀ ``[T, n]`` in float32 (τ rounded through :attr:`dtype`), each checkpoint's entries
+        read straight into their row.
 
-        The first time entries are read, every checkpoint's copy of them is checked for NaN and infinite values."""
+        With a ``workspace`` (:meth:`each_tensor`'s), θ₀ and τ are views of its buffers, overwritten by
+        the next call; without one they are fresh tensors.
+
+        The first time entries are read, every checkpoint's copy of them is checked for NaN and infinite
+        values: τ_t = θ_t − θ₀ is non-finite wherever θ_t or θ₀ is, so one check of the ``[T, n]`` task
+        vectors (:func:`all_finite`) clears them all; only when it fails is each checkpoint's copy
+        checked, in order (base first), to name the first that holds one."""
         stop = slot.stop - slot.start if stop is None else stop
-        check = (slot.name, start) not in self._checked
-        base = _read(self.base, slot.name, start, stop)
-        if check:
-            _require_finite(base, "base", slot.name)
-        theta0 = base.reshape(-1).to(device=self.device, dtype=torch.float32)
-        del base
-        vectors = torch.empty((len(self.experts), theta0.numel()), device=self.device)
-        for row, (task, expert) in enumerate(self.experts.items()):
-            tensor = _read(expert, slot.name, start, stop)
-            if check:
-                _require_finite(tensor, task, slot.name)
-            torch.sub(tensor.reshape(-1).to(device=self.device, dtype=torch.float32), theta0, out=vectors[row])
-            del tensor
-        self._checked.add((slot.name, start))
+        numel = stop - start
+        workspace = workspace if workspace is not None else _Workspace(len(self.experts), numel, self.device)
+        theta0, vectors = workspace.views(numel)
+        self._read_flat(self.base, slot.name, theta0, workspace, start, stop)
+        for row, expert in enumerate(self.experts.values()):
+            self._read_flat(expert, slot.name, vectors[row], workspace, start, stop)
+            vectors[row].sub_(theta0)
+        if slot.name not in self._checked and (slot.name, start) not in self._checked:
+            if not all_finite(vectors):
+                for owner, state in {"base": self.base, **self.experts}.items():
+                    _require_finite(_read(state, slot.name, start, stop), owner, slot.name)
+            self._checked.add((slot.name, start))
         if self.dtype != torch.float32:
-            vectors = vectors.to(self.dtype).to(torch.float32)
-        shape = slot.shape if (start, stop) == (0, slot.stop - slot.start) else (stop - start,)
-        layout = ParamLayout((TensorSlot(slot.name, shape, 0, theta0.numel()),))
+            vectors.copy_(vectors.to(self.dtype))
+        shape = slot.shape if (start, stop) == (0, slot.stop - slot.start) else (numel,)
+        layout = ParamLayout((TensorSlot(slot.name, shape, 0, numel),))
         return TaskVectors(theta0, vectors, layout, self.tasks)
+
+    @staticmethod
+    def _read_flat(state: Mapping[str, torch.Tensor], name: str, out: torch.Tensor, workspace: "_Workspace", start: int = 0, stop: int | None = None) -> None:
+        """The flat entries ``start:stop`` of tensor ``name`` of ``state`` into the float32 ``out``: a float32
+        safetensors tensor is read into ``out`` itself, another dtype (or for another device) through the
+        workspace's reusable CPU buffer and converted; a state dict's tensor is copied (and converted)."""
+        if isinstance(state, SafetensorsCheckpoint):
+            info = state.infos.get(name)
+            if info is not None and info.torch_dtype == out.dtype and out.device.type == "cpu":
+                state.read_into(name, out, start, stop)
+            else:
+                nbytes = out.numel() * (_element_size(info) if info is not None else 0)
+                out.copy_(state.read_into(name, workspace.raw(nbytes), start, stop))
+            return
+        out.copy_(state[name].reshape(-1)[start:stop])
 
     def part_entries(self) -> int:
         """The columns of a tensor handed at once to an entry-wise method: :data:`PART_BYTES` of float32 task vectors."""
@@ -594,6 +643,7 @@ class StreamedTaskVectors:
             for slot in self.layout.slots:
                 where = f" ({sources[owner]})" if owner in sources else ""
                 _require_finite(state[slot.name], f"{owner}{where}" if where else owner, slot.name)
+        self._checked.update(slot.name for slot in self.layout.slots)
 
     def each_tensor(
         self, merge: Callable[[TaskVectors, int], torch.Tensor], seed: int = 0, part_entries: int | None = None
@@ -605,9 +655,13 @@ class StreamedTaskVectors:
         it would the whole tensor (:attr:`~mergebench.methods.registry.MergeMethod.entrywise`); the
         parts' results are put together into the tensor's. Whole-vector statistics the method asks for
         are counted first, in passes over every part (:class:`WholeVectorPasses`); the tensors are then
-        merged in one more pass.
+        merged in one more pass. Every part's task vectors are read into the same buffers
+        (:class:`_Workspace`), so ``merge`` must not keep them past its call; a result that shares their
+        memory is copied before it is kept.
         """
         passes = WholeVectorPasses(self.layout.numel, self.device)
+        largest = max((slot.stop - slot.start for slot in self.layout.slots), default=0)
+        workspace = _Workspace(len(self.experts), largest if part_entries is None else min(largest, part_entries), self.device)
         while True:
             merging, position = None, 0
             for slot in self.layout.slots:
@@ -616,10 +670,10 @@ class StreamedTaskVectors:
                 merged = None
                 for start in range(0, max(numel, 1), max(width, 1)):
                     passes.start_tensor()
-                    part = TensorOfTaskVectors(self.tensor(slot, start, min(start + width, numel)), passes, position)
+                    part = TensorOfTaskVectors(self.tensor(slot, start, min(start + width, numel), workspace), passes, position)
                     position += 1
                     try:
-                        result = merge(part, tensor_seed(seed, slot.name))
+                        result = workspace.detached(merge(part, tensor_seed(seed, slot.name)))
                     except StatisticAsked:
                         result = None
                     del part  # before the next part is read
@@ -658,9 +712,43 @@ class StreamedTaskVectors:
     def pretrained(self) -> torch.Tensor:
         """θ₀ flattened over every tensor, ``[N]`` float32."""
         flat = torch.empty(self.layout.numel, device=self.device)
+        workspace = _Workspace(0, 0, self.device)
         for slot in self.layout.slots:
-            flat[slot.start : slot.stop] = self.base[slot.name].reshape(-1).to(device=self.device, dtype=torch.float32)
+            self._read_flat(self.base, slot.name, flat[slot.start : slot.stop], workspace)
         return flat
+
+
+class _Workspace:
+    """The buffers :meth:`StreamedTaskVectors.each_tensor` reads every part's θ₀ and τ into, reused from
+    part to part: one float32 block of (T + 1) × the largest part's entries, and a byte buffer for
+    tensors that need a conversion (another dtype, another device). Reused buffers keep their pages
+    mapped; a fresh tensor per read pays a page fault per 4 KiB of it on first write, which costs more
+    than reading the bytes from the page cache."""
+
+    def __init__(self, rows: int, numel: int, device: str | torch.device) -> None:
+        self.rows, self.device = rows, device
+        self.flat = torch.empty((rows + 1) * numel, device=device)
+        self._raw = torch.empty(0, dtype=torch.uint8)
+
+    def views(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ₀ ``[numel]`` and τ ``[T, numel]``, views of the float32 block (grown if too small)."""
+        needed = (self.rows + 1) * numel
+        if self.flat.numel() < needed:
+            self.flat = torch.empty(needed, device=self.device)
+        return self.flat[:numel], self.flat[numel:needed].view(self.rows, numel)
+
+    def raw(self, nbytes: int) -> torch.Tensor:
+        """A CPU byte buffer of at least ``nbytes``."""
+        if self._raw.numel() < nbytes:
+            self._raw = torch.empty(nbytes, dtype=torch.uint8)
+        return self._raw
+
+    def detached(self, result: Any) -> Any:
+        """``result``, copied if it shares the float32 block's memory (a method that returned θ₀ or a row
+        of τ), so that reading the next part does not overwrite it."""
+        if isinstance(result, torch.Tensor) and self.flat.numel() and result.untyped_storage().data_ptr() == self.flat.untyped_storage().data_ptr():
+            return result.clone()
+        return result
 
 
 @dataclass
@@ -773,15 +861,6 @@ def stream_merge(
         out_dir, method.name, full_setting, len(mergeable), total - len(mergeable), files, notes,
         time.perf_counter() - started, streamed.passes_run,
     )
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or infinite entry. For the common float dtypes the minimum and maximum are checked (a NaN
-    makes both NaN): one reduction without ``isfinite``'s boolean copy, many times faster."""
-    if tensor.numel() and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        low, high = torch.aminmax(tensor)
-        return bool(torch.isfinite(low) & torch.isfinite(high))
-    return bool(torch.isfinite(tensor).all())
 
 
 def _require_finite(tensor: torch.Tensor, owner: str, name: str) -> None:

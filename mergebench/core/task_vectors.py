@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from mergebench.core.checkpoints import StateDict, check_compatible
+from mergebench.core.checkpoints import StateDict, all_finite, check_compatible
 from mergebench.core.selection import TopK, kth_smallest, row_sums
 from mergebench.errors import MergebenchError
 
@@ -176,9 +176,9 @@ def _flatten(state: Mapping[str, torch.Tensor], layout: ParamLayout, device, dty
 
 
 def _require_finite(flat: torch.Tensor, owner: str, state, layout: ParamLayout, source: str | None = None) -> None:
-    if bool(torch.isfinite(flat).all()):
+    if all_finite(flat):
         return
     where = f" ({source})" if source else ""
     for slot in layout.slots:
-        if not bool(torch.isfinite(state[slot.name]).all()):
+        if not all_finite(state[slot.name]):
             raise MergebenchError(f"checkpoint {owner!r}{where} has NaN or infinite values in {slot.name!r}")
