@@ -169,7 +169,7 @@ def test_consensus_ta_keeps_entries_on_at_least_k_masks(k, kept):
 
 
 def test_ties_disjoint_sum_adds_agreeing_entries():
-    rows = torch.tensor([[2.0, -1.0, 0.0], [4.0, 3.0, 0.0], [-1.0, 0.0, -2.0]])
+    rows = stack([[2.0, -1.0, 0.0], [4.0, 3.0, 0.0], [-1.0, 0.0, -2.0]])
     # signs of sums (5, 2, -2) → +, +, -; agreeing sums: 2+4, 3, -2 (the disjoint mean would be 3, 3, -2)
     assert torch.equal(ties_disjoint_sum(rows, 100.0), torch.tensor([6.0, 3.0, -2.0]))
 
