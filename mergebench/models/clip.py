@@ -281,6 +281,7 @@ class _NormalizingImageEncoder(nn.Module):
         mean, std, self.rescale = _normalization(processor_config)
         self.register_buffer("pixel_mean", torch.from_numpy(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.from_numpy(std).view(1, 3, 1, 1), persistent=False)
+        self._pixel_buffer: torch.Tensor | None = None
 
     def tower(self) -> nn.Module:
         """The image tower (:attr:`tower_name`), called by :meth:`embed`."""
@@ -307,13 +308,23 @@ class _NormalizingImageEncoder(nn.Module):
             bias = bias + conv.bias
         return {f"{self.patch_embedding_path}.weight": weight * scale, f"{self.patch_embedding_path}.bias": bias}
 
+    def float_pixels(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``uint8`` pixels converted to ``dtype``; under ``torch.inference_mode`` (evaluation) into a buffer
+        reused from batch to batch, which saves allocating (and page-faulting) a fresh float batch each time."""
+        if not torch.is_inference_mode_enabled():
+            return pixels.to(dtype)
+        buffer = self._pixel_buffer
+        if buffer is None or buffer.dtype != dtype or buffer.device != pixels.device or buffer.shape[1:] != pixels.shape[1:] or len(buffer) < len(pixels):
+            buffer = self._pixel_buffer = torch.empty(pixels.shape, dtype=dtype, device=pixels.device)
+        return buffer[: len(pixels)].copy_(pixels)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.is_floating_point():
             embeddings = self.embed(pixels)
         else:
             tower = self.tower()
             folded = self.folded_patch_embedding()
-            pixels = pixels.to(folded[f"{self.patch_embedding_path}.weight"].dtype)
+            pixels = self.float_pixels(pixels, folded[f"{self.patch_embedding_path}.weight"].dtype)
             embeddings = self.embed(pixels, lambda *args, **kwargs: functional_call(tower, folded, args, kwargs))
         return embeddings / embeddings.norm(dim=-1, keepdim=True)
 
