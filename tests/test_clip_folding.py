@@ -108,3 +108,15 @@ def test_under_bfloat16_autocast_the_fold_agrees_with_the_explicit_form(backbone
         exact = explicit(backbone, pixels)
     cosine = nn.functional.cosine_similarity
     assert float(cosine(folded, exact).min()) > 0.99 and float(cosine(reference, exact).min()) > 0.99
+
+
+def test_reused_float_buffer_gives_each_batch_its_own_embeddings(backbone):
+    """Under inference mode uint8 batches are converted into one reused buffer: a smaller batch after a
+    larger one, and the larger one again, embed exactly as each does alone outside inference mode."""
+    large, small = crops(16, seed=3), crops(5, seed=4)
+    with torch.no_grad():
+        expected_large, expected_small = backbone(large), backbone(small)
+    with torch.inference_mode():
+        got = [backbone(large), backbone(small), backbone(large)]
+    assert torch.equal(got[0], expected_large) and torch.equal(got[2], expected_large)
+    assert torch.equal(got[1], expected_small)
