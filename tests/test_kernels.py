@@ -16,6 +16,7 @@ FUSED_METHODS = [
     ("breadcrumbs", {"top_masked": 0.0}), ("breadcrumbs", {"density": 0.0, "top_masked": 0.0}), ("breadcrumbs", {"density": 1.0}),
     ("breadcrumbs", {"density": 0.3, "top_masked": 0.2, "tie_rule": "highest_index"}),
     ("della", {"epsilon": 0.0}), ("della", {"p": 0.7, "epsilon": 0.2}), ("della_linear", {}),
+    ("pcb", {}), ("pcb", {"ratio": 0.2, "variant": "reference"}),
     ("cabs", {}), ("cabs", {"n": 1, "m": 4}), ("cabs", {"n": 5, "m": 7}), ("cabs", {"n": 4, "m": 4}),
 ]
 

@@ -574,6 +574,51 @@ def conflict_aware_sum(vectors: torch.Tensor, starts: list[int], n: int, m: int)
     return merged
 
 
+@_jit
+def _span_fraction(value, low, high):
+    """(value − low) / (high − low), 0 where high = low: PCB's min–max normalization."""
+    span = high - low
+    return (value - low) / span if span > 0 else np.float32(0.0)
+
+
+@_jit
+def _pcb_partners(vectors, low, high, partners):
+    for j in range(vectors.shape[1]):
+        total = np.float32(0.0)
+        for t in range(vectors.shape[0]):
+            x = vectors[t, j]
+            clipped = min(max(abs(x), low[t]), high[t])
+            total += np.float32(np.sign(x)) * _span_fraction(clipped, low[t], high[t])
+        partners[j] = total
+
+
+def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """PCB's vision partner sum Σ_t sgn(τ_t)·Norm(clamp(|τ_t|, low_t, high_t)), in task order."""
+    partners = torch.empty(vectors.shape[1], dtype=vectors.dtype)
+    _pcb_partners(vectors.numpy(), _per_task(low), _per_task(high), partners.numpy())
+    return partners
+
+
+@_jit
+def _pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, denominator):
+    for t in range(vectors.shape[0]):
+        for j in range(vectors.shape[1]):
+            x = vectors[t, j]
+            weight = _span_fraction(max(scores[t, j], threshold[t]), threshold[t], top[t])
+            numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low[t]), high[t]) * weight
+            denominator[j] += weight
+
+
+def pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
+    """PCB's Σ_t w_t τ̃_t and Σ_t w_t, task after task, into ``numerator`` and ``denominator``."""
+    _pcb_weighted_sum(vectors.numpy(), scores.numpy(), _per_task(low), _per_task(high), _per_task(threshold), _per_task(top),
+                      numerator.numpy(), denominator.numpy())
+
+
+def _per_task(values: torch.Tensor) -> np.ndarray:
+    return values.reshape(-1).to(torch.float32).contiguous().numpy()
+
+
 def task_sum(rows: torch.Tensor) -> torch.Tensor:
     """Σ_t over the first dimension in task order, the order of every kernel (``torch.sum`` over an
     outer dimension may pair rows differently depending on the width); 16-bit rows are summed in

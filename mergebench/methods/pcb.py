@@ -37,6 +37,8 @@ from typing import Annotated
 
 import torch
 
+from mergebench.core import kernels
+from mergebench.core.kernels import task_sum
 from mergebench.core.selection import column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.registry import HParam, lam_grid, register
@@ -76,11 +78,13 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
     low, high = task_vectors.order_statistics(vectors.abs(), [within(int(d * clip), d), within(int(d * (1 - clip)) - 1, d)])
     if variant == "reference":
         partners = vectors.sum(dim=0)
+    elif kernels.available(vectors):
+        partners = kernels.pcb_partners(vectors, low, high)
     else:
         partners = torch.empty_like(vectors[0])
         for columns in column_chunks(0, held, num_tasks):
             block = vectors[:, columns]
-            partners[columns] = (torch.sign(block) * normalized_clipped(block.abs(), low, high)[1]).sum(dim=0)
+            partners[columns] = task_sum(torch.sign(block) * normalized_clipped(block.abs(), low, high)[1])
     scores = torch.empty_like(vectors)
     for task, row in enumerate(vectors):
         for columns in column_chunks(0, held, 1):
@@ -89,6 +93,9 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
             torch.mul(intra, torch.tanh(values * partners[columns]), out=scores[task, columns])
     threshold, top = task_vectors.order_statistics(scores, [within(int(d * (1 - ratio)), d), d - 1])
     numerator, denominator = torch.zeros_like(partners), torch.zeros_like(partners)
+    if kernels.available(vectors, scores):
+        kernels.pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, denominator)
+        return numerator / denominator.clamp(min=1e-12)
     for task, row in enumerate(vectors):
         for columns in column_chunks(0, held, 1):
             values = row[columns]
