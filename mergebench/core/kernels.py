@@ -212,16 +212,14 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     num_tasks = vectors.shape[0]
     if bits is not None and offset % 8:
         raise ValueError(f"packed masks are read from byte boundaries: offset {offset} is not a multiple of 8")
-    if selection is None or selection.full:
-        threshold, rule = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL
-    elif selection.empty:
-        threshold, rule = np.full(num_tasks, np.inf, dtype=np.float32), KEEP_ALL
-    else:
+    none = np.zeros(num_tasks, dtype=np.int64)
+    threshold, rule, (ties_to_keep, ties_total, ties_seen) = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, (none, none, none)
+    if selection is not None and selection.empty:
+        threshold = np.full(num_tasks, np.inf, dtype=np.float32)
+    elif selection is not None and not selection.full:
         threshold = selection.value.reshape(-1).to(torch.float32).contiguous().numpy()
         rule = KEEP_ALL if selection.all_ties_kept else TIE_CODES[selection.rule]
-    counts = (selection.ties_to_keep, selection.ties_total, selection.ties_seen) if selection is not None and not (selection.full or selection.empty) else None
-    none = np.zeros(num_tasks, dtype=np.int64)
-    ties_to_keep, ties_total, ties_seen = (c.numpy() for c in counts) if counts is not None else (none, none, none.copy())
+        ties_to_keep, ties_total, ties_seen = selection.ties_to_keep.numpy(), selection.ties_total.numpy(), selection.ties_seen.numpy()
     sign_total, undecided, negative = _elect_columns(
         vectors.numpy(), offset, threshold, rule, ties_to_keep, ties_total, ties_seen,
         NO_BITS if bits is None else bits.numpy(), np.float32(scale), mean, merged.numpy(),
@@ -244,12 +242,12 @@ def _magnitude_keys(bits, keys):
 
 
 @_jit
-def _at_least(keys, value, out):
-    """The keys ≥ ``value``, in index order, as a prefix of ``out``."""
+def _within(keys, low, high, out):
+    """The keys in ``low`` … ``high`` (inclusive), in index order, as a prefix of ``out``."""
     count = 0
-    for j in range(keys.shape[0]):  # written always, kept when ≥: no branch on the data
+    for j in range(keys.shape[0]):  # written always, kept when inside: no branch on the data
         out[count] = keys[j]
-        count += keys[j] >= value
+        count += (keys[j] >= low) & (keys[j] <= high)
     return out[:count]
 
 
@@ -268,22 +266,11 @@ def _kth_largest_key(keys, k, scratch):
     for bit in range(free_bits - 1, -1, -1):
         if bit == 22 and searched.shape[0] == keys.shape[0]:  # exponent known: keep its keys only
             k -= _count_at_least(keys, value + (np.int32(1) << 23)) if value < np.int32(0x7F800000) else 0
-            searched = _at_least(keys, value, scratch)
-            searched = _below(searched, value + (np.int32(1) << 23))
+            searched = _within(keys, value, value + ((np.int32(1) << 23) - 1), scratch)
         candidate = value | (np.int32(1) << bit)
         if _count_at_least(searched, candidate) >= k:
             value = candidate
     return value
-
-
-@_jit
-def _below(keys, value):
-    """The keys < ``value`` moved to the front of ``keys`` (in place), as a prefix."""
-    count = 0
-    for j in range(keys.shape[0]):
-        keys[count] = keys[j]
-        count += keys[j] < value
-    return keys[:count]
 
 
 @_jit
@@ -322,7 +309,7 @@ def _middle_band(block, bits, d, first, last, rule, out):
             top = keys
             if not everything:
                 high_value, high_keep, high_skip = _top_rank_rule(keys, last, rule, scratch)
-                top = _at_least(keys, high_value, top_keys)  # the top ranks, where the inner edge lies
+                top = _within(keys, high_value, unbounded, top_keys)  # the top ranks, where the inner edge lies
             if first > 0:
                 low_value, low_keep, low_skip = _top_rank_rule(top, first, rule, scratch)
             _band(row, keys, high_value, low_value, out[t, start : start + d])

@@ -90,7 +90,7 @@ def banded_blocks(task_vectors: TaskVectors, density: float, top_masked: float, 
             if kernels.available(block) and tie_rule in INDEX_TIE_RULES:
                 first = int(d * top_masked)
                 if storage.numel() < block.numel():
-                    storage = torch.empty(block.numel(), dtype=vectors.dtype)
+                    storage = torch.empty(block.numel(), dtype=vectors.dtype, device=vectors.device)
                 out = storage[: block.numel()].view(block.shape)
                 yield columns, kernels.middle_band(block, d, first, first + int(d * density), tie_rule, out)
                 continue

@@ -62,6 +62,10 @@ class DropMask:
         unpacked = (packed.unsqueeze(2) >> BIT_POSITIONS.to(packed.device)) & 1
         return unpacked.reshape(packed.shape[0], -1)[:, : columns.stop - columns.start].bool()
 
+    def rescaled(self, block: torch.Tensor, columns: slice) -> torch.Tensor:
+        """τ̃ = m ⊙ τ / (1 − p) of the ``[T, c]`` task vectors ``block`` at ``columns``."""
+        return block.where(self.keep(columns), 0.0).div_(1.0 - self.p)
+
 
 BIT_POSITIONS = torch.arange(8, dtype=torch.uint8)
 
@@ -73,7 +77,7 @@ def drop_and_rescale(vectors: torch.Tensor, p: float, seed: int) -> torch.Tensor
     mask = DropMask(vectors, p, seed)
     dropped = torch.empty_like(vectors)
     for columns in column_chunks(0, vectors.shape[1], vectors.shape[0], multiple=8):
-        dropped[:, columns] = vectors[:, columns].where(mask.keep(columns), 0.0).div_(1.0 - p)
+        dropped[:, columns] = mask.rescaled(vectors[:, columns], columns)
     return dropped
 
 
@@ -99,7 +103,7 @@ def dropped_elected_merge(task_vectors: TaskVectors, p: float, seed: int, zero_s
     if p == 0:
         return elect_and_merge(vectors, zero_sign, whole=task_vectors)
     election = ElectedMerge(vectors.shape[1], vectors, zero_sign, whole=task_vectors)
-    election.add(slice(0, vectors.shape[1]), vectors, drop=(DropMask(vectors, p, seed), 1.0 - p))
+    election.add(slice(0, vectors.shape[1]), vectors, drop=DropMask(vectors, p, seed))
     return election.result()
 
 

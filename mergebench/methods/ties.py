@@ -143,12 +143,12 @@ class ElectedMerge:
 
     def add(self, columns: slice, vectors: torch.Tensor, selection: TopK | None = None, drop=None) -> None:
         """Merge the ``[T, c]`` task vectors at ``columns``, trimmed to ``selection`` (a top-k of their
-        magnitudes, passed every column left to right) or dropped and rescaled by ``drop`` (a DARE
-        ``(mask, 1 − p)`` over the whole stack, ``columns`` starting at a multiple of 8) when given."""
+        magnitudes, passed every column left to right) or dropped and rescaled by ``drop`` (DARE's
+        ``DropMask`` over the whole stack, ``columns`` starting at a multiple of 8) when given."""
         if kernels.available(vectors, self.merged) and not isinstance(selection, SortedTopK):
-            mask, scale = drop if drop is not None else (None, 1.0)
             sign_total, index, negative = kernels.elect_columns(
-                vectors, self.merged[columns], selection=selection, bits=None if mask is None else mask.bits, offset=columns.start, scale=scale, mean=self.mean
+                vectors, self.merged[columns], selection=selection, bits=None if drop is None else drop.bits, offset=columns.start,
+                scale=1.0 if drop is None else 1.0 - drop.p, mean=self.mean,
             )
             self.sign_total += sign_total
             if index.numel():
@@ -159,7 +159,7 @@ class ElectedMerge:
             if selection is not None:
                 block = block.where(selection.keep(block.abs()), 0.0)
             if drop is not None:
-                block = block.where(drop[0].keep(chunk), 0.0).div_(drop[1])
+                block = drop.rescaled(block, chunk)
             self._add_block(chunk, block)
 
     def _add_block(self, columns: slice, vectors: torch.Tensor) -> None:
