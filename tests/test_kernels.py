@@ -77,3 +77,41 @@ def test_cpu_random_stream_is_torch_rand(seed):
             kernels.draw_keep_bits(random, p, row_bits, 1500)
         unpacked = ((bits.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(3, -1)[:, :1500].bool()
         assert torch.equal(unpacked, draws >= p)
+
+
+def magprune_rows() -> TaskVectors:
+    """Rows that take each way of ranking magnitudes in the kernel: spread magnitudes (a bucket pass),
+    rows crowded with equal or nearly equal magnitudes (the radix sort), and d = 1, 2 and long rows."""
+    shapes = {"scalar": (), "single": (40, 1), "pairs": (60, 2), "spread": (12, 768), "long": (2, 20_000), "crowded": (16, 300)}
+    layout = ParamLayout.of({k: torch.empty(v, device="meta") for k, v in shapes.items()}, list(shapes))
+    generator = torch.Generator().manual_seed(5)
+    vectors = torch.randn((3, layout.numel), generator=generator) * 1e-2
+    slots = {slot.name: slot for slot in layout.slots}
+    pairs = vectors[:, slots["pairs"].start : slots["pairs"].stop].view(3, 60, 2)
+    pairs[:, :20, 1] = pairs[:, :20, 0]  # equal pairs
+    pairs[:, 20:30, 1] = -pairs[:, 20:30, 0]  # equal magnitudes, opposite signs
+    pairs[:, 30:35] = 0.0
+    crowded = vectors[:, slots["crowded"].start : slots["crowded"].stop].view(3, 16, 300)
+    crowded[:, 0] = 0.0  # all zero
+    crowded[:, 1] = 0.25  # all equal
+    crowded[:, 2, ::2] = 0.0  # half zeros
+    crowded[:, 3, :16] = 0.5  # a bucket of exactly 16 equal keys
+    crowded[:, 4, :17] = -0.5  # one more than a bucket of the bucket pass holds
+    crowded[:, 5] = 1e-7 * (1 + torch.arange(300) * 2**-20)  # distinct, 300 to a bucket below an outlier
+    crowded[:, 5, 7] = 1.0
+    crowded[:, 6] = torch.round(crowded[:, 6] * 1000) / 1000  # a few magnitudes, many ties
+    crowded[:, 7, 100:] = torch.finfo(torch.float32).tiny / 4  # subnormal magnitudes
+    crowded[:, 8, 50:] = crowded[:, 8, :250].neg()  # every magnitude twice
+    crowded[:, 9, 0] = 1.0  # 17 distinct magnitudes, ascending, in one bucket of the bucket pass
+    crowded[:, 9, 1:18] = 1e-3 * (1 + torch.arange(17) * 2**-20)
+    return TaskVectors(torch.zeros(layout.numel), vectors, layout, ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("p,epsilon", [(0.3, 0.07), (0.5, 0.0), (0.7, 0.29)])
+def test_magprune_kernel_equals_the_pytorch_ranks(p, epsilon, monkeypatch):
+    from mergebench.methods.della import magprune
+
+    task_vectors = magprune_rows()
+    fused = magprune(task_vectors, p, epsilon, seed=11)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(magprune(task_vectors, p, epsilon, seed=11), fused)

@@ -476,6 +476,80 @@ def _stable_order(keys, order, spare_keys, spare_order, counts):
     return source_order
 
 
+BUCKETED_OCTAVES = 16
+"""Magnitudes more than 2¹⁶ times below their row's largest share the last bucket of :func:`_magnitude_ramp`."""
+
+WINDOW = 16
+"""The most keys a bucket of :func:`_magnitude_ramp` may hold (more: the row is radix sorted)."""
+
+
+@_jit
+def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, drop):
+    """drop[i] = high − step·(d − 1 − r_i) for a row of d magnitudes (``bits``: its float32 bit patterns
+    as int32), r_i the rank of |x_i| in descending order, equal magnitudes ranked in index order.
+
+    A stable bucket pass on the high bits of the magnitude keys (2·d buckets cutting the top
+    ``BUCKETED_OCTAVES`` octaves below the largest magnitude evenly in key, i.e. in log-magnitude; the
+    rest share the last one) lays the keys out by bucket; a key's rank is then its position q plus the
+    keys within ``WINDOW`` places of it that rank before it, less ``WINDOW`` (:func:`_count_before`): a
+    bucket of at most ``WINDOW`` keys fits in every window of its keys, and every key outside a key's
+    bucket ranks before it exactly when it lies before it. Rows with a bucket of more keys (many equal
+    magnitudes) take the radix sort :func:`_stable_order`."""
+    d = bits.shape[0]
+    largest, smallest = np.int32(0), np.int32(0x7FFFFFFF)
+    for j in range(d):
+        key = bits[j] & np.int32(0x7FFFFFFF)
+        keys[j] = key
+        largest = max(largest, key)
+        smallest = min(smallest, key)
+    span = min(largest - smallest, np.int32(BUCKETED_OCTAVES << 23))
+    shift = 0
+    while (span >> shift) >= 2 * d:
+        shift += 1
+    last = span >> shift  # buckets 0 … last, bucket 0 holding the largest keys
+    counts[: last + 1] = 0
+    for j in range(d):
+        counts[min((largest - keys[j]) >> shift, last)] += 1
+    total, most = 0, 0
+    for bucket in range(last + 1):
+        most = max(most, counts[bucket])
+        total, counts[bucket] = total + counts[bucket], total
+    if most > WINDOW:
+        for j in range(d):  # descending magnitude: ascending 0x7FFFFFFF − |x|'s bits
+            keys[j] = np.int32(0x7FFFFFFF) - keys[j]
+        ranked = _stable_order(keys[:d], order, ranked_keys, before, counts[:256])
+        for j in range(d):
+            drop[ranked[j]] = high - step * np.float32(d - 1 - j)
+        return
+    ranked_keys[:WINDOW] = np.int32(0x7FFFFFFF)  # sentinels: before every key
+    ranked_keys[WINDOW + d : 2 * WINDOW + d] = np.int32(-1)  # after every key
+    for j in range(d):
+        bucket = min((largest - keys[j]) >> shift, last)
+        ranked_keys[WINDOW + counts[bucket]] = keys[j]
+        order[counts[bucket]] = j
+        counts[bucket] += 1
+    _count_before(ranked_keys[: 2 * WINDOW + d], before[:d])
+    for q in range(d):
+        drop[order[q]] = high - step * np.float32(d - 1 - (q - WINDOW + before[q]))
+
+
+@_jit_apart
+def _count_before(ranked_keys, before):
+    """before[q] = how many of the 2·``WINDOW`` keys around ``ranked_keys[WINDOW + q]`` rank before it:
+    greater, or equal and placed before it."""
+    d = before.shape[0]
+    keys = ranked_keys[WINDOW : WINDOW + d]
+    before[:] = 0
+    for offset in range(WINDOW):
+        others = ranked_keys[offset : offset + d]
+        for q in range(d):
+            before[q] += np.int32(others[q] >= keys[q])
+    for offset in range(WINDOW + 1, 2 * WINDOW):
+        others = ranked_keys[offset : offset + d]
+        for q in range(d):
+            before[q] += np.int32(others[q] > keys[q])
+
+
 @_jit
 def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position, out):
     """DELLA's MagPrune of every row segment (``starts[i]`` … + k·``widths[i]``, one tensor's rows):
@@ -485,9 +559,9 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
     high = np.float32(p + epsilon)
     longest = max(widths.max(), 1)
     drop = np.empty(longest, dtype=np.float32)
-    keys, spare_keys = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
-    order, spare_order = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
-    counts = np.empty(256, dtype=np.int64)
+    keys, ranked_keys = np.empty(longest, dtype=np.int32), np.empty(longest + 2 * WINDOW, dtype=np.int32)
+    order, before = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
+    counts = np.empty(max(2 * longest, 256), dtype=np.int64)
     for t in range(num_tasks):
         for segment in range(starts.shape[0] - 1):
             d = widths[segment]
@@ -496,11 +570,7 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
                 if d == 1:
                     drop[0] = np.float32(p)
                 else:
-                    for j in range(d):  # descending magnitude: ascending 0x7FFFFFFF − |x|'s bits
-                        keys[j] = np.int32(0x7FFFFFFF) - (bits[t, start + j] & np.int32(0x7FFFFFFF))
-                    ranked = _stable_order(keys[:d], order, spare_keys, spare_order, counts)
-                    for j in range(d):
-                        drop[ranked[j]] = high - step * np.float32(d - 1 - j)
+                    _magnitude_ramp(bits[t, start : start + d], high, step, keys, ranked_keys, order, before, counts, drop)
                 at, j = position[0], 0
                 while j < d:
                     if at == MT_N:
