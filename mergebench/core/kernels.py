@@ -479,22 +479,27 @@ def _stable_order(keys, order, spare_keys, spare_order, counts):
 BUCKETED_OCTAVES = 16
 """Magnitudes more than 2¹⁶ times below their row's largest share the last bucket of :func:`_magnitude_ramp`."""
 
-WINDOW = 16
+WINDOW = 8
+"""Keys of a bucket of :func:`_magnitude_ramp` ranked by counting the keys around them (more: by
+comparing the bucket's keys with each other)."""
+
+CROWDED = 64
 """The most keys a bucket of :func:`_magnitude_ramp` may hold (more: the row is radix sorted)."""
 
 
 @_jit
-def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, drop):
+def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, crowded, drop):
     """drop[i] = high − step·(d − 1 − r_i) for a row of d magnitudes (``bits``: its float32 bit patterns
     as int32), r_i the rank of |x_i| in descending order, equal magnitudes ranked in index order.
 
     A stable bucket pass on the high bits of the magnitude keys (2·d buckets cutting the top
     ``BUCKETED_OCTAVES`` octaves below the largest magnitude evenly in key, i.e. in log-magnitude; the
-    rest share the last one) lays the keys out by bucket; a key's rank is then its position q plus the
-    keys within ``WINDOW`` places of it that rank before it, less ``WINDOW`` (:func:`_count_before`): a
-    bucket of at most ``WINDOW`` keys fits in every window of its keys, and every key outside a key's
-    bucket ranks before it exactly when it lies before it. Rows with a bucket of more keys (many equal
-    magnitudes) take the radix sort :func:`_stable_order`."""
+    rest share the last one) lays the keys out by bucket, at positions q. Every key outside a key's
+    bucket ranks before it exactly when it lies before it, so in a bucket of at most ``WINDOW`` keys
+    r = q − ``WINDOW`` + the keys within ``WINDOW`` places of q that rank before it
+    (:func:`_count_before`, branch-free); the keys of a bigger bucket are compared with each other
+    (:func:`_rank_within`). Rows with a bucket of more than ``CROWDED`` keys (many equal magnitudes)
+    take the radix sort :func:`_stable_order`."""
     d = bits.shape[0]
     largest, smallest = np.int32(0), np.int32(0x7FFFFFFF)
     for j in range(d):
@@ -510,11 +515,15 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
     counts[: last + 1] = 0
     for j in range(d):
         counts[min((largest - keys[j]) >> shift, last)] += 1
-    total, most = 0, 0
+    total, most, num_crowded = 0, 0, 0
     for bucket in range(last + 1):
+        if counts[bucket] > WINDOW:
+            crowded[num_crowded] = total
+            crowded[num_crowded + 1] = counts[bucket]
+            num_crowded += 2
         most = max(most, counts[bucket])
         total, counts[bucket] = total + counts[bucket], total
-    if most > WINDOW:
+    if most > CROWDED:
         for j in range(d):  # descending magnitude: ascending 0x7FFFFFFF − |x|'s bits
             keys[j] = np.int32(0x7FFFFFFF) - keys[j]
         ranked = _stable_order(keys[:d], order, ranked_keys, before, counts[:256])
@@ -529,6 +538,8 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
         order[counts[bucket]] = j
         counts[bucket] += 1
     _count_before(ranked_keys[: 2 * WINDOW + d], before[:d])
+    for i in range(0, num_crowded, 2):
+        _rank_within(ranked_keys[WINDOW:], crowded[i], crowded[i + 1], before)
     for q in range(d):
         drop[order[q]] = high - step * np.float32(d - 1 - (q - WINDOW + before[q]))
 
@@ -551,6 +562,17 @@ def _count_before(ranked_keys, before):
 
 
 @_jit
+def _rank_within(ranked_keys, start, size, before):
+    """``before`` of the bucket ``ranked_keys[start : start + size]``: its keys' ranks r, less their
+    positions q, plus ``WINDOW``; r = start + the bucket's keys greater, or equal and placed before."""
+    for q in range(start, start + size):
+        rank = start
+        for m in range(start, start + size):
+            rank += (ranked_keys[m] > ranked_keys[q]) | ((ranked_keys[m] == ranked_keys[q]) & (m < q))
+        before[q] = rank - q + WINDOW
+
+
+@_jit
 def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position, out):
     """DELLA's MagPrune of every row segment (``starts[i]`` … + k·``widths[i]``, one tensor's rows):
     drop probability p + ε − 2ε·r/(d − 1) by ascending magnitude rank r (ties: lower index ranked
@@ -561,7 +583,7 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
     drop = np.empty(longest, dtype=np.float32)
     keys, ranked_keys = np.empty(longest, dtype=np.int32), np.empty(longest + 2 * WINDOW, dtype=np.int32)
     order, before = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
-    counts = np.empty(max(2 * longest, 256), dtype=np.int64)
+    counts, crowded = np.empty(max(2 * longest, 256), dtype=np.int64), np.empty(2 * longest, dtype=np.int64)
     for t in range(num_tasks):
         for segment in range(starts.shape[0] - 1):
             d = widths[segment]
@@ -570,7 +592,7 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
                 if d == 1:
                     drop[0] = np.float32(p)
                 else:
-                    _magnitude_ramp(bits[t, start : start + d], high, step, keys, ranked_keys, order, before, counts, drop)
+                    _magnitude_ramp(bits[t, start : start + d], high, step, keys, ranked_keys, order, before, counts, crowded, drop)
                 at, j = position[0], 0
                 while j < d:
                     if at == MT_N:
