@@ -113,5 +113,8 @@ def test_magprune_kernel_equals_the_pytorch_ranks(p, epsilon, monkeypatch):
 
     task_vectors = magprune_rows()
     fused = magprune(task_vectors, p, epsilon, seed=11)
+    fused_merges = [get_method(name).merge(task_vectors, {"p": p, "epsilon": epsilon}, seed=11) for name in ("della", "della_linear")]
     monkeypatch.setattr(kernels, "ENABLED", False)
     assert torch.equal(magprune(task_vectors, p, epsilon, seed=11), fused)
+    assert all(torch.equal(get_method(name).merge(task_vectors, {"p": p, "epsilon": epsilon}, seed=11), merged)
+               for name, merged in zip(("della", "della_linear"), fused_merges))

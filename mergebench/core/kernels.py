@@ -387,13 +387,18 @@ def _twist_pair(state, i, following, shifted):
 
 
 @_jit
-def _next_block(state, draws):
-    """Advance MT19937 by one state (624 outputs) and temper them into ``draws`` (low 24 bits)."""
+def _twist(state):
+    """Advance MT19937 by one state (624 outputs)."""
     for i in range(MT_N - MT_M):
         _twist_pair(state, i, i + 1, i + MT_M)
     for i in range(MT_N - MT_M, MT_N - 1):
         _twist_pair(state, i, i + 1, i + MT_M - MT_N)
     _twist_pair(state, MT_N - 1, 0, MT_M - 1)
+
+
+@_jit
+def _temper(state, draws):
+    """The state's 624 outputs, tempered, into ``draws`` (low 24 bits)."""
     for i in range(MT_N):
         y = state[i]
         y ^= y >> np.uint32(11)
@@ -401,6 +406,26 @@ def _next_block(state, draws):
         y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
         y ^= y >> np.uint32(18)
         draws[i] = np.int32(y & np.uint32(0xFFFFFF))
+
+
+@_jit
+def _next_block(state, draws):
+    """Advance MT19937 by one state (624 outputs) and temper them into ``draws`` (low 24 bits)."""
+    _twist(state)
+    _temper(state, draws)
+
+
+@_jit
+def _skip_draws(state, draws, position, count):
+    """Advance the stream by ``count`` draws without using them (only the last state is tempered)."""
+    at, twisted = position[0], False
+    while at + count > MT_N:
+        count -= MT_N - at
+        _twist(state)
+        at, twisted = 0, True
+    if twisted:
+        _temper(state, draws)
+    position[0] = at + count
 
 
 @_jit
@@ -573,36 +598,82 @@ def _rank_within(ranked_keys, start, size, before):
 
 
 @_jit
+def _magprune_row(values, bits, p, high, step, scratch, state, draws, position, out):
+    """``out`` = the row ``values`` MagPruned with the next d draws of the stream (:func:`_magprune`)."""
+    d = values.shape[0]
+    keys, ranked_keys, order, before, counts, crowded, drop = scratch
+    if d == 1:
+        drop[0] = np.float32(p)
+    else:
+        _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, crowded, drop)
+    at, j = position[0], 0
+    while j < d:
+        if at == MT_N:
+            _next_block(state, draws)
+            at = 0
+        count = min(MT_N - at, d - j)
+        _prune(values[j : j + count], drop[j : j + count], draws[at : at + count], out[j : j + count])
+        at += count
+        j += count
+    position[0] = at
+
+
+@_jit
+def _row_scratch(longest):
+    """The buffers :func:`_magnitude_ramp` works in, for rows of up to ``longest`` entries."""
+    return (np.empty(longest, dtype=np.int32), np.empty(longest + 2 * WINDOW, dtype=np.int32), np.empty(longest, dtype=np.int32),
+            np.empty(longest, dtype=np.int32), np.empty(max(2 * longest, 256), dtype=np.int64), np.empty(2 * longest, dtype=np.int64),
+            np.empty(longest, dtype=np.float32))
+
+
+@_jit
 def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position, out):
     """DELLA's MagPrune of every row segment (``starts[i]`` … + k·``widths[i]``, one tensor's rows):
     drop probability p + ε − 2ε·r/(d − 1) by ascending magnitude rank r (ties: lower index ranked
     higher), Bernoulli draws in row-major order, survivors divided by 1 − p_i."""
-    num_tasks = vectors.shape[0]
     high = np.float32(p + epsilon)
-    longest = max(widths.max(), 1)
-    drop = np.empty(longest, dtype=np.float32)
-    keys, ranked_keys = np.empty(longest, dtype=np.int32), np.empty(longest + 2 * WINDOW, dtype=np.int32)
-    order, before = np.empty(longest, dtype=np.int32), np.empty(longest, dtype=np.int32)
-    counts, crowded = np.empty(max(2 * longest, 256), dtype=np.int64), np.empty(2 * longest, dtype=np.int64)
-    for t in range(num_tasks):
+    scratch = _row_scratch(max(widths.max(), 1))
+    for t in range(vectors.shape[0]):
         for segment in range(starts.shape[0] - 1):
             d = widths[segment]
             step = np.float32(2 * epsilon / (d - 1)) if d > 1 else np.float32(0.0)
             for start in range(starts[segment], starts[segment + 1], d):
-                if d == 1:
-                    drop[0] = np.float32(p)
-                else:
-                    _magnitude_ramp(bits[t, start : start + d], high, step, keys, ranked_keys, order, before, counts, crowded, drop)
-                at, j = position[0], 0
-                while j < d:
-                    if at == MT_N:
-                        _next_block(state, draws)
-                        at = 0
-                    count = min(MT_N - at, d - j)
-                    _prune(vectors[t, start + j : start + j + count], drop[j : j + count], draws[at : at + count], out[t, start + j : start + j + count])
-                    at += count
-                    j += count
-                position[0] = at
+                _magprune_row(vectors[t, start : start + d], bits[t, start : start + d], p, high, step, scratch, state, draws, position,
+                              out[t, start : start + d])
+
+
+@_jit
+def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, positions, mean, merged):
+    """:func:`_magprune` and :func:`_elect_columns` block by block of whole rows: every task's rows of
+    a block are pruned into a cache-resident ``[T, ≤ BLOCK]`` block (each task drawing from its own
+    generator, which starts where task t's draws start in the one stream, at t·N) and elected there,
+    so that the pruned stack is never written. Returns what :func:`_elect_columns` returns."""
+    num_tasks = vectors.shape[0]
+    high = np.float32(p + epsilon)
+    longest = max(widths.max(), 1)
+    scratch = _row_scratch(longest)
+    block = np.empty((num_tasks, max(longest, BLOCK)), dtype=np.float32)
+    none = np.zeros(num_tasks, dtype=np.int64)
+    sign_total, undecided, negative = 0, [], []
+    for segment in range(starts.shape[0] - 1):
+        d = widths[segment]
+        step = np.float32(2 * epsilon / (d - 1)) if d > 1 else np.float32(0.0)
+        rows = max(1, BLOCK // d)
+        for first in range(starts[segment], starts[segment + 1], rows * d):
+            width = min(rows * d, starts[segment + 1] - first)
+            for t in range(num_tasks):
+                for start in range(0, width, d):
+                    column = first + start
+                    _magprune_row(vectors[t, column : column + d], bits[t, column : column + d], p, high, step, scratch,
+                                  states[t], draws[t], positions[t : t + 1], block[t, start : start + d])
+            block_total, block_undecided, block_negative = _elect_columns(
+                block[:, :width], 0, np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
+                merged[first : first + width])
+            sign_total += block_total
+            for i in range(block_undecided.shape[0]):
+                undecided.append(first + block_undecided[i])
+                negative.append(block_negative[i])
+    return sign_total, np.array(undecided, dtype=np.int64), np.array(negative, dtype=np.float32)
 
 
 @_jit_apart
@@ -621,6 +692,24 @@ def magprune(vectors: torch.Tensor, starts: list[int], widths: list[int], p: flo
     _magprune(vectors.numpy(), vectors.view(torch.int32).numpy(), np.array(starts, dtype=np.int64), np.array(widths, dtype=np.int64),
               p, epsilon, random.state, random.draws, random.position, out.numpy())
     return out
+
+
+def magprune_elect(vectors: torch.Tensor, starts: list[int], widths: list[int], p: float, epsilon: float, seed: int,
+                   merged: torch.Tensor, mean: bool = True) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """:func:`magprune`, then :func:`elect_columns` of the pruned vectors into ``merged``, block by block
+    without writing the pruned ``[T, N]`` stack; the same numbers and the same return value."""
+    num_tasks, num_columns = vectors.shape
+    states, draws = np.zeros((num_tasks, MT_N), dtype=np.uint32), np.zeros((num_tasks, MT_N), dtype=np.int32)
+    positions = np.full(num_tasks, MT_N, dtype=np.int64)
+    random = TorchCpuRandom(seed)
+    for t in range(num_tasks):  # task t's draws start at t·N of the stream
+        states[t], draws[t], positions[t] = random.state, random.draws, random.position[0]
+        if t + 1 < num_tasks:
+            _skip_draws(random.state, random.draws, random.position, num_columns)
+    sign_total, undecided, negative = _magprune_elect(
+        vectors.numpy(), vectors.view(torch.int32).numpy(), np.array(starts, dtype=np.int64), np.array(widths, dtype=np.int64),
+        p, epsilon, states, draws, positions, mean, merged.numpy())
+    return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 
 @_jit

@@ -42,7 +42,7 @@ from mergebench.errors import MergebenchError
 from mergebench.methods.arithmetic import sum_vectors
 from mergebench.methods.breadcrumbs import row_view
 from mergebench.methods.registry import HParam, lam_grid, register
-from mergebench.methods.ties import ZeroSign, elect_and_merge
+from mergebench.methods.ties import ElectedMerge, ZeroSign, elect_and_merge
 
 DELLA_CITATION = "Deep et al., 2024 (DELLA-Merging)"
 
@@ -61,17 +61,31 @@ def magprune_drop_probabilities(rows: torch.Tensor, p: float, epsilon: float) ->
     return torch.empty_like(rows).scatter_(-1, order, ramp.expand_as(rows))
 
 
+def check_window(p: float, epsilon: float) -> None:
+    if not (0.0 <= p - epsilon and p + epsilon < 1.0):
+        raise MergebenchError(f"DELLA needs 0 <= p - epsilon and p + epsilon < 1 (got p={p}, epsilon={epsilon})")
+
+
+def fused(task_vectors: TaskVectors) -> bool:
+    """Whether MagPrune takes the fused kernels (float32 CPU task vectors, one contiguous stack)."""
+    return kernels.available(task_vectors.vectors) and task_vectors.vectors.is_contiguous()
+
+
+def row_segments(task_vectors: TaskVectors) -> tuple[list[int], list[int]]:
+    """(starts of the non-empty tensors, then N; their row widths d), the rows the kernels rank in."""
+    slots = [slot for slot in task_vectors.layout.slots if slot.stop > slot.start]
+    return [slot.start for slot in slots] + [task_vectors.vectors.shape[1]], [slot.shape[-1] if len(slot.shape) else 1 for slot in slots]
+
+
 def magprune(task_vectors: TaskVectors, p: float, epsilon: float, seed: int) -> torch.Tensor:
     """τ̃_t = m_t ⊙ τ_t / (1 − p_t), m_t[i] ~ Bernoulli(1 − p_t[i]), for every task, ``[T, N]``.
 
     Task by task and tensor by tensor, drawing the uniforms in the row-major order of one
     ``torch.rand([T, N])`` draw (the masks of DARE for the same seed when ε = 0)."""
-    if not (0.0 <= p - epsilon and p + epsilon < 1.0):
-        raise MergebenchError(f"DELLA needs 0 <= p - epsilon and p + epsilon < 1 (got p={p}, epsilon={epsilon})")
+    check_window(p, epsilon)
     vectors = task_vectors.vectors
-    if kernels.available(vectors) and vectors.is_contiguous():
-        slots = [(slot.start, slot.stop, slot.shape[-1] if len(slot.shape) else 1) for slot in task_vectors.layout.slots if slot.stop > slot.start]
-        return kernels.magprune(vectors, [start for start, _, _ in slots] + [vectors.shape[1]], [d for _, _, d in slots], p, epsilon, seed)
+    if fused(task_vectors):
+        return kernels.magprune(vectors, *row_segments(task_vectors), p, epsilon, seed)
     pruned = torch.empty_like(vectors)
     generator = torch.Generator(device=vectors.device).manual_seed(seed)
     for task in range(vectors.shape[0]):
@@ -95,8 +109,15 @@ Epsilon = Annotated[float, HParam("half-width ε of the drop-probability window 
 def della(
     task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, zero_sign: ZeroSign = "majority", seed: int
 ) -> torch.Tensor:
-    """MagPrune each τ_t, then TIES sign election and disjoint mean."""
-    return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign, whole=task_vectors)
+    """MagPrune each τ_t, then TIES sign election and disjoint mean (on float32 CPU task vectors, block
+    by block, without writing the pruned task vectors: :func:`~mergebench.core.kernels.magprune_elect`)."""
+    if not fused(task_vectors):
+        return elect_and_merge(magprune(task_vectors, p, epsilon, seed), zero_sign, whole=task_vectors)
+    check_window(p, epsilon)
+    vectors = task_vectors.vectors
+    election = ElectedMerge(vectors.shape[1], vectors, zero_sign, whole=task_vectors)
+    election.add_elected(0, *kernels.magprune_elect(vectors, *row_segments(task_vectors), p, epsilon, seed, election.merged))
+    return election.result()
 
 
 @register(

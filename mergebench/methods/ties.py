@@ -146,13 +146,11 @@ class ElectedMerge:
         magnitudes, passed every column left to right) or dropped and rescaled by ``drop`` (DARE's
         ``DropMask`` over the whole stack, ``columns`` starting at a multiple of 8) when given."""
         if kernels.available(vectors, self.merged) and not isinstance(selection, SortedTopK):
-            sign_total, index, negative = kernels.elect_columns(
+            elected = kernels.elect_columns(
                 vectors, self.merged[columns], selection=selection, bits=None if drop is None else drop.bits, offset=columns.start,
                 scale=1.0 if drop is None else 1.0 - drop.p, mean=self.mean,
             )
-            self.sign_total += sign_total
-            if index.numel():
-                self.undecided.append((index + columns.start, negative))
+            self.add_elected(columns.start, *elected)
             return
         for chunk in column_chunks(columns.start, columns.stop, vectors.shape[0], multiple=8):
             block = vectors[:, chunk.start - columns.start : chunk.stop - columns.start]
@@ -161,6 +159,13 @@ class ElectedMerge:
             if drop is not None:
                 block = drop.rescaled(block, chunk)
             self._add_block(chunk, block)
+
+    def add_elected(self, start: int, sign_total: int, index: torch.Tensor, negative: torch.Tensor) -> None:
+        """Take the columns from ``start`` on that a kernel merged into :attr:`merged` (its return value:
+        Σ γ, undecided columns counted from ``start``, their values for γ = −1)."""
+        self.sign_total += sign_total
+        if index.numel():
+            self.undecided.append((index + start, negative))
 
     def _add_block(self, columns: slice, vectors: torch.Tensor) -> None:
         combine = disjoint_mean if self.mean else disjoint_sum
