@@ -652,7 +652,7 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
     high = np.float32(p + epsilon)
     longest = max(widths.max(), 1)
     scratch = _row_scratch(longest)
-    block = np.empty((num_tasks, max(longest, BLOCK)), dtype=np.float32)
+    room = np.empty(num_tasks * max(longest, BLOCK), dtype=np.float32)
     none = np.zeros(num_tasks, dtype=np.int64)
     sign_total, undecided, negative = 0, [], []
     for segment in range(starts.shape[0] - 1):
@@ -661,13 +661,14 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
         rows = max(1, BLOCK // d)
         for first in range(starts[segment], starts[segment + 1], rows * d):
             width = min(rows * d, starts[segment + 1] - first)
+            block = room[: num_tasks * width].reshape((num_tasks, width))
             for t in range(num_tasks):
                 for start in range(0, width, d):
                     column = first + start
                     _magprune_row(vectors[t, column : column + d], bits[t, column : column + d], p, high, step, scratch,
                                   states[t], draws[t], positions[t : t + 1], block[t, start : start + d])
             block_total, block_undecided, block_negative = _elect_columns(
-                block[:, :width], 0, np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
+                block, 0, np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
                 merged[first : first + width])
             sign_total += block_total
             for i in range(block_undecided.shape[0]):
