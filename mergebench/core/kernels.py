@@ -537,9 +537,11 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
     while (span >> shift) >= 2 * d:
         shift += 1
     last = span >> shift  # buckets 0 … last, bucket 0 holding the largest keys
+    buckets = before[:d]  # until the keys are laid out
+    _bucket_of(keys[:d], largest, shift, last, buckets)
     counts[: last + 1] = 0
     for j in range(d):
-        counts[min((largest - keys[j]) >> shift, last)] += 1
+        counts[buckets[j]] += 1
     total, most, num_crowded = 0, 0, 0
     for bucket in range(last + 1):
         if counts[bucket] > WINDOW:
@@ -558,7 +560,7 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
     ranked_keys[:WINDOW] = np.int32(0x7FFFFFFF)  # sentinels: before every key
     ranked_keys[WINDOW + d : 2 * WINDOW + d] = np.int32(-1)  # after every key
     for j in range(d):
-        bucket = min((largest - keys[j]) >> shift, last)
+        bucket = buckets[j]
         ranked_keys[WINDOW + counts[bucket]] = keys[j]
         order[counts[bucket]] = j
         counts[bucket] += 1
@@ -567,6 +569,13 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
         _rank_within(ranked_keys[WINDOW:], crowded[i], crowded[i + 1], before)
     for q in range(d):
         drop[order[q]] = high - step * np.float32(d - 1 - (q - WINDOW + before[q]))
+
+
+@_jit_apart
+def _bucket_of(keys, largest, shift, last, buckets):
+    """buckets = (largest − keys) >> shift, at most ``last``."""
+    for j in range(keys.shape[0]):
+        buckets[j] = min((largest - keys[j]) >> shift, last)
 
 
 @_jit_apart
@@ -622,7 +631,7 @@ def _magprune_row(values, bits, p, high, step, scratch, state, draws, position, 
 def _row_scratch(longest):
     """The buffers :func:`_magnitude_ramp` works in, for rows of up to ``longest`` entries."""
     return (np.empty(longest, dtype=np.int32), np.empty(longest + 2 * WINDOW, dtype=np.int32), np.empty(longest, dtype=np.int32),
-            np.empty(longest, dtype=np.int32), np.empty(max(2 * longest, 256), dtype=np.int64), np.empty(2 * longest, dtype=np.int64),
+            np.empty(longest, dtype=np.int32), np.empty(max(2 * longest, 256), dtype=np.int32), np.empty(2 * longest, dtype=np.int64),
             np.empty(longest, dtype=np.float32))
 
 
