@@ -14,11 +14,14 @@ path, so results do not depend on the device or on how columns are cut into bloc
   with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
   entries agreeing with γ, block of columns by block of columns.
 * :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's and DELLA's Bernoulli
-  masks are drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`, :func:`magprune`)
+  masks are drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`, :func:`magprune`,
+  :func:`magprune_elect`)
   and equal ``torch.rand``'s draws bit for bit.
 * :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by a
   branch-free bit-by-bit search of the magnitudes' bit patterns.
-* :func:`magprune`: DELLA's rank-dependent drop probabilities (one radix sort per row) and draws.
+* :func:`magprune`: DELLA's rank-dependent drop probabilities and draws; the exact magnitude ranks of
+  each row come from one bucket pass and a branch-free count of the keys near each key (no sort), and
+  :func:`magprune_elect` elects the pruned rows block by block, the pruned stack never written.
 
 ``torch.profiler`` does not see the kernels: ``benchmarks/merge_speed.py`` reports their time as the
 time outside PyTorch operators.
