@@ -665,7 +665,7 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
     longest = max(widths.max(), 1)
     scratch = _row_scratch(longest)
     room = np.empty(num_tasks * max(longest, BLOCK), dtype=np.float32)
-    none = np.zeros(num_tasks, dtype=np.int64)
+    none, every = np.zeros(num_tasks, dtype=np.int64), np.full(num_tasks, -1.0, dtype=np.float32)  # |x| > −1: every entry kept
     sign_total, undecided, negative = 0, [], []
     for segment in range(starts.shape[0] - 1):
         d = widths[segment]
@@ -680,7 +680,7 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
                     _magprune_row(vectors[t, column : column + d], bits[t, column : column + d], p, high, step, scratch,
                                   states[t], draws[t], positions[t : t + 1], block[t, start : start + d])
             block_total, block_undecided, block_negative = _elect_columns(
-                block, 0, np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
+                block, 0, every, KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
                 merged[first : first + width])
             sign_total += block_total
             for i in range(block_undecided.shape[0]):
