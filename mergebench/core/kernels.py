@@ -16,8 +16,8 @@ path, so results do not depend on the device or on how columns are cut into bloc
 * :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's and DELLA's Bernoulli
   masks are drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`, :func:`magprune`)
   and equal ``torch.rand``'s draws bit for bit.
-* :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by a
-  branch-free bit-by-bit search of the magnitudes' bit patterns.
+* :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by an
+  interpolation search of the magnitudes' bit patterns, each step one vectorized count of two probes.
 * :func:`magprune`: DELLA's rank-dependent drop probabilities (one radix sort per row) and draws.
 
 ``torch.profiler`` does not see the kernels: ``benchmarks/merge_speed.py`` reports their time as the
@@ -227,127 +227,171 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 
-@_jit_apart
-def _count_at_least(keys, candidate):
-    count = np.int32(0)
-    for j in range(keys.shape[0]):
-        count += np.int32(keys[j] >= candidate)
-    return count
+MAGNITUDE = np.int32(0x7FFFFFFF)
+"""Mask of a float32 bit pattern's magnitude bits: the magnitude key, which orders as |x| (−0 as +0)."""
 
 
 @_jit_apart
 def _magnitude_keys(bits, keys):
-    for j in range(keys.shape[0]):
-        keys[j] = bits[j] & np.int32(0x7FFFFFFF)
-
-
-@_jit
-def _within(keys, low, high, out):
-    """The keys in ``low`` … ``high`` (inclusive), in index order, as a prefix of ``out``."""
-    count = 0
-    for j in range(keys.shape[0]):  # written always, kept when inside: no branch on the data
-        out[count] = keys[j]
-        count += (keys[j] >= low) & (keys[j] <= high)
-    return out[:count]
-
-
-@_jit
-def _kth_largest_key(keys, k, scratch):
-    """The k-th largest of non-negative int32 ``keys`` (1 ≤ k ≤ len): the largest v with at least k keys
-    ≥ v, found bit by bit below the bits all keys share, each bit one vectorized count (no branches on
-    the data, unlike a quickselect). Once the exponent bits are known, only the keys sharing them are
-    searched further (gathered into ``scratch``)."""
-    high, low = keys.max(), keys.min()
-    free_bits = 0
-    while (high ^ low) >> free_bits:
-        free_bits += 1
-    value = high & ~((np.int32(1) << free_bits) - 1) if free_bits < 31 else np.int32(0)
-    searched = keys
-    for bit in range(free_bits - 1, -1, -1):
-        if bit == 22 and searched.shape[0] == keys.shape[0]:  # exponent known: keep its keys only
-            k -= _count_at_least(keys, value + (np.int32(1) << 23)) if value < np.int32(0x7F800000) else 0
-            searched = _within(keys, value, value + ((np.int32(1) << 23) - 1), scratch)
-        candidate = value | (np.int32(1) << bit)
-        if _count_at_least(searched, candidate) >= k:
-            value = candidate
-    return value
-
-
-@_jit
-def _top_rank_rule(keys, k, rule, scratch):
-    """(threshold key v, ties kept, ties skipped first) of the top-k of magnitude ``keys``: keys > v are
-    in; of the keys = v, in index order, those after the first ``skip`` and up to ``skip + keep``."""
-    value = _kth_largest_key(keys, k, scratch)
-    greater, equal = np.int32(0), np.int32(0)
-    for j in range(keys.shape[0]):
-        greater += np.int32(keys[j] > value)
-        equal += np.int32(keys[j] == value)
-    keep = k - greater
-    skip = equal - keep if rule == HIGHEST_INDEX else 0
-    return value, keep, skip
-
-
-@_jit
-def _middle_band(block, bits, d, first, last, rule, out):
-    """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
-    in ``first … last − 1``, else 0 (``bits``: the block's float32 bit patterns as int32)."""
-    num_tasks, width = block.shape
-    keys = np.empty(d, dtype=np.int32)
-    top_keys = np.empty(d, dtype=np.int32)
-    scratch = np.empty(d, dtype=np.int32)
-    everything = last >= d
-    unbounded = np.int32(0x7FFFFFFF)  # above every finite magnitude's key
-    # an entry is in the band when its key is > the outer edge's and ≤ the inner edge's, the edges
-    # themselves decided by the tie rule; without an outer edge (the band reaches rank d − 1) every key
-    # is > −1, without an inner one (rank 0) every key is ≤ the largest
-    for t in range(num_tasks):
-        for start in range(0, width, d):
-            row = block[t, start : start + d]
-            _magnitude_keys(bits[t, start : start + d], keys)
-            high_value, high_keep, high_skip = np.int32(-1), 0, 0
-            low_value, low_keep, low_skip = unbounded, 0, 0
-            top = keys
-            if not everything:
-                high_value, high_keep, high_skip = _top_rank_rule(keys, last, rule, scratch)
-                top = _within(keys, high_value, unbounded, top_keys)  # the top ranks, where the inner edge lies
-            if first > 0:
-                low_value, low_keep, low_skip = _top_rank_rule(top, first, rule, scratch)
-            _band(row, keys, high_value, low_value, out[t, start : start + d])
-            if high_keep or low_keep:  # entries at an edge, ranked in index order by the tie rule
-                _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out[t, start : start + d])
+    """keys = the magnitude keys of the float32 bit patterns ``bits``; returns the (largest, smallest)."""
+    largest, smallest = np.int32(0), MAGNITUDE
+    for j in range(keys.shape[0]):  # int32 throughout, so that LLVM vectorizes eight keys at a time
+        key = np.int32(bits[j] & MAGNITUDE)
+        keys[j] = key
+        largest, smallest = np.int32(max(largest, key)), np.int32(min(smallest, key))
+    return largest, smallest
 
 
 @_jit_apart
-def _band(row, keys, high_value, low_value, out):
-    for j in range(row.shape[0]):
-        out[j] = row[j] if (keys[j] > high_value) & (keys[j] <= low_value) else np.float32(0.0)
+def _count_at_least(keys, a, b):
+    """(number of keys ≥ a, number ≥ b), in one pass."""
+    count_a, count_b = np.int32(0), np.int32(0)
+    for j in range(keys.shape[0]):
+        key = keys[j]
+        count_a, count_b = np.int32(count_a + np.int32(key >= a)), np.int32(count_b + np.int32(key >= b))
+    return count_a, count_b
+
+
+@_jit_apart
+def _extreme_keys_in(keys, low, top):
+    """(largest, smallest) key in ``low`` … ``top``, given that one lies there."""
+    largest, smallest = np.int32(-1), MAGNITUDE
+    for j in range(keys.shape[0]):
+        key = keys[j]
+        largest = np.int32(max(largest, key if key <= top else np.int32(-1)))
+        smallest = np.int32(min(smallest, key if key >= low else MAGNITUDE))
+    return largest, smallest
 
 
 @_jit
-def _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out):
-    high_seen, low_seen = 0, 0
+def _kth_largest_key(keys, k, low, count_low, high, count_high):
+    """(v, keys > v, keys = v) for the k-th largest v of the non-negative int32 ``keys``, searched in the
+    bracket ``low`` ≤ v < ``high``, where count_low = #keys ≥ low ≥ k > count_high = #keys ≥ high.
+
+    Each step counts the keys at or above two probes in one vectorized pass (no branch on the data)
+    and narrows the bracket to them. The probes sit one standard deviation of the k-th key's rank
+    either side of where the count, interpolated linearly across the bracket, falls to k − ½ (keys
+    grow with the logarithm of the magnitude, so a few steps suffice on smooth data); a step that did
+    not halve the keys inside is followed by one at the bracket's middle, which bounds the search by
+    about twice the 31 bits. Once at most two keys remain inside, or a step found none to separate
+    (ties), one pass over the keys inside finds their largest and smallest."""
+    middle_next, separated = False, True
+    while high - low > 1:
+        inside = count_low - count_high
+        if inside <= 2 or not separated:
+            largest, smallest = _extreme_keys_in(keys, np.int32(low), np.int32(high - 1))
+            if largest == smallest:
+                return largest, count_high, inside
+            if inside == 2:  # two distinct keys: the k-th is the larger or the smaller
+                return (largest, count_high, 1) if k - count_high == 1 else (smallest, count_high + 1, 1)
+            low, high = np.int64(smallest), np.int64(largest) + 1
+        width = high - low
+        if middle_next:
+            a = b = low + width // 2
+        else:
+            fraction = (count_low - k + 0.5) / inside
+            crossing = low + width * fraction
+            spread = width / inside * (np.sqrt(inside * fraction * (1.0 - fraction)) + 0.5)
+            a, b = np.int64(crossing - spread), np.int64(crossing + spread)
+        a, b = min(max(a, low + 1), high - 1), min(max(b, low + 1), high - 1)
+        count_a, count_b = _count_at_least(keys, np.int32(a), np.int32(b))
+        for probe, count in ((a, count_a), (b, count_b)):
+            if count >= k and probe > low:
+                low, count_low = probe, count
+            elif count < k and probe < high:
+                high, count_high = probe, count
+        separated = count_low - count_high < inside
+        middle_next = not middle_next and (count_low - count_high) * 2 > inside
+    return np.int32(low), count_high, count_low - count_high
+
+
+@_jit
+def _edge(k, greater, equal, rule):
+    """(ties kept, ties skipped first) at a top-k threshold with ``greater`` keys above it and ``equal``
+    at it: of the keys at it, in index order, those after the first ``skip`` and up to ``skip + keep``."""
+    keep = k - greater
+    return keep, (equal - keep if rule == HIGHEST_INDEX else 0)
+
+
+@_jit
+def _middle_band(values, bits, row_stride, num_tasks, width, d, first, last, rule, out):
+    """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
+    in ``first … last − 1``, else 0. ``values`` (and ``bits``, its float32 bit patterns as int32) holds
+    task t's ``width`` columns from t·``row_stride``; ``out`` is ``[T, width]`` flattened."""
+    keys = np.empty(d, dtype=np.int32)
+    for t in range(num_tasks):
+        for column in range(0, width, d):
+            at, out_at = t * row_stride + column, t * width + column
+            row, row_out = values[at : at + d], out[out_at : out_at + d]
+            largest, smallest = _magnitude_keys(bits[at : at + d], keys)
+            above_all = np.int64(largest) + 1
+            # the band holds the keys in lower … upper, the ties split at an edge decided by the rule:
+            # the outer edge's (rank last) key is in, the inner edge's (rank first) above the band
+            lower, upper = np.int32(0), MAGNITUDE
+            outer, outer_keep, outer_skip, outer_split = np.int32(-1), 0, 0, False
+            inner, inner_keep, inner_skip, inner_split = MAGNITUDE, 0, 0, False
+            searched_from, count = np.int64(smallest), d  # the inner edge is at or above it, count keys there
+            if last < d:
+                outer, greater, equal = _kth_largest_key(keys, last, np.int64(smallest), d, above_all, 0)
+                outer_keep, outer_skip = _edge(last, greater, equal, rule)
+                outer_split = outer_keep < equal
+                lower = np.int32(outer + 1 if outer_split else outer)
+                searched_from, count = np.int64(outer), greater + equal
+            if first > 0:
+                inner, greater, equal = _kth_largest_key(keys, first, searched_from, count, above_all, 0)
+                inner_keep, inner_skip = _edge(first, greater, equal, rule)
+                inner_split = inner_keep < equal
+                upper = np.int32(inner if inner_split else inner - 1)
+            _band(row, keys, lower, upper, row_out)
+            if outer_split or inner_split:  # entries at an edge, ranked in index order by the tie rule
+                _band_ties(row, keys, outer, outer_keep, outer_skip, inner, inner_keep, inner_skip, row_out)
+
+
+@_jit_apart
+def _band(row, keys, lower, upper, out):
+    """out = row where its key is in ``lower`` … ``upper``, else 0."""
+    for j in range(row.shape[0]):
+        out[j] = row[j] if (keys[j] >= lower) & (keys[j] <= upper) else np.float32(0.0)
+
+
+@_jit
+def _band_ties(row, keys, outer, outer_keep, outer_skip, inner, inner_keep, inner_skip, out):
+    """out = row or 0 at the keys equal to an edge's, as their rank in index order puts them in the band
+    or not: at the outer edge, those after the first ``outer_skip`` and up to ``outer_skip +
+    outer_keep`` are in; at the inner edge, those so ranked are above it."""
+    outer_seen, inner_seen = 0, 0
     for j in range(row.shape[0]):
         key = keys[j]
-        if key != high_value and key != low_value:
+        if key != outer and key != inner:
             continue
-        inside = key > high_value
-        if key == high_value:
-            high_seen += 1
-            inside = high_skip < high_seen <= high_skip + high_keep
-        above = key > low_value
-        if key == low_value:
-            low_seen += 1
-            above = low_skip < low_seen <= low_skip + low_keep
+        inside = key > outer
+        if key == outer:
+            outer_seen += 1
+            inside = outer_skip < outer_seen <= outer_skip + outer_keep
+        above = key > inner
+        if key == inner:
+            inner_seen += 1
+            above = inner_skip < inner_seen <= inner_skip + inner_keep
         out[j] = row[j] if inside and not above else np.float32(0.0)
 
 
+def _flat_rows(block: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A ``[T, c]`` block whose rows are contiguous (columns of a larger stack) as one 1-D array from its
+    first entry to its last, with its row stride: numba sees slices of it as contiguous, and vectorizes
+    loops over them, which it does not over the rows of a strided 2-D array."""
+    span = (block.shape[0] - 1) * block.stride(0) + block.shape[1] if block.numel() else 0
+    return block.as_strided((span,), (1,)).numpy(), block.stride(0)
+
+
 def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (``[T, c]``) = each task's columns ``block`` (c a multiple of d) with every d-entry row masked
-    to its magnitude ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an index rule):
-    Breadcrumbs."""
+    """``out`` (``[T, c]``, contiguous) = each task's columns ``block`` (c a multiple of d) with every d-entry
+    row masked to its magnitude ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an
+    index rule): Breadcrumbs."""
     if last <= 0:
         return out.zero_()
-    _middle_band(block.numpy(), block.view(torch.int32).numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
+    values, row_stride = _flat_rows(block)
+    bits, _ = _flat_rows(block.view(torch.int32))
+    _middle_band(values, bits, row_stride, block.shape[0], block.shape[1], d, first, last, TIE_CODES[tie_rule], out.view(-1).numpy())
     return out
 
 
