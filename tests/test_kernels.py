@@ -77,3 +77,53 @@ def test_cpu_random_stream_is_torch_rand(seed):
             kernels.draw_keep_bits(random, p, row_bits, 1500)
         unpacked = ((bits.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(3, -1)[:, :1500].bool()
         assert torch.equal(unpacked, draws >= p)
+
+
+def band_rows(d: int) -> torch.Tensor:
+    """Rows of d entries whose magnitudes tie in every way a band edge can meet: continuous values, a
+    few rounded levels, all zeros (±0), one magnitude with both signs, tiny and huge scales, infinities."""
+    generator = torch.Generator().manual_seed(d)
+    normal = torch.randn((4, d), generator=generator)
+    rows = [
+        normal[0] * 1e-2,
+        torch.round(normal[1] * 2) / 2,
+        torch.zeros(d),
+        torch.where(normal[2] > 0, -0.0, 0.0),
+        torch.where(normal[3] > 0, 0.25, -0.25),
+        normal[0] * 1e-42,  # subnormal
+        normal[1] * 1e36,
+        torch.where(normal[2] > 1, torch.inf, normal[3]),
+        torch.where(normal[3] > 0, normal[0], 0.0),
+    ]
+    return torch.stack(rows)
+
+
+def ranked_band(rows: torch.Tensor, first: int, last: int, tie_rule: str) -> torch.Tensor:
+    """The band by a stable sort of the magnitudes: ranks first … last − 1 kept, ties ranked lowest index
+    first (a stable descending sort) or highest index first (a stable ascending sort, reversed)."""
+    magnitudes = rows.abs()
+    if tie_rule == "lowest_index":
+        order = magnitudes.sort(dim=1, descending=True, stable=True).indices
+    else:
+        order = magnitudes.sort(dim=1, stable=True).indices.flip(1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())
+    return rows.where((ranks >= first) & (ranks < last), 0.0)
+
+
+@pytest.mark.parametrize("tie_rule", ["lowest_index", "highest_index"])
+@pytest.mark.parametrize("d", [1, 2, 3, 8, 100, 768])
+def test_middle_band_kernel_ranks_as_a_stable_sort(d, tie_rule):
+    """The band kernel, on the strided columns of a larger stack, against a sort: bit for bit (signs of
+    zeros included), for bands at the top, at the bottom, inside, empty and past the row's end."""
+    rows = band_rows(d)
+    tasks = rows.shape[0]
+    stack = torch.randn((tasks, 3 * d + 5), generator=torch.Generator().manual_seed(0))
+    stack[:, 5 : 5 + d] = rows
+    block = stack[:, 5 : 5 + 2 * d]  # two row segments per task, rows of the stack strided
+    block[:, d:] = rows.flip(1)
+    edges = {(0, 1), (0, d), (0, d + 3), (1, 2), (d // 3, 2 * d // 3), (d - 1, d), (d // 2, d // 2), (d - 1, d + 7), (d, d + 1)}
+    for first, last in sorted(edges):
+        expected = ranked_band(block.reshape(-1, d), first, last, tie_rule).reshape(tasks, -1)
+        out = torch.full((tasks, 2 * d), torch.nan)
+        kernels.middle_band(block, d, first, last, tie_rule, out)
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), (first, last)
