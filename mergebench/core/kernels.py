@@ -147,6 +147,7 @@ def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, t
     signs = np.empty(BLOCK, dtype=np.float32)
     agreeing = np.empty(BLOCK, dtype=np.float32)
     counts = np.empty(BLOCK, dtype=np.float32)
+    nonzero = np.empty(BLOCK, dtype=np.float32)
     sign_total = 0
     undecided = []
     negative = []
@@ -162,19 +163,24 @@ def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, t
             signs[j] = np.float32(1.0) if sums[j] > 0 else (np.float32(-1.0) if sums[j] < 0 else np.float32(0.0))
             agreeing[j] = 0.0
             counts[j] = 0.0
+            nonzero[j] = 0.0
         for t in range(num_tasks):
             for j in range(n):
                 aligned = kept[t, j] * signs[j]
                 agreeing[j] += max(aligned, np.float32(0.0))
                 counts[j] += np.float32(1.0) if aligned > 0 else np.float32(0.0)
+                nonzero[j] += np.float32(1.0) if kept[t, j] != 0 else np.float32(0.0)
         for j in range(n):
             sign_total += np.int64(signs[j])
             if mean:
                 merged[first + j] = signs[j] * agreeing[j] / max(counts[j], np.float32(1.0))
             else:
                 merged[first + j] = signs[j] * agreeing[j]
-        for j in range(n):  # γ = 0: the value for γ = +1 now, for γ = −1 kept aside
-            if signs[j] != 0:
+        undecided_here = np.int32(0)  # counted first: most blocks have none, and skip the branchy loop
+        for j in range(n):
+            undecided_here = np.int32(undecided_here + np.int32((signs[j] == 0) & (nonzero[j] > 0)))
+        for j in range(n if undecided_here else 0):  # γ = 0: the value for γ = +1 now, for γ = −1 kept aside
+            if signs[j] != 0 or nonzero[j] == 0:
                 continue
             positive, negative_sum, positives, negatives = np.float32(0.0), np.float32(0.0), 0, 0
             for t in range(num_tasks):
@@ -213,7 +219,8 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     if bits is not None and offset % 8:
         raise ValueError(f"packed masks are read from byte boundaries: offset {offset} is not a multiple of 8")
     none = np.zeros(num_tasks, dtype=np.int64)
-    threshold, rule, (ties_to_keep, ties_total, ties_seen) = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, (none, none, none)
+    # every entry kept: |x| > −1 in one pass (a threshold of 0 would rank the zeros as ties, one by one)
+    threshold, rule, (ties_to_keep, ties_total, ties_seen) = np.full(num_tasks, -1.0, dtype=np.float32), KEEP_ALL, (none, none, none)
     if selection is not None and selection.empty:
         threshold = np.full(num_tasks, np.inf, dtype=np.float32)
     elif selection is not None and not selection.full:
