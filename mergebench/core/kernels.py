@@ -342,7 +342,7 @@ def _middle_band(values, bits, row_stride, num_tasks, width, d, first, last, rul
                 outer, greater, equal = _kth_largest_key(keys, last, np.int64(smallest), d, above_all, 0)
                 outer_keep, outer_skip = _edge(last, greater, equal, rule)
                 outer_split = outer_keep < equal
-                lower = np.int32(outer + 1 if outer_split else outer)
+                lower = np.int32(min(outer + 1, MAGNITUDE) if outer_split else outer)
                 searched_from, count = np.int64(outer), greater + equal
             if first > 0:
                 inner, greater, equal = _kth_largest_key(keys, first, searched_from, count, above_all, 0)
