@@ -7,9 +7,10 @@ close to the cost of reading them once. They take contiguous-row float32 CPU ten
 numbers in the same order (sums over tasks are taken in task order, t = 0, 1, …, T − 1, on every
 path, so results do not depend on the device or on how columns are cut into blocks).
 
-* :func:`radix_select`: the k-th largest of a row (or of its magnitudes) with the counts of entries
-  greater than and equal to it, by two histogram passes over the bit patterns (16 high bits, then the
-  16 low bits inside the bin found) — no sort, no temporary of the row's size.
+* :func:`radix_select`, :func:`order_statistics`: the k-th largest of a row (or of its magnitudes) with
+  the counts of entries greater than and equal to it, for one or several k at once, by two histogram
+  passes over the bit patterns (16 high bits, then the 16 low bits inside the bins found) — no sort, no
+  temporary of the row's size.
 * :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
   with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
   entries agreeing with γ, block of columns by block of columns.
@@ -67,35 +68,63 @@ def _key(x, magnitude):
 
 
 @_jit
-def _radix_select(row, k, magnitude):
+def _radix_select(row, ks, magnitude, values, greater, equal):
+    """values[i] = the ks[i]-th largest of ``row`` (of |row| with ``magnitude``), with the counts of the
+    entries greater than and equal to it: one histogram of the 16 high key bits for every k, then one of
+    the 16 low bits inside each bin found."""
     high = np.zeros(1 << 16, dtype=np.int64)
     for x in row:
         high[(_key(x, magnitude) >> 16) + 32768] += 1
-    above = 0
-    bin_index = (1 << 16) - 1
-    while above + high[bin_index] < k:
-        above += high[bin_index]
-        bin_index -= 1
-    low = np.zeros(1 << 16, dtype=np.int64)
-    wanted = bin_index - 32768
+    wanted = np.empty(ks.shape[0], dtype=np.int32)
+    for i in range(ks.shape[0]):
+        above = 0
+        bin_index = (1 << 16) - 1
+        while above + high[bin_index] < ks[i]:
+            above += high[bin_index]
+            bin_index -= 1
+        wanted[i], greater[i] = bin_index - 32768, above
+    histogram_of_bin = np.full(1 << 16, -1, dtype=np.int32)  # a bin found → its low-bits histogram
+    for i in range(ks.shape[0]):
+        if histogram_of_bin[wanted[i] + 32768] < 0:
+            histogram_of_bin[wanted[i] + 32768] = i
+    low = np.zeros((ks.shape[0], 1 << 16), dtype=np.int64)
     for x in row:
         key = _key(x, magnitude)
-        if (key >> 16) == wanted:
-            low[key & 0xFFFF] += 1
-    low_index = (1 << 16) - 1
-    while above + low[low_index] < k:
-        above += low[low_index]
-        low_index -= 1
-    key = np.int32((wanted << 16) | low_index)
-    if not magnitude:
-        key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
-    return np.int32(key).view(np.float32), above, low[low_index]
+        i = histogram_of_bin[(key >> 16) + 32768]
+        if i >= 0:
+            low[i, key & 0xFFFF] += 1
+    for i in range(ks.shape[0]):
+        counts = low[histogram_of_bin[wanted[i] + 32768]]
+        low_index = (1 << 16) - 1
+        while greater[i] + counts[low_index] < ks[i]:
+            greater[i] += counts[low_index]
+            low_index -= 1
+        key = np.int32((wanted[i] << 16) | low_index)
+        if not magnitude:
+            key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+        values[i], equal[i] = np.int32(key).view(np.float32), counts[low_index]
 
 
 def radix_select(row: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int]:
     """(k-th largest of ``row`` or of ``|row|``, entries greater, entries equal) for 1 ≤ k ≤ len(row)."""
-    value, greater, equal = _radix_select(row.numpy(), k, magnitude)
-    return torch.tensor(value, dtype=torch.float32), int(greater), int(equal)
+    values, greater, equal = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+    _radix_select(row.numpy(), np.array([k], dtype=np.int64), magnitude, values, greater, equal)
+    return torch.tensor(values[0], dtype=torch.float32), int(greater[0]), int(equal[0])
+
+
+@_jit
+def _order_statistics(rows, ks, magnitude, values):
+    greater, equal = np.empty(ks.shape[0], dtype=np.int64), np.empty(ks.shape[0], dtype=np.int64)
+    for t in range(rows.shape[0]):
+        _radix_select(rows[t], ks, magnitude, values[:, t], greater, equal)
+
+
+def order_statistics(rows: torch.Tensor, ranks: list[int], magnitude: bool) -> list[torch.Tensor]:
+    """The entries of ``ranks`` (0-based, ascending) of each row of ``[R, n]`` ``rows`` (of ``|rows|``
+    with ``magnitude``), one ``[R, 1]`` column per rank; two reading passes per row for all ranks."""
+    values = np.empty((len(ranks), rows.shape[0]), dtype=np.float32)
+    _order_statistics(rows.numpy(), np.array([rows.shape[1] - rank for rank in ranks], dtype=np.int64), magnitude, values)
+    return [torch.from_numpy(column).reshape(-1, 1) for column in values]
 
 
 @_jit_apart
@@ -584,6 +613,34 @@ def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
     partners = torch.empty(vectors.shape[1], dtype=vectors.dtype)
     _pcb_partners(vectors.numpy(), _per_task(low), _per_task(high), partners.numpy())
     return partners
+
+
+@_jit
+def _pcb_arguments(vectors, t, first, partners, low, high, num_tasks, intra, inter):
+    """intra = T·Norm(|τ̃_t|)², inter = τ_t ⊙ partners, for the columns ``first …`` of task t."""
+    for j in range(intra.shape[0]):
+        x = vectors[t, first + j]
+        normalized = _span_fraction(min(max(abs(x), low[t]), high[t]), low[t], high[t])
+        intra[j] = num_tasks * (normalized * normalized)
+        inter[j] = x * partners[first + j]
+
+
+SCORE_COLUMNS = 1 << 15
+"""Columns of PCB's score arguments computed at once: both buffers stay in cache for ``exp`` and ``tanh``."""
+
+
+def pcb_scores(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scores: torch.Tensor) -> None:
+    """PCB's scores exp(T·Norm(|τ̃_t|)²) ⊙ tanh(τ_t ⊙ partners) into ``scores`` (``[T, n]``): the arguments
+    from a kernel, ``exp`` and ``tanh`` PyTorch's (the same numbers as the PyTorch path), on small buffers."""
+    num_tasks, width = vectors.shape
+    intra, inter = torch.empty(min(SCORE_COLUMNS, width)), torch.empty(min(SCORE_COLUMNS, width))
+    arrays = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high)
+    for t in range(num_tasks):
+        for first in range(0, width, SCORE_COLUMNS):
+            count = min(SCORE_COLUMNS, width - first)
+            exponent, product = intra[:count], inter[:count]
+            _pcb_arguments(arrays[0], t, first, arrays[1], arrays[2], arrays[3], np.float32(num_tasks), exponent.numpy(), product.numpy())
+            torch.mul(exponent.exp_(), product.tanh_(), out=scores[t, first : first + count])
 
 
 @_jit
