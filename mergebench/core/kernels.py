@@ -67,14 +67,38 @@ def _key(x, magnitude):
     return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
+@_jit_apart
+def _high_bits_histogram(row, magnitude, counts):
+    for x in row:
+        counts[(_key(x, magnitude) >> 16) + 32768] += 1
+
+
+@_jit_apart
+def _count_low_bits(row, magnitude, bin_index, counts):
+    """counts[low 16 bits] += 1 for the keys whose high 16 bits are ``bin_index``."""
+    for x in row:
+        key = _key(x, magnitude)
+        if (key >> 16) == bin_index:
+            counts[key & 0xFFFF] += 1
+
+
+@_jit_apart
+def _count_low_bits_of_bins(row, magnitude, histogram_of_bin, low):
+    """low[h, low 16 bits] += 1 for the keys whose high bits have a histogram h (≥ 0) in the table."""
+    for x in row:
+        key = _key(x, magnitude)
+        h = histogram_of_bin[(key >> 16) + 32768]
+        if h >= 0:
+            low[h, key & 0xFFFF] += 1
+
+
 @_jit
 def _radix_select(row, ks, magnitude, values, greater, equal):
     """values[i] = the ks[i]-th largest of ``row`` (of |row| with ``magnitude``), with the counts of the
     entries greater than and equal to it: one histogram of the 16 high key bits for every k, then one of
     the 16 low bits inside each bin found."""
     high = np.zeros(1 << 16, dtype=np.int64)
-    for x in row:
-        high[(_key(x, magnitude) >> 16) + 32768] += 1
+    _high_bits_histogram(row, magnitude, high)
     wanted = np.empty(ks.shape[0], dtype=np.int32)
     for i in range(ks.shape[0]):
         above = 0
@@ -83,18 +107,19 @@ def _radix_select(row, ks, magnitude, values, greater, equal):
             above += high[bin_index]
             bin_index -= 1
         wanted[i], greater[i] = bin_index - 32768, above
-    histogram_of_bin = np.full(1 << 16, -1, dtype=np.int32)  # a bin found → its low-bits histogram
-    for i in range(ks.shape[0]):
-        if histogram_of_bin[wanted[i] + 32768] < 0:
-            histogram_of_bin[wanted[i] + 32768] = i
     low = np.zeros((ks.shape[0], 1 << 16), dtype=np.int64)
-    for x in row:
-        key = _key(x, magnitude)
-        i = histogram_of_bin[(key >> 16) + 32768]
-        if i >= 0:
-            low[i, key & 0xFFFF] += 1
+    histogram_of = np.zeros(ks.shape[0], dtype=np.int64)  # the low-bits histogram of each k's bin
+    if (wanted == wanted[0]).all():  # one bin (one k): a comparison per entry
+        _count_low_bits(row, magnitude, wanted[0], low[0])
+    else:  # several bins: a table from the high bits to the histogram
+        histogram_of_bin = np.full(1 << 16, -1, dtype=np.int32)
+        for i in range(ks.shape[0]):
+            if histogram_of_bin[wanted[i] + 32768] < 0:
+                histogram_of_bin[wanted[i] + 32768] = i
+            histogram_of[i] = histogram_of_bin[wanted[i] + 32768]
+        _count_low_bits_of_bins(row, magnitude, histogram_of_bin, low)
     for i in range(ks.shape[0]):
-        counts = low[histogram_of_bin[wanted[i] + 32768]]
+        counts = low[histogram_of[i]]
         low_index = (1 << 16) - 1
         while greater[i] + counts[low_index] < ks[i]:
             greater[i] += counts[low_index]
