@@ -641,16 +641,16 @@ def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
 
 
 @_jit
-def _pcb_arguments(vectors, t, first, partners, low, high, num_tasks, intra, inter):
-    """intra = T·Norm(|τ̃_t|)², inter = τ_t ⊙ partners, for the columns ``first …`` of task t."""
-    for j in range(intra.shape[0]):
+def _pcb_arguments(vectors, t, first, count, partners, low, high, num_tasks, intra, inter):
+    """intra = T·Norm(|τ̃_t|)², inter = τ_t ⊙ partners, for the ``count`` columns from ``first`` of task t."""
+    for j in range(count):
         x = vectors[t, first + j]
         normalized = _span_fraction(min(max(abs(x), low[t]), high[t]), low[t], high[t])
         intra[j] = num_tasks * (normalized * normalized)
         inter[j] = x * partners[first + j]
 
 
-SCORE_COLUMNS = 1 << 15
+SCORE_COLUMNS = 1 << 16
 """Columns of PCB's score arguments computed at once: both buffers stay in cache for ``exp`` and ``tanh``."""
 
 
@@ -659,13 +659,12 @@ def pcb_scores(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor,
     from a kernel, ``exp`` and ``tanh`` PyTorch's (the same numbers as the PyTorch path), on small buffers."""
     num_tasks, width = vectors.shape
     intra, inter = torch.empty(min(SCORE_COLUMNS, width)), torch.empty(min(SCORE_COLUMNS, width))
-    arrays = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high)
+    arrays = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high), np.float32(num_tasks), intra.numpy(), inter.numpy()
     for t in range(num_tasks):
         for first in range(0, width, SCORE_COLUMNS):
             count = min(SCORE_COLUMNS, width - first)
-            exponent, product = intra[:count], inter[:count]
-            _pcb_arguments(arrays[0], t, first, arrays[1], arrays[2], arrays[3], np.float32(num_tasks), exponent.numpy(), product.numpy())
-            torch.mul(exponent.exp_(), product.tanh_(), out=scores[t, first : first + count])
+            _pcb_arguments(arrays[0], t, first, count, *arrays[1:])
+            torch.mul(intra[:count].exp_(), inter[:count].tanh_(), out=scores[t, first : first + count])
 
 
 @_jit
