@@ -624,13 +624,18 @@ def _span_fraction(value, low, high):
 
 @_jit
 def _pcb_partners(vectors, low, high, partners):
-    for j in range(vectors.shape[1]):
-        total = np.float32(0.0)
+    partners[:] = 0.0
+    for first in range(0, vectors.shape[1], BLOCK):  # a block of the sums stays in cache over the tasks
+        stop = min(first + BLOCK, vectors.shape[1])
         for t in range(vectors.shape[0]):
-            x = vectors[t, j]
-            clipped = min(max(abs(x), low[t]), high[t])
-            total += np.float32(np.sign(x)) * _span_fraction(clipped, low[t], high[t])
-        partners[j] = total
+            _add_partner(vectors[t, first:stop], low[t], high[t], partners[first:stop])
+
+
+@_jit_apart
+def _add_partner(values, low, high, partners):
+    for j in range(values.shape[0]):
+        x = values[j]
+        partners[j] += np.float32(np.sign(x)) * _span_fraction(min(max(abs(x), low), high), low, high)
 
 
 def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -669,12 +674,19 @@ def pcb_scores(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor,
 
 @_jit
 def _pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, denominator):
-    for t in range(vectors.shape[0]):
-        for j in range(vectors.shape[1]):
-            x = vectors[t, j]
-            weight = _span_fraction(max(scores[t, j], threshold[t]), threshold[t], top[t])
-            numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low[t]), high[t]) * weight
-            denominator[j] += weight
+    for first in range(0, vectors.shape[1], BLOCK):  # a block of the sums stays in cache over the tasks
+        stop = min(first + BLOCK, vectors.shape[1])
+        for t in range(vectors.shape[0]):
+            _add_weighted(vectors[t, first:stop], scores[t, first:stop], low[t], high[t], threshold[t], top[t], numerator[first:stop], denominator[first:stop])
+
+
+@_jit_apart
+def _add_weighted(values, scores, low, high, threshold, top, numerator, denominator):
+    for j in range(values.shape[0]):
+        x = values[j]
+        weight = _span_fraction(max(scores[j], threshold), threshold, top)
+        numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low), high) * weight
+        denominator[j] += weight
 
 
 def pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
