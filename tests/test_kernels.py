@@ -57,6 +57,21 @@ def test_radix_select_matches_a_sort(magnitude):
         assert (greater, equal) == (int((ranked > value).sum()), int((ranked == value).sum()))
 
 
+@pytest.mark.parametrize("magnitude", [True, False])
+def test_order_statistics_of_rows_match_a_sort(magnitude):
+    """Several ranks at once, some in the same high-bits bin, of each row of a column block (strided)."""
+    rows = torch.randn(3, 50_000, generator=torch.Generator().manual_seed(4))[:, 1000:45_000]
+    rows[:, :300] = 0.25
+    rows[1, 300:400] = -0.25
+    rows[2, 400:500] = -0.0
+    d = rows.shape[1]
+    ranks = [0, 150, 151, 40_000, d // 2, d - 1]
+    ordered = (rows.abs() if magnitude else rows).sort(dim=1).values
+    columns = kernels.order_statistics(rows, ranks, magnitude)
+    for rank, column in zip(ranks, columns):
+        assert torch.equal(column, ordered[:, rank : rank + 1] + 0.0)
+
+
 def test_task_sum_is_in_task_order():
     rows = torch.randn(7, 1000, generator=torch.Generator().manual_seed(2))
     expected = rows[0].clone()

@@ -7,9 +7,10 @@ close to the cost of reading them once. They take contiguous-row float32 CPU ten
 numbers in the same order (sums over tasks are taken in task order, t = 0, 1, …, T − 1, on every
 path, so results do not depend on the device or on how columns are cut into blocks).
 
-* :func:`radix_select`: the k-th largest of a row (or of its magnitudes) with the counts of entries
-  greater than and equal to it, by two histogram passes over the bit patterns (16 high bits, then the
-  16 low bits inside the bin found) — no sort, no temporary of the row's size.
+* :func:`radix_select`, :func:`order_statistics`: the k-th largest of a row (or of its magnitudes) with
+  the counts of entries greater than and equal to it, for one or several k at once, by two histogram
+  passes over the bit patterns (16 high bits, then the 16 low bits inside the bins found) — no sort, no
+  temporary of the row's size.
 * :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
   with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
   entries agreeing with γ, block of columns by block of columns.
@@ -66,36 +67,89 @@ def _key(x, magnitude):
     return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
-@_jit
-def _radix_select(row, k, magnitude):
-    high = np.zeros(1 << 16, dtype=np.int64)
+@_jit_apart
+def _high_bits_histogram(row, magnitude, counts):
     for x in row:
-        high[(_key(x, magnitude) >> 16) + 32768] += 1
-    above = 0
-    bin_index = (1 << 16) - 1
-    while above + high[bin_index] < k:
-        above += high[bin_index]
-        bin_index -= 1
-    low = np.zeros(1 << 16, dtype=np.int64)
-    wanted = bin_index - 32768
+        counts[(_key(x, magnitude) >> 16) + 32768] += 1
+
+
+@_jit_apart
+def _count_low_bits(row, magnitude, bin_index, counts):
+    """counts[low 16 bits] += 1 for the keys whose high 16 bits are ``bin_index``."""
     for x in row:
         key = _key(x, magnitude)
-        if (key >> 16) == wanted:
-            low[key & 0xFFFF] += 1
-    low_index = (1 << 16) - 1
-    while above + low[low_index] < k:
-        above += low[low_index]
-        low_index -= 1
-    key = np.int32((wanted << 16) | low_index)
-    if not magnitude:
-        key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
-    return np.int32(key).view(np.float32), above, low[low_index]
+        if (key >> 16) == bin_index:
+            counts[key & 0xFFFF] += 1
+
+
+@_jit_apart
+def _count_low_bits_of_bins(row, magnitude, histogram_of_bin, low):
+    """low[h, low 16 bits] += 1 for the keys whose high bits have a histogram h (≥ 0) in the table."""
+    for x in row:
+        key = _key(x, magnitude)
+        h = histogram_of_bin[(key >> 16) + 32768]
+        if h >= 0:
+            low[h, key & 0xFFFF] += 1
+
+
+@_jit
+def _radix_select(row, ks, magnitude, values, greater, equal):
+    """values[i] = the ks[i]-th largest of ``row`` (of |row| with ``magnitude``), with the counts of the
+    entries greater than and equal to it: one histogram of the 16 high key bits for every k, then one of
+    the 16 low bits inside each bin found."""
+    high = np.zeros(1 << 16, dtype=np.int64)
+    _high_bits_histogram(row, magnitude, high)
+    wanted = np.empty(ks.shape[0], dtype=np.int32)
+    for i in range(ks.shape[0]):
+        above = 0
+        bin_index = (1 << 16) - 1
+        while above + high[bin_index] < ks[i]:
+            above += high[bin_index]
+            bin_index -= 1
+        wanted[i], greater[i] = bin_index - 32768, above
+    low = np.zeros((ks.shape[0], 1 << 16), dtype=np.int64)
+    histogram_of = np.zeros(ks.shape[0], dtype=np.int64)  # the low-bits histogram of each k's bin
+    if (wanted == wanted[0]).all():  # one bin (one k): a comparison per entry
+        _count_low_bits(row, magnitude, wanted[0], low[0])
+    else:  # several bins: a table from the high bits to the histogram
+        histogram_of_bin = np.full(1 << 16, -1, dtype=np.int32)
+        for i in range(ks.shape[0]):
+            if histogram_of_bin[wanted[i] + 32768] < 0:
+                histogram_of_bin[wanted[i] + 32768] = i
+            histogram_of[i] = histogram_of_bin[wanted[i] + 32768]
+        _count_low_bits_of_bins(row, magnitude, histogram_of_bin, low)
+    for i in range(ks.shape[0]):
+        counts = low[histogram_of[i]]
+        low_index = (1 << 16) - 1
+        while greater[i] + counts[low_index] < ks[i]:
+            greater[i] += counts[low_index]
+            low_index -= 1
+        key = np.int32((wanted[i] << 16) | low_index)
+        if not magnitude:
+            key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+        values[i], equal[i] = np.int32(key).view(np.float32), counts[low_index]
 
 
 def radix_select(row: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int]:
     """(k-th largest of ``row`` or of ``|row|``, entries greater, entries equal) for 1 ≤ k ≤ len(row)."""
-    value, greater, equal = _radix_select(row.numpy(), k, magnitude)
-    return torch.tensor(value, dtype=torch.float32), int(greater), int(equal)
+    values, greater, equal = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+    _radix_select(row.numpy(), np.array([k], dtype=np.int64), magnitude, values, greater, equal)
+    return torch.tensor(values[0], dtype=torch.float32), int(greater[0]), int(equal[0])
+
+
+@_jit
+def _order_statistics(rows, ks, magnitude, values):
+    greater, equal = np.empty(ks.shape[0], dtype=np.int64), np.empty(ks.shape[0], dtype=np.int64)
+    for t in range(rows.shape[0]):
+        _radix_select(rows[t], ks, magnitude, values[:, t], greater, equal)
+
+
+def order_statistics(rows: torch.Tensor, ranks: list[int], magnitude: bool) -> list[torch.Tensor]:
+    """The entries of ``ranks`` (0-based, ascending) of each row of ``[R, n]`` ``rows`` (of ``|rows|``
+    with ``magnitude``), one ``[R, 1]`` column per rank; two reading passes per row for all ranks."""
+    values = np.empty((len(ranks), rows.shape[0]), dtype=np.float32)
+    _order_statistics(rows.numpy(), np.array([rows.shape[1] - rank for rank in ranks], dtype=np.int64), magnitude, values)
+    return [torch.from_numpy(column).reshape(-1, 1) for column in values]
 
 
 @_jit_apart
@@ -621,13 +675,18 @@ def _span_fraction(value, low, high):
 
 @_jit
 def _pcb_partners(vectors, low, high, partners):
-    for j in range(vectors.shape[1]):
-        total = np.float32(0.0)
+    partners[:] = 0.0
+    for first in range(0, vectors.shape[1], BLOCK):  # a block of the sums stays in cache over the tasks
+        stop = min(first + BLOCK, vectors.shape[1])
         for t in range(vectors.shape[0]):
-            x = vectors[t, j]
-            clipped = min(max(abs(x), low[t]), high[t])
-            total += np.float32(np.sign(x)) * _span_fraction(clipped, low[t], high[t])
-        partners[j] = total
+            _add_partner(vectors[t, first:stop], low[t], high[t], partners[first:stop])
+
+
+@_jit_apart
+def _add_partner(values, low, high, partners):
+    for j in range(values.shape[0]):
+        x = values[j]
+        partners[j] += np.float32(np.sign(x)) * _span_fraction(min(max(abs(x), low), high), low, high)
 
 
 def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -638,13 +697,47 @@ def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
 
 
 @_jit
+def _pcb_arguments(vectors, t, first, count, partners, low, high, num_tasks, intra, inter):
+    """intra = T·Norm(|τ̃_t|)², inter = τ_t ⊙ partners, for the ``count`` columns from ``first`` of task t."""
+    for j in range(count):
+        x = vectors[t, first + j]
+        normalized = _span_fraction(min(max(abs(x), low[t]), high[t]), low[t], high[t])
+        intra[j] = num_tasks * (normalized * normalized)
+        inter[j] = x * partners[first + j]
+
+
+SCORE_COLUMNS = 1 << 16
+"""Columns of PCB's score arguments computed at once: both buffers stay in cache for ``exp`` and ``tanh``."""
+
+
+def pcb_scores(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scores: torch.Tensor) -> None:
+    """PCB's scores exp(T·Norm(|τ̃_t|)²) ⊙ tanh(τ_t ⊙ partners) into ``scores`` (``[T, n]``): the arguments
+    from a kernel, ``exp`` and ``tanh`` PyTorch's (the same numbers as the PyTorch path), on small buffers."""
+    num_tasks, width = vectors.shape
+    intra, inter = torch.empty(min(SCORE_COLUMNS, width)), torch.empty(min(SCORE_COLUMNS, width))
+    arrays = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high), np.float32(num_tasks), intra.numpy(), inter.numpy()
+    for t in range(num_tasks):
+        for first in range(0, width, SCORE_COLUMNS):
+            count = min(SCORE_COLUMNS, width - first)
+            _pcb_arguments(arrays[0], t, first, count, *arrays[1:])
+            torch.mul(intra[:count].exp_(), inter[:count].tanh_(), out=scores[t, first : first + count])
+
+
+@_jit
 def _pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, denominator):
-    for t in range(vectors.shape[0]):
-        for j in range(vectors.shape[1]):
-            x = vectors[t, j]
-            weight = _span_fraction(max(scores[t, j], threshold[t]), threshold[t], top[t])
-            numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low[t]), high[t]) * weight
-            denominator[j] += weight
+    for first in range(0, vectors.shape[1], BLOCK):  # a block of the sums stays in cache over the tasks
+        stop = min(first + BLOCK, vectors.shape[1])
+        for t in range(vectors.shape[0]):
+            _add_weighted(vectors[t, first:stop], scores[t, first:stop], low[t], high[t], threshold[t], top[t], numerator[first:stop], denominator[first:stop])
+
+
+@_jit_apart
+def _add_weighted(values, scores, low, high, threshold, top, numerator, denominator):
+    for j in range(values.shape[0]):
+        x = values[j]
+        weight = _span_fraction(max(scores[j], threshold), threshold, top)
+        numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low), high) * weight
+        denominator[j] += weight
 
 
 def pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator: torch.Tensor, denominator: torch.Tensor) -> None:
