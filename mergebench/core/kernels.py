@@ -333,9 +333,10 @@ def _kth_largest_key(keys, k, low, count_low, high, count_high):
     and narrows the bracket to them. The probes sit one standard deviation of the k-th key's rank
     either side of where the count, interpolated linearly across the bracket, falls to k − ½ (keys
     grow with the logarithm of the magnitude, so a few steps suffice on smooth data); a step that did
-    not halve the keys inside is followed by one at the bracket's middle, which bounds the search by
-    about twice the 31 bits. Once at most two keys remain inside, or a step found none to separate
-    (ties), one pass over the keys inside finds their largest and smallest."""
+    not halve the keys inside is followed by one at the bracket's middle, which halves its 31-bit
+    range, so the search ends within a few dozen steps whatever the data. Once at most two keys
+    remain inside, or a step found none to separate (ties), one pass over the keys inside finds their
+    largest and smallest."""
     middle_next, separated = False, True
     while high - low > 1:
         inside = count_low - count_high
