@@ -95,11 +95,17 @@ def test_cpu_random_stream_is_torch_rand(seed):
 
 
 def band_rows(d: int) -> torch.Tensor:
-    """Rows of d entries whose magnitudes tie in every way a band edge can meet: continuous values, a
-    few rounded levels, all zeros (±0), one magnitude with both signs, tiny and huge scales, infinities."""
+    """Rows of d entries whose magnitudes tie in every way a band edge can meet (continuous values, a
+    few rounded levels, all zeros (±0), one magnitude with both signs, tiny and huge scales, infinities)
+    or that a search interpolating between the smallest and largest keys meets badly (halving
+    magnitudes, neighbouring floats, a cluster with far outliers)."""
     generator = torch.Generator().manual_seed(d)
     normal = torch.randn((4, d), generator=generator)
+    positions = torch.randperm(d, generator=generator)
     rows = [
+        torch.pow(2.0, -(positions % 140).float()),
+        1.0 + positions * 2.0**-23,
+        torch.where(positions < 3, 1e30, 1.0 + normal[0] * 1e-6),
         normal[0] * 1e-2,
         torch.round(normal[1] * 2) / 2,
         torch.zeros(d),
