@@ -57,6 +57,21 @@ def test_radix_select_matches_a_sort(magnitude):
         assert (greater, equal) == (int((ranked > value).sum()), int((ranked == value).sum()))
 
 
+@pytest.mark.parametrize("magnitude", [True, False])
+def test_order_statistics_of_rows_match_a_sort(magnitude):
+    """Several ranks at once, some in the same high-bits bin, of each row of a column block (strided)."""
+    rows = torch.randn(3, 50_000, generator=torch.Generator().manual_seed(4))[:, 1000:45_000]
+    rows[:, :300] = 0.25
+    rows[1, 300:400] = -0.25
+    rows[2, 400:500] = -0.0
+    d = rows.shape[1]
+    ranks = [0, 150, 151, 40_000, d // 2, d - 1]
+    ordered = (rows.abs() if magnitude else rows).sort(dim=1).values
+    columns = kernels.order_statistics(rows, ranks, magnitude)
+    for rank, column in zip(ranks, columns):
+        assert torch.equal(column, ordered[:, rank : rank + 1] + 0.0)
+
+
 def test_task_sum_is_in_task_order():
     rows = torch.randn(7, 1000, generator=torch.Generator().manual_seed(2))
     expected = rows[0].clone()
@@ -118,3 +133,59 @@ def test_magprune_kernel_equals_the_pytorch_ranks(p, epsilon, monkeypatch):
     assert torch.equal(magprune(task_vectors, p, epsilon, seed=11), fused)
     assert all(torch.equal(get_method(name).merge(task_vectors, {"p": p, "epsilon": epsilon}, seed=11), merged)
                for name, merged in zip(("della", "della_linear"), fused_merges))
+
+
+def band_rows(d: int) -> torch.Tensor:
+    """Rows of d entries whose magnitudes tie in every way a band edge can meet (continuous values, a
+    few rounded levels, all zeros (±0), one magnitude with both signs, tiny and huge scales, infinities)
+    or that a search interpolating between the smallest and largest keys meets badly (halving
+    magnitudes, neighbouring floats, a cluster with far outliers)."""
+    generator = torch.Generator().manual_seed(d)
+    normal = torch.randn((4, d), generator=generator)
+    positions = torch.randperm(d, generator=generator)
+    rows = [
+        torch.pow(2.0, -(positions % 140).float()),
+        1.0 + positions * 2.0**-23,
+        torch.where(positions < 3, 1e30, 1.0 + normal[0] * 1e-6),
+        normal[0] * 1e-2,
+        torch.round(normal[1] * 2) / 2,
+        torch.zeros(d),
+        torch.where(normal[2] > 0, -0.0, 0.0),
+        torch.where(normal[3] > 0, 0.25, -0.25),
+        normal[0] * 1e-42,  # subnormal
+        normal[1] * 1e36,
+        torch.where(normal[2] > 1, torch.inf, normal[3]),
+        torch.where(normal[3] > 0, normal[0], 0.0),
+    ]
+    return torch.stack(rows)
+
+
+def ranked_band(rows: torch.Tensor, first: int, last: int, tie_rule: str) -> torch.Tensor:
+    """The band by a stable sort of the magnitudes: ranks first … last − 1 kept, ties ranked lowest index
+    first (a stable descending sort) or highest index first (a stable ascending sort, reversed)."""
+    magnitudes = rows.abs()
+    if tie_rule == "lowest_index":
+        order = magnitudes.sort(dim=1, descending=True, stable=True).indices
+    else:
+        order = magnitudes.sort(dim=1, stable=True).indices.flip(1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())
+    return rows.where((ranks >= first) & (ranks < last), 0.0)
+
+
+@pytest.mark.parametrize("tie_rule", ["lowest_index", "highest_index"])
+@pytest.mark.parametrize("d", [1, 2, 3, 8, 100, 768])
+def test_middle_band_kernel_ranks_as_a_stable_sort(d, tie_rule):
+    """The band kernel, on the strided columns of a larger stack, against a sort: bit for bit (signs of
+    zeros included), for bands at the top, at the bottom, inside, empty and past the row's end."""
+    rows = band_rows(d)
+    tasks = rows.shape[0]
+    stack = torch.randn((tasks, 3 * d + 5), generator=torch.Generator().manual_seed(0))
+    stack[:, 5 : 5 + d] = rows
+    block = stack[:, 5 : 5 + 2 * d]  # two row segments per task, rows of the stack strided
+    block[:, d:] = rows.flip(1)
+    edges = {(0, 1), (0, d), (0, d + 3), (1, 2), (d // 3, 2 * d // 3), (d - 1, d), (d // 2, d // 2), (d - 1, d + 7), (d, d + 1)}
+    for first, last in sorted(edges):
+        expected = ranked_band(block.reshape(-1, d), first, last, tie_rule).reshape(tasks, -1)
+        out = torch.full((tasks, 2 * d), torch.nan)
+        kernels.middle_band(block, d, first, last, tie_rule, out)
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), (first, last)

@@ -7,18 +7,18 @@ close to the cost of reading them once. They take contiguous-row float32 CPU ten
 numbers in the same order (sums over tasks are taken in task order, t = 0, 1, …, T − 1, on every
 path, so results do not depend on the device or on how columns are cut into blocks).
 
-* :func:`radix_select`: the k-th largest of a row (or of its magnitudes) with the counts of entries
-  greater than and equal to it, by two histogram passes over the bit patterns (16 high bits, then the
-  16 low bits inside the bin found) — no sort, no temporary of the row's size.
+* :func:`radix_select`, :func:`order_statistics`: the k-th largest of a row (or of its magnitudes) with
+  the counts of entries greater than and equal to it, for one or several k at once, by two histogram
+  passes over the bit patterns (16 high bits, then the 16 low bits inside the bins found) — no sort, no
+  temporary of the row's size.
 * :func:`elect_columns`: TIES's trim (a top-k threshold per task with its tie rule, or a packed keep-mask
   with a rescale, as DARE draws it), sign election γ = sgn(Σ_t τ̂_t) and disjoint mean (or sum) of the
   entries agreeing with γ, block of columns by block of columns.
 * :class:`TorchCpuRandom`: PyTorch's CPU random stream (MT19937), so that DARE's and DELLA's Bernoulli
   masks are drawn inside the kernels (:func:`dropped_add`, :func:`draw_keep_bits`, :func:`magprune`,
-  :func:`magprune_elect`)
-  and equal ``torch.rand``'s draws bit for bit.
-* :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by a
-  branch-free bit-by-bit search of the magnitudes' bit patterns.
+  :func:`magprune_elect`) and equal ``torch.rand``'s draws bit for bit.
+* :func:`middle_band`: Breadcrumbs' band of magnitude ranks of every row, both edges found by an
+  interpolation search of the magnitudes' bit patterns, each step one vectorized count of two probes.
 * :func:`magprune`: DELLA's rank-dependent drop probabilities and draws; the exact magnitude ranks of
   each row come from one bucket pass and a branch-free count of the keys near each key (no sort), and
   :func:`magprune_elect` elects the pruned rows block by block, the pruned stack never written.
@@ -69,36 +69,89 @@ def _key(x, magnitude):
     return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
 
 
-@_jit
-def _radix_select(row, k, magnitude):
-    high = np.zeros(1 << 16, dtype=np.int64)
+@_jit_apart
+def _high_bits_histogram(row, magnitude, counts):
     for x in row:
-        high[(_key(x, magnitude) >> 16) + 32768] += 1
-    above = 0
-    bin_index = (1 << 16) - 1
-    while above + high[bin_index] < k:
-        above += high[bin_index]
-        bin_index -= 1
-    low = np.zeros(1 << 16, dtype=np.int64)
-    wanted = bin_index - 32768
+        counts[(_key(x, magnitude) >> 16) + 32768] += 1
+
+
+@_jit_apart
+def _count_low_bits(row, magnitude, bin_index, counts):
+    """counts[low 16 bits] += 1 for the keys whose high 16 bits are ``bin_index``."""
     for x in row:
         key = _key(x, magnitude)
-        if (key >> 16) == wanted:
-            low[key & 0xFFFF] += 1
-    low_index = (1 << 16) - 1
-    while above + low[low_index] < k:
-        above += low[low_index]
-        low_index -= 1
-    key = np.int32((wanted << 16) | low_index)
-    if not magnitude:
-        key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
-    return np.int32(key).view(np.float32), above, low[low_index]
+        if (key >> 16) == bin_index:
+            counts[key & 0xFFFF] += 1
+
+
+@_jit_apart
+def _count_low_bits_of_bins(row, magnitude, histogram_of_bin, low):
+    """low[h, low 16 bits] += 1 for the keys whose high bits have a histogram h (≥ 0) in the table."""
+    for x in row:
+        key = _key(x, magnitude)
+        h = histogram_of_bin[(key >> 16) + 32768]
+        if h >= 0:
+            low[h, key & 0xFFFF] += 1
+
+
+@_jit
+def _radix_select(row, ks, magnitude, values, greater, equal):
+    """values[i] = the ks[i]-th largest of ``row`` (of |row| with ``magnitude``), with the counts of the
+    entries greater than and equal to it: one histogram of the 16 high key bits for every k, then one of
+    the 16 low bits inside each bin found."""
+    high = np.zeros(1 << 16, dtype=np.int64)
+    _high_bits_histogram(row, magnitude, high)
+    wanted = np.empty(ks.shape[0], dtype=np.int32)
+    for i in range(ks.shape[0]):
+        above = 0
+        bin_index = (1 << 16) - 1
+        while above + high[bin_index] < ks[i]:
+            above += high[bin_index]
+            bin_index -= 1
+        wanted[i], greater[i] = bin_index - 32768, above
+    low = np.zeros((ks.shape[0], 1 << 16), dtype=np.int64)
+    histogram_of = np.zeros(ks.shape[0], dtype=np.int64)  # the low-bits histogram of each k's bin
+    if (wanted == wanted[0]).all():  # one bin (one k): a comparison per entry
+        _count_low_bits(row, magnitude, wanted[0], low[0])
+    else:  # several bins: a table from the high bits to the histogram
+        histogram_of_bin = np.full(1 << 16, -1, dtype=np.int32)
+        for i in range(ks.shape[0]):
+            if histogram_of_bin[wanted[i] + 32768] < 0:
+                histogram_of_bin[wanted[i] + 32768] = i
+            histogram_of[i] = histogram_of_bin[wanted[i] + 32768]
+        _count_low_bits_of_bins(row, magnitude, histogram_of_bin, low)
+    for i in range(ks.shape[0]):
+        counts = low[histogram_of[i]]
+        low_index = (1 << 16) - 1
+        while greater[i] + counts[low_index] < ks[i]:
+            greater[i] += counts[low_index]
+            low_index -= 1
+        key = np.int32((wanted[i] << 16) | low_index)
+        if not magnitude:
+            key = key ^ ((key >> 31) & np.int32(0x7FFFFFFF))
+        values[i], equal[i] = np.int32(key).view(np.float32), counts[low_index]
 
 
 def radix_select(row: torch.Tensor, k: int, magnitude: bool) -> tuple[torch.Tensor, int, int]:
     """(k-th largest of ``row`` or of ``|row|``, entries greater, entries equal) for 1 ≤ k ≤ len(row)."""
-    value, greater, equal = _radix_select(row.numpy(), k, magnitude)
-    return torch.tensor(value, dtype=torch.float32), int(greater), int(equal)
+    values, greater, equal = np.empty(1, dtype=np.float32), np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+    _radix_select(row.numpy(), np.array([k], dtype=np.int64), magnitude, values, greater, equal)
+    return torch.tensor(values[0], dtype=torch.float32), int(greater[0]), int(equal[0])
+
+
+@_jit
+def _order_statistics(rows, ks, magnitude, values):
+    greater, equal = np.empty(ks.shape[0], dtype=np.int64), np.empty(ks.shape[0], dtype=np.int64)
+    for t in range(rows.shape[0]):
+        _radix_select(rows[t], ks, magnitude, values[:, t], greater, equal)
+
+
+def order_statistics(rows: torch.Tensor, ranks: list[int], magnitude: bool) -> list[torch.Tensor]:
+    """The entries of ``ranks`` (0-based, ascending) of each row of ``[R, n]`` ``rows`` (of ``|rows|``
+    with ``magnitude``), one ``[R, 1]`` column per rank; two reading passes per row for all ranks."""
+    values = np.empty((len(ranks), rows.shape[0]), dtype=np.float32)
+    _order_statistics(rows.numpy(), np.array([rows.shape[1] - rank for rank in ranks], dtype=np.int64), magnitude, values)
+    return [torch.from_numpy(column).reshape(-1, 1) for column in values]
 
 
 @_jit_apart
@@ -150,6 +203,7 @@ def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, t
     signs = np.empty(BLOCK, dtype=np.float32)
     agreeing = np.empty(BLOCK, dtype=np.float32)
     counts = np.empty(BLOCK, dtype=np.float32)
+    nonzero = np.empty(BLOCK, dtype=np.float32)
     sign_total = 0
     undecided = []
     negative = []
@@ -165,19 +219,24 @@ def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, t
             signs[j] = np.float32(1.0) if sums[j] > 0 else (np.float32(-1.0) if sums[j] < 0 else np.float32(0.0))
             agreeing[j] = 0.0
             counts[j] = 0.0
+            nonzero[j] = 0.0
         for t in range(num_tasks):
             for j in range(n):
                 aligned = kept[t, j] * signs[j]
                 agreeing[j] += max(aligned, np.float32(0.0))
                 counts[j] += np.float32(1.0) if aligned > 0 else np.float32(0.0)
+                nonzero[j] += np.float32(1.0) if kept[t, j] != 0 else np.float32(0.0)
         for j in range(n):
             sign_total += np.int64(signs[j])
             if mean:
                 merged[first + j] = signs[j] * agreeing[j] / max(counts[j], np.float32(1.0))
             else:
                 merged[first + j] = signs[j] * agreeing[j]
-        for j in range(n):  # γ = 0: the value for γ = +1 now, for γ = −1 kept aside
-            if signs[j] != 0:
+        undecided_here = np.int32(0)  # counted first: most blocks have none, and skip the branchy loop
+        for j in range(n):
+            undecided_here = np.int32(undecided_here + np.int32((signs[j] == 0) & (nonzero[j] > 0)))
+        for j in range(n if undecided_here else 0):  # γ = 0: the value for γ = +1 now, for γ = −1 kept aside
+            if signs[j] != 0 or nonzero[j] == 0:
                 continue
             positive, negative_sum, positives, negatives = np.float32(0.0), np.float32(0.0), 0, 0
             for t in range(num_tasks):
@@ -216,7 +275,8 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     if bits is not None and offset % 8:
         raise ValueError(f"packed masks are read from byte boundaries: offset {offset} is not a multiple of 8")
     none = np.zeros(num_tasks, dtype=np.int64)
-    threshold, rule, (ties_to_keep, ties_total, ties_seen) = np.zeros(num_tasks, dtype=np.float32), KEEP_ALL, (none, none, none)
+    # every entry kept: |x| > −1 in one pass (a threshold of 0 would rank the zeros as ties, one by one)
+    threshold, rule, (ties_to_keep, ties_total, ties_seen) = np.full(num_tasks, -1.0, dtype=np.float32), KEEP_ALL, (none, none, none)
     if selection is not None and selection.empty:
         threshold = np.full(num_tasks, np.inf, dtype=np.float32)
     elif selection is not None and not selection.full:
@@ -230,127 +290,172 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 
-@_jit_apart
-def _count_at_least(keys, candidate):
-    count = np.int32(0)
-    for j in range(keys.shape[0]):
-        count += np.int32(keys[j] >= candidate)
-    return count
+MAGNITUDE = np.int32(0x7FFFFFFF)
+"""Mask of a float32 bit pattern's magnitude bits: the magnitude key, which orders as |x| (−0 as +0)."""
 
 
 @_jit_apart
 def _magnitude_keys(bits, keys):
-    for j in range(keys.shape[0]):
-        keys[j] = bits[j] & np.int32(0x7FFFFFFF)
-
-
-@_jit
-def _within(keys, low, high, out):
-    """The keys in ``low`` … ``high`` (inclusive), in index order, as a prefix of ``out``."""
-    count = 0
-    for j in range(keys.shape[0]):  # written always, kept when inside: no branch on the data
-        out[count] = keys[j]
-        count += (keys[j] >= low) & (keys[j] <= high)
-    return out[:count]
-
-
-@_jit
-def _kth_largest_key(keys, k, scratch):
-    """The k-th largest of non-negative int32 ``keys`` (1 ≤ k ≤ len): the largest v with at least k keys
-    ≥ v, found bit by bit below the bits all keys share, each bit one vectorized count (no branches on
-    the data, unlike a quickselect). Once the exponent bits are known, only the keys sharing them are
-    searched further (gathered into ``scratch``)."""
-    high, low = keys.max(), keys.min()
-    free_bits = 0
-    while (high ^ low) >> free_bits:
-        free_bits += 1
-    value = high & ~((np.int32(1) << free_bits) - 1) if free_bits < 31 else np.int32(0)
-    searched = keys
-    for bit in range(free_bits - 1, -1, -1):
-        if bit == 22 and searched.shape[0] == keys.shape[0]:  # exponent known: keep its keys only
-            k -= _count_at_least(keys, value + (np.int32(1) << 23)) if value < np.int32(0x7F800000) else 0
-            searched = _within(keys, value, value + ((np.int32(1) << 23) - 1), scratch)
-        candidate = value | (np.int32(1) << bit)
-        if _count_at_least(searched, candidate) >= k:
-            value = candidate
-    return value
-
-
-@_jit
-def _top_rank_rule(keys, k, rule, scratch):
-    """(threshold key v, ties kept, ties skipped first) of the top-k of magnitude ``keys``: keys > v are
-    in; of the keys = v, in index order, those after the first ``skip`` and up to ``skip + keep``."""
-    value = _kth_largest_key(keys, k, scratch)
-    greater, equal = np.int32(0), np.int32(0)
-    for j in range(keys.shape[0]):
-        greater += np.int32(keys[j] > value)
-        equal += np.int32(keys[j] == value)
-    keep = k - greater
-    skip = equal - keep if rule == HIGHEST_INDEX else 0
-    return value, keep, skip
-
-
-@_jit
-def _middle_band(block, bits, d, first, last, rule, out):
-    """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
-    in ``first … last − 1``, else 0 (``bits``: the block's float32 bit patterns as int32)."""
-    num_tasks, width = block.shape
-    keys = np.empty(d, dtype=np.int32)
-    top_keys = np.empty(d, dtype=np.int32)
-    scratch = np.empty(d, dtype=np.int32)
-    everything = last >= d
-    unbounded = np.int32(0x7FFFFFFF)  # above every finite magnitude's key
-    # an entry is in the band when its key is > the outer edge's and ≤ the inner edge's, the edges
-    # themselves decided by the tie rule; without an outer edge (the band reaches rank d − 1) every key
-    # is > −1, without an inner one (rank 0) every key is ≤ the largest
-    for t in range(num_tasks):
-        for start in range(0, width, d):
-            row = block[t, start : start + d]
-            _magnitude_keys(bits[t, start : start + d], keys)
-            high_value, high_keep, high_skip = np.int32(-1), 0, 0
-            low_value, low_keep, low_skip = unbounded, 0, 0
-            top = keys
-            if not everything:
-                high_value, high_keep, high_skip = _top_rank_rule(keys, last, rule, scratch)
-                top = _within(keys, high_value, unbounded, top_keys)  # the top ranks, where the inner edge lies
-            if first > 0:
-                low_value, low_keep, low_skip = _top_rank_rule(top, first, rule, scratch)
-            _band(row, keys, high_value, low_value, out[t, start : start + d])
-            if high_keep or low_keep:  # entries at an edge, ranked in index order by the tie rule
-                _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out[t, start : start + d])
+    """keys = the magnitude keys of the float32 bit patterns ``bits``; returns the (largest, smallest)."""
+    largest, smallest = np.int32(0), MAGNITUDE
+    for j in range(keys.shape[0]):  # int32 throughout, so that LLVM vectorizes eight keys at a time
+        key = np.int32(bits[j] & MAGNITUDE)
+        keys[j] = key
+        largest, smallest = np.int32(max(largest, key)), np.int32(min(smallest, key))
+    return largest, smallest
 
 
 @_jit_apart
-def _band(row, keys, high_value, low_value, out):
-    for j in range(row.shape[0]):
-        out[j] = row[j] if (keys[j] > high_value) & (keys[j] <= low_value) else np.float32(0.0)
+def _count_at_least(keys, a, b):
+    """(number of keys ≥ a, number ≥ b), in one pass."""
+    count_a, count_b = np.int32(0), np.int32(0)
+    for j in range(keys.shape[0]):
+        key = keys[j]
+        count_a, count_b = np.int32(count_a + np.int32(key >= a)), np.int32(count_b + np.int32(key >= b))
+    return count_a, count_b
+
+
+@_jit_apart
+def _extreme_keys_in(keys, low, top):
+    """(largest, smallest) key in ``low`` … ``top``, given that one lies there."""
+    largest, smallest = np.int32(-1), MAGNITUDE
+    for j in range(keys.shape[0]):
+        key = keys[j]
+        largest = np.int32(max(largest, key if key <= top else np.int32(-1)))
+        smallest = np.int32(min(smallest, key if key >= low else MAGNITUDE))
+    return largest, smallest
 
 
 @_jit
-def _band_ties(row, keys, high_value, high_keep, high_skip, low_value, low_keep, low_skip, out):
-    high_seen, low_seen = 0, 0
+def _kth_largest_key(keys, k, low, count_low, high, count_high):
+    """(v, keys > v, keys = v) for the k-th largest v of the non-negative int32 ``keys``, searched in the
+    bracket ``low`` ≤ v < ``high``, where count_low = #keys ≥ low ≥ k > count_high = #keys ≥ high.
+
+    Each step counts the keys at or above two probes in one vectorized pass (no branch on the data)
+    and narrows the bracket to them. The probes sit one standard deviation of the k-th key's rank
+    either side of where the count, interpolated linearly across the bracket, falls to k − ½ (keys
+    grow with the logarithm of the magnitude, so a few steps suffice on smooth data); a step that did
+    not halve the keys inside is followed by one at the bracket's middle, which halves its 31-bit
+    range, so the search ends within a few dozen steps whatever the data. Once at most two keys
+    remain inside, or a step found none to separate (ties), one pass over the keys inside finds their
+    largest and smallest."""
+    middle_next, separated = False, True
+    while high - low > 1:
+        inside = count_low - count_high
+        if inside <= 2 or not separated:
+            largest, smallest = _extreme_keys_in(keys, np.int32(low), np.int32(high - 1))
+            if largest == smallest:
+                return largest, count_high, inside
+            if inside == 2:  # two distinct keys: the k-th is the larger or the smaller
+                return (largest, count_high, 1) if k - count_high == 1 else (smallest, count_high + 1, 1)
+            low, high = np.int64(smallest), np.int64(largest) + 1
+        width = high - low
+        if middle_next:
+            a = b = low + width // 2
+        else:
+            fraction = (count_low - k + 0.5) / inside
+            crossing = low + width * fraction
+            spread = width / inside * (np.sqrt(inside * fraction * (1.0 - fraction)) + 0.5)
+            a, b = np.int64(crossing - spread), np.int64(crossing + spread)
+        a, b = min(max(a, low + 1), high - 1), min(max(b, low + 1), high - 1)
+        count_a, count_b = _count_at_least(keys, np.int32(a), np.int32(b))
+        for probe, count in ((a, count_a), (b, count_b)):
+            if count >= k and probe > low:
+                low, count_low = probe, count
+            elif count < k and probe < high:
+                high, count_high = probe, count
+        separated = count_low - count_high < inside
+        middle_next = not middle_next and (count_low - count_high) * 2 > inside
+    return np.int32(low), count_high, count_low - count_high
+
+
+@_jit
+def _edge(k, greater, equal, rule):
+    """(ties kept, ties skipped first) at a top-k threshold with ``greater`` keys above it and ``equal``
+    at it: of the keys at it, in index order, those after the first ``skip`` and up to ``skip + keep``."""
+    keep = k - greater
+    return keep, (equal - keep if rule == HIGHEST_INDEX else 0)
+
+
+@_jit
+def _middle_band(values, bits, row_stride, num_tasks, width, d, first, last, rule, out):
+    """out = τ where the magnitude ranks (0 = largest, ties by ``rule``) of each d-entry row segment are
+    in ``first … last − 1``, else 0. ``values`` (and ``bits``, its float32 bit patterns as int32) holds
+    task t's ``width`` columns from t·``row_stride``; ``out`` is ``[T, width]`` flattened."""
+    keys = np.empty(d, dtype=np.int32)
+    for t in range(num_tasks):
+        for column in range(0, width, d):
+            at, out_at = t * row_stride + column, t * width + column
+            row, row_out = values[at : at + d], out[out_at : out_at + d]
+            largest, smallest = _magnitude_keys(bits[at : at + d], keys)
+            above_all = np.int64(largest) + 1
+            # the band holds the keys in lower … upper, the ties split at an edge decided by the rule:
+            # the outer edge's (rank last) key is in, the inner edge's (rank first) above the band
+            lower, upper = np.int32(0), MAGNITUDE
+            outer, outer_keep, outer_skip, outer_split = np.int32(-1), 0, 0, False
+            inner, inner_keep, inner_skip, inner_split = MAGNITUDE, 0, 0, False
+            searched_from, count = np.int64(smallest), d  # the inner edge is at or above it, count keys there
+            if last < d:
+                outer, greater, equal = _kth_largest_key(keys, last, np.int64(smallest), d, above_all, 0)
+                outer_keep, outer_skip = _edge(last, greater, equal, rule)
+                outer_split = outer_keep < equal
+                lower = np.int32(min(outer + 1, MAGNITUDE) if outer_split else outer)
+                searched_from, count = np.int64(outer), greater + equal
+            if first > 0:
+                inner, greater, equal = _kth_largest_key(keys, first, searched_from, count, above_all, 0)
+                inner_keep, inner_skip = _edge(first, greater, equal, rule)
+                inner_split = inner_keep < equal
+                upper = np.int32(inner if inner_split else inner - 1)
+            _band(row, keys, lower, upper, row_out)
+            if outer_split or inner_split:  # entries at an edge, ranked in index order by the tie rule
+                _band_ties(row, keys, outer, outer_keep, outer_skip, inner, inner_keep, inner_skip, row_out)
+
+
+@_jit_apart
+def _band(row, keys, lower, upper, out):
+    """out = row where its key is in ``lower`` … ``upper``, else 0."""
+    for j in range(row.shape[0]):
+        out[j] = row[j] if (keys[j] >= lower) & (keys[j] <= upper) else np.float32(0.0)
+
+
+@_jit
+def _band_ties(row, keys, outer, outer_keep, outer_skip, inner, inner_keep, inner_skip, out):
+    """out = row or 0 at the keys equal to an edge's, as their rank in index order puts them in the band
+    or not: at the outer edge, those after the first ``outer_skip`` and up to ``outer_skip +
+    outer_keep`` are in; at the inner edge, those so ranked are above it."""
+    outer_seen, inner_seen = 0, 0
     for j in range(row.shape[0]):
         key = keys[j]
-        if key != high_value and key != low_value:
+        if key != outer and key != inner:
             continue
-        inside = key > high_value
-        if key == high_value:
-            high_seen += 1
-            inside = high_skip < high_seen <= high_skip + high_keep
-        above = key > low_value
-        if key == low_value:
-            low_seen += 1
-            above = low_skip < low_seen <= low_skip + low_keep
+        inside = key > outer
+        if key == outer:
+            outer_seen += 1
+            inside = outer_skip < outer_seen <= outer_skip + outer_keep
+        above = key > inner
+        if key == inner:
+            inner_seen += 1
+            above = inner_skip < inner_seen <= inner_skip + inner_keep
         out[j] = row[j] if inside and not above else np.float32(0.0)
 
 
+def _flat_rows(block: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A ``[T, c]`` block whose rows are contiguous (columns of a larger stack) as one 1-D array from its
+    first entry to its last, with its row stride: numba sees slices of it as contiguous, and vectorizes
+    loops over them, which it does not over the rows of a strided 2-D array."""
+    span = (block.shape[0] - 1) * block.stride(0) + block.shape[1] if block.numel() else 0
+    return block.as_strided((span,), (1,)).numpy(), block.stride(0)
+
+
 def middle_band(block: torch.Tensor, d: int, first: int, last: int, tie_rule: str, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (``[T, c]``) = each task's columns ``block`` (c a multiple of d) with every d-entry row masked
-    to its magnitude ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an index rule):
-    Breadcrumbs."""
+    """``out`` (``[T, c]``, contiguous) = each task's columns ``block`` (c a multiple of d) with every d-entry
+    row masked to its magnitude ranks ``first … last − 1`` (0 = largest; ties ranked by ``tie_rule``, an
+    index rule): Breadcrumbs."""
     if last <= 0:
         return out.zero_()
-    _middle_band(block.numpy(), block.view(torch.int32).numpy(), d, first, last, TIE_CODES[tie_rule], out.numpy())
+    values, row_stride = _flat_rows(block)
+    bits, _ = _flat_rows(block.view(torch.int32))
+    _middle_band(values, bits, row_stride, block.shape[0], block.shape[1], d, first, last, TIE_CODES[tie_rule], out.view(-1).numpy())
     return out
 
 
@@ -531,7 +636,7 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
     d = bits.shape[0]
     largest, smallest = np.int32(0), np.int32(0x7FFFFFFF)
     for j in range(d):
-        key = bits[j] & np.int32(0x7FFFFFFF)
+        key = bits[j] & MAGNITUDE
         keys[j] = key
         largest = max(largest, key)
         smallest = min(smallest, key)
@@ -764,13 +869,18 @@ def _span_fraction(value, low, high):
 
 @_jit
 def _pcb_partners(vectors, low, high, partners):
-    for j in range(vectors.shape[1]):
-        total = np.float32(0.0)
+    partners[:] = 0.0
+    for first in range(0, vectors.shape[1], BLOCK):  # a block of the sums stays in cache over the tasks
+        stop = min(first + BLOCK, vectors.shape[1])
         for t in range(vectors.shape[0]):
-            x = vectors[t, j]
-            clipped = min(max(abs(x), low[t]), high[t])
-            total += np.float32(np.sign(x)) * _span_fraction(clipped, low[t], high[t])
-        partners[j] = total
+            _add_partner(vectors[t, first:stop], low[t], high[t], partners[first:stop])
+
+
+@_jit_apart
+def _add_partner(values, low, high, partners):
+    for j in range(values.shape[0]):
+        x = values[j]
+        partners[j] += np.float32(np.sign(x)) * _span_fraction(min(max(abs(x), low), high), low, high)
 
 
 def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -781,13 +891,47 @@ def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
 
 
 @_jit
+def _pcb_arguments(vectors, t, first, count, partners, low, high, num_tasks, intra, inter):
+    """intra = T·Norm(|τ̃_t|)², inter = τ_t ⊙ partners, for the ``count`` columns from ``first`` of task t."""
+    for j in range(count):
+        x = vectors[t, first + j]
+        normalized = _span_fraction(min(max(abs(x), low[t]), high[t]), low[t], high[t])
+        intra[j] = num_tasks * (normalized * normalized)
+        inter[j] = x * partners[first + j]
+
+
+SCORE_COLUMNS = 1 << 16
+"""Columns of PCB's score arguments computed at once: both buffers stay in cache for ``exp`` and ``tanh``."""
+
+
+def pcb_scores(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scores: torch.Tensor) -> None:
+    """PCB's scores exp(T·Norm(|τ̃_t|)²) ⊙ tanh(τ_t ⊙ partners) into ``scores`` (``[T, n]``): the arguments
+    from a kernel, ``exp`` and ``tanh`` PyTorch's (the same numbers as the PyTorch path), on small buffers."""
+    num_tasks, width = vectors.shape
+    intra, inter = torch.empty(min(SCORE_COLUMNS, width)), torch.empty(min(SCORE_COLUMNS, width))
+    arrays = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high), np.float32(num_tasks), intra.numpy(), inter.numpy()
+    for t in range(num_tasks):
+        for first in range(0, width, SCORE_COLUMNS):
+            count = min(SCORE_COLUMNS, width - first)
+            _pcb_arguments(arrays[0], t, first, count, *arrays[1:])
+            torch.mul(intra[:count].exp_(), inter[:count].tanh_(), out=scores[t, first : first + count])
+
+
+@_jit
 def _pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, denominator):
-    for t in range(vectors.shape[0]):
-        for j in range(vectors.shape[1]):
-            x = vectors[t, j]
-            weight = _span_fraction(max(scores[t, j], threshold[t]), threshold[t], top[t])
-            numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low[t]), high[t]) * weight
-            denominator[j] += weight
+    for first in range(0, vectors.shape[1], BLOCK):  # a block of the sums stays in cache over the tasks
+        stop = min(first + BLOCK, vectors.shape[1])
+        for t in range(vectors.shape[0]):
+            _add_weighted(vectors[t, first:stop], scores[t, first:stop], low[t], high[t], threshold[t], top[t], numerator[first:stop], denominator[first:stop])
+
+
+@_jit_apart
+def _add_weighted(values, scores, low, high, threshold, top, numerator, denominator):
+    for j in range(values.shape[0]):
+        x = values[j]
+        weight = _span_fraction(max(scores[j], threshold), threshold, top)
+        numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low), high) * weight
+        denominator[j] += weight
 
 
 def pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator: torch.Tensor, denominator: torch.Tensor) -> None:

@@ -514,7 +514,8 @@ class TensorOfTaskVectors(TaskVectors):
     def entries(self) -> int:
         return self.passes.entries
 
-    def order_statistics(self, values: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
+    def order_statistics(self, values: torch.Tensor, ranks: Sequence[int], *, magnitude: bool = False) -> list[torch.Tensor]:
+        values = values.abs() if magnitude else values
         return self.passes.ask(lambda: RowOrderStatistics(values.shape[0], ranks, self.passes.device), values)
 
     def total(self, values: torch.Tensor) -> torch.Tensor:

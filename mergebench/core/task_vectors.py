@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from mergebench.core import kernels
 from mergebench.core.checkpoints import StateDict, all_finite, check_compatible
 from mergebench.core.selection import TopK, kth_smallest, row_sums
 from mergebench.errors import MergebenchError
@@ -78,15 +79,20 @@ class TaskVectors:
         """d, the entries of each whole task vector (a streamed merge hands a method one tensor of it)."""
         return self.layout.numel
 
-    def order_statistics(self, values: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
-        """The entries of ``ranks`` (0-based, ascending) of each row of ``values`` over the whole task vector.
+    def order_statistics(self, values: torch.Tensor, ranks: Sequence[int], *, magnitude: bool = False) -> list[torch.Tensor]:
+        """The entries of ``ranks`` (0-based, ascending) of each row of ``values`` (of ``|values|`` with
+        ``magnitude``) over the whole task vector.
 
         ``values`` is ``[T, n]``, an entry-wise function of :attr:`vectors`; the answer is exact (a radix
-        select per row, :func:`~mergebench.core.selection.kth_smallest`; −0 answered as +0), one ``[T, 1]``
-        column per rank. Methods ask their whole-vector thresholds here so that a streamed merge, which
-        holds one tensor at a time, gets the same thresholds as an in-memory one
+        select per row, :func:`~mergebench.core.kernels.order_statistics` or
+        :func:`~mergebench.core.selection.kth_smallest`; −0 answered as +0), one ``[T, 1]`` column per
+        rank. Methods ask their whole-vector thresholds here so that a streamed merge, which holds one
+        tensor at a time, gets the same thresholds as an in-memory one
         (:mod:`mergebench.core.order_statistics`).
         """
+        if kernels.available(values):
+            return kernels.order_statistics(values, list(ranks), magnitude)
+        values = values.abs() if magnitude else values
         return [torch.stack([kth_smallest(row, rank + 1, signed=True) for row in values]).reshape(-1, 1) + 0.0 for rank in ranks]
 
     def total(self, values: torch.Tensor) -> torch.Tensor:

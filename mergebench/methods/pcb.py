@@ -64,6 +64,21 @@ def normalized_clipped(magnitudes: torch.Tensor, low: torch.Tensor, high: torch.
     return clipped, min_max(clipped, low, high)
 
 
+def balancing_scores(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """β_t = exp(T · Norm(|τ̃_t|)²) ⊙ tanh(τ_t ⊙ Σ_j u_j) of every task, ``[T, n]`` (steps 2–3)."""
+    scores = torch.empty_like(vectors)
+    if kernels.available(vectors, partners):
+        kernels.pcb_scores(vectors, partners, low, high, scores)
+        return scores
+    num_tasks = vectors.shape[0]
+    for task, row in enumerate(vectors):
+        for columns in column_chunks(0, vectors.shape[1], 1):
+            values = row[columns]
+            intra = torch.exp(num_tasks * normalized_clipped(values.abs(), low[task], high[task])[1] ** 2)
+            torch.mul(intra, torch.tanh(values * partners[columns]), out=scores[task, columns])
+    return scores
+
+
 def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Tensor:
     """τ_m = Σ_i w_i τ̃_i / max(Σ_i w_i, 10⁻¹²), holding one ``[T, N]`` temporary at a time.
 
@@ -75,7 +90,7 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
     vectors = task_vectors.vectors
     num_tasks, held, d = vectors.shape[0], vectors.shape[1], task_vectors.entries
     clip = CLIP_RATIOS[variant]
-    low, high = task_vectors.order_statistics(vectors.abs(), [within(int(d * clip), d), within(int(d * (1 - clip)) - 1, d)])
+    low, high = task_vectors.order_statistics(vectors, [within(int(d * clip), d), within(int(d * (1 - clip)) - 1, d)], magnitude=True)
     if variant == "reference":
         partners = vectors.sum(dim=0)
     elif kernels.available(vectors):
@@ -85,12 +100,7 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
         for columns in column_chunks(0, held, num_tasks):
             block = vectors[:, columns]
             partners[columns] = task_sum(torch.sign(block) * normalized_clipped(block.abs(), low, high)[1])
-    scores = torch.empty_like(vectors)
-    for task, row in enumerate(vectors):
-        for columns in column_chunks(0, held, 1):
-            values = row[columns]
-            intra = torch.exp(num_tasks * normalized_clipped(values.abs(), low[task], high[task])[1] ** 2)
-            torch.mul(intra, torch.tanh(values * partners[columns]), out=scores[task, columns])
+    scores = balancing_scores(vectors, partners, low, high)
     threshold, top = task_vectors.order_statistics(scores, [within(int(d * (1 - ratio)), d), d - 1])
     numerator, denominator = torch.zeros_like(partners), torch.zeros_like(partners)
     if kernels.available(vectors, scores):
