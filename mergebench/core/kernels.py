@@ -759,12 +759,22 @@ def _magprune(vectors, bits, starts, widths, p, epsilon, state, draws, position,
                               out[t, start : start + d])
 
 
+@_jit_apart
+def _sum_rows(block, total):
+    """total = Σ_t block[t], in task order."""
+    total[:] = block[0]
+    for t in range(1, block.shape[0]):
+        for j in range(total.shape[0]):
+            total[j] += block[t, j]
+
+
 @_jit
-def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, positions, mean, merged):
+def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, positions, elect, mean, merged):
     """:func:`_magprune` and :func:`_elect_columns` block by block of whole rows: every task's rows of
     a block are pruned into a cache-resident ``[T, ≤ BLOCK]`` block (each task drawing from its own
     generator, which starts where task t's draws start in the one stream, at t·N) and elected there,
-    so that the pruned stack is never written. Returns what :func:`_elect_columns` returns."""
+    so that the pruned stack is never written. Returns what :func:`_elect_columns` returns; without
+    ``elect``, ``merged`` is the plain sum over tasks (in task order) and nothing is undecided."""
     num_tasks = vectors.shape[0]
     high = np.float32(p + epsilon)
     longest = max(widths.max(), 1)
@@ -784,6 +794,9 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
                     column = first + start
                     _magprune_row(vectors[t, column : column + d], bits[t, column : column + d], p, high, step, scratch,
                                   states[t], draws[t], positions[t : t + 1], block[t, start : start + d])
+            if not elect:
+                _sum_rows(block, merged[first : first + width])
+                continue
             block_total, block_undecided, block_negative = _elect_columns(
                 block, 0, every, KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
                 merged[first : first + width])
@@ -816,6 +829,18 @@ def magprune_elect(vectors: torch.Tensor, starts: list[int], widths: list[int], 
                    merged: torch.Tensor, mean: bool = True) -> tuple[int, torch.Tensor, torch.Tensor]:
     """:func:`magprune`, then :func:`elect_columns` of the pruned vectors into ``merged``, block by block
     without writing the pruned ``[T, N]`` stack; the same numbers and the same return value."""
+    return _magprune_merge(vectors, starts, widths, p, epsilon, seed, merged, True, mean)
+
+
+def magprune_sum(vectors: torch.Tensor, starts: list[int], widths: list[int], p: float, epsilon: float, seed: int) -> torch.Tensor:
+    """Σ_t of :func:`magprune`'s pruned vectors, in task order (:func:`task_sum`), block by block without
+    writing the pruned ``[T, N]`` stack."""
+    merged = torch.empty(vectors.shape[1], dtype=vectors.dtype)
+    _magprune_merge(vectors, starts, widths, p, epsilon, seed, merged, False, False)
+    return merged
+
+
+def _magprune_merge(vectors, starts, widths, p, epsilon, seed, merged, elect, mean):
     num_tasks, num_columns = vectors.shape
     states, draws = np.zeros((num_tasks, MT_N), dtype=np.uint32), np.zeros((num_tasks, MT_N), dtype=np.int32)
     positions = np.full(num_tasks, MT_N, dtype=np.int64)
@@ -826,7 +851,7 @@ def magprune_elect(vectors: torch.Tensor, starts: list[int], widths: list[int], 
             _skip_draws(random.state, random.draws, random.position, num_columns)
     sign_total, undecided, negative = _magprune_elect(
         vectors.numpy(), vectors.view(torch.int32).numpy(), np.array(starts, dtype=np.int64), np.array(widths, dtype=np.int64),
-        p, epsilon, states, draws, positions, mean, merged.numpy())
+        p, epsilon, states, draws, positions, elect, mean, merged.numpy())
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
 

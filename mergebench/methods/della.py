@@ -37,9 +37,9 @@ from typing import Annotated
 import torch
 
 from mergebench.core import kernels
+from mergebench.core.kernels import task_sum
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.errors import MergebenchError
-from mergebench.methods.arithmetic import sum_vectors
 from mergebench.methods.breadcrumbs import row_view
 from mergebench.methods.registry import HParam, lam_grid, register
 from mergebench.methods.ties import ElectedMerge, ZeroSign, elect_and_merge
@@ -127,5 +127,9 @@ def della(
     lam=lam_grid(0.3, (0.2, 0.3, 0.4, 0.5)),
 )
 def della_linear(task_vectors: TaskVectors, *, p: MeanDropRate = 0.3, epsilon: Epsilon = 0.07, seed: int) -> torch.Tensor:
-    """MagPrune each τ_t, then Task Arithmetic."""
-    return sum_vectors(magprune(task_vectors, p, epsilon, seed))
+    """MagPrune each τ_t, then Task Arithmetic (the sum over tasks in task order on every path; on float32
+    CPU task vectors block by block, without writing the pruned task vectors)."""
+    if not fused(task_vectors):
+        return task_sum(magprune(task_vectors, p, epsilon, seed))
+    check_window(p, epsilon)
+    return kernels.magprune_sum(task_vectors.vectors, *row_segments(task_vectors), p, epsilon, seed)
