@@ -196,8 +196,8 @@ def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_s
 
 
 @_jit
-def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, scale, mean, merged):
-    num_tasks, width = vectors.shape
+def _elect_columns(values, row_stride, num_tasks, width, offset, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, scale, mean, merged):
+    """:func:`elect_columns` of the ``[num_tasks, width]`` rows of ``values`` (flat, rows ``row_stride`` apart)."""
     kept = np.empty((num_tasks, BLOCK), dtype=np.float32)
     sums = np.empty(BLOCK, dtype=np.float32)
     signs = np.empty(BLOCK, dtype=np.float32)
@@ -210,7 +210,8 @@ def _elect_columns(vectors, offset, threshold, rule, ties_to_keep, ties_total, t
     for first in range(0, width, BLOCK):
         n = min(first + BLOCK, width) - first
         for t in range(num_tasks):
-            _trim_row(vectors[t, first : first + n], kept[t], t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset + first, scale)
+            row = t * row_stride + first
+            _trim_row(values[row : row + n], kept[t], t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset + first, scale)
         sums[:n] = kept[0, :n]
         for t in range(1, num_tasks):
             for j in range(n):
@@ -283,8 +284,9 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
         threshold = selection.value.reshape(-1).to(torch.float32).contiguous().numpy()
         rule = KEEP_ALL if selection.all_ties_kept else TIE_CODES[selection.rule]
         ties_to_keep, ties_total, ties_seen = selection.ties_to_keep.numpy(), selection.ties_total.numpy(), selection.ties_seen.numpy()
+    values, row_stride = _flat_rows(vectors)
     sign_total, undecided, negative = _elect_columns(
-        vectors.numpy(), offset, threshold, rule, ties_to_keep, ties_total, ties_seen,
+        values, row_stride, num_tasks, vectors.shape[1], offset, threshold, rule, ties_to_keep, ties_total, ties_seen,
         NO_BITS if bits is None else bits.numpy(), np.float32(scale), mean, merged.numpy(),
     )
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
@@ -798,7 +800,7 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
                 _sum_rows(block, merged[first : first + width])
                 continue
             block_total, block_undecided, block_negative = _elect_columns(
-                block, 0, every, KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
+                room, width, num_tasks, width, 0, every, KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
                 merged[first : first + width])
             sign_total += block_total
             for i in range(block_undecided.shape[0]):
