@@ -1,6 +1,8 @@
 """The fused CPU kernels against the PyTorch expressions they replace (which GPUs and 16-bit task
 vectors take): the same numbers, bit for bit, on stacks with tied magnitudes and zero-sum columns."""
 
+import numba
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +191,76 @@ def test_middle_band_kernel_ranks_as_a_stable_sort(d, tie_rule):
         out = torch.full((tasks, 2 * d), torch.nan)
         kernels.middle_band(block, d, first, last, tie_rule, out)
         assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), (first, last)
+
+
+@numba.njit
+def pcb_score_estimates(intra, inter, estimates):
+    for j in range(estimates.shape[0]):
+        estimates[j] = kernels._pcb_score_estimate(intra[j], inter[j])
+
+
+def test_pcb_score_estimates_and_pytorch_scores_are_within_the_tolerance():
+    """The bound the candidate search rests on: estimates of e^a·tanh(x) within a tenth of
+    PCB_TOLERANCE, and PyTorch's float32 ``exp``, ``tanh`` and product within a hundredth of it, both
+    against float64, over a from 0 to 60 (the most tasks PCB_MAX_TASKS allows) and |x| from 10⁻³⁰ to the
+    series' limit 0.55; from there on the estimate is ±∞ (the sign of x)."""
+    generator = torch.Generator().manual_seed(0)
+    count = 1_000_000
+    intra = torch.cat([torch.rand(count, generator=generator) * 60, torch.rand(count, generator=generator)])
+    magnitude = torch.cat([torch.pow(10.0, -30 * torch.rand(count, generator=generator)), torch.rand(count, generator=generator) * 0.55])
+    inter = torch.where(torch.rand(2 * count, generator=generator) < 0.5, -magnitude, magnitude).clamp(-0.5499, 0.5499)
+    estimates = torch.empty(2 * count)
+    pcb_score_estimates(intra.numpy(), inter.numpy(), estimates.numpy())
+    exact = intra.double().exp() * inter.double().tanh()
+    assert ((estimates.double() - exact).abs() / exact.abs()).max() < kernels.PCB_TOLERANCE / 10
+    assert (((intra.exp() * inter.tanh()).double() - exact).abs() / exact.abs()).max() < kernels.PCB_TOLERANCE / 100
+    beyond = torch.tensor([0.55, -0.55, 3.0, -1e30])
+    pcb_score_estimates(torch.full((4,), 2.0).numpy(), beyond.numpy(), out := torch.empty(4).numpy())
+    assert out.tolist() == [np.inf, -np.inf, np.inf, -np.inf]
+
+
+def pcb_candidate_rows(misleading: bool) -> TaskVectors:
+    """Tasks of 1.1M entries (long enough for the sampled cut): continuous values, every tenth large
+    enough that τ·partner ≥ 0.55 (estimate +∞), 80 % zeros; six levels (where the first task is 0, the
+    scores take a few values: the threshold falls inside a tie);
+    with ``misleading``, a third task whose sampled blocks alone hold large values, which raise the
+    sampled scores of every task, so that the check must fail."""
+    shapes = {"w": (1000, 1000), "b": (100_000,)}
+    layout = ParamLayout.of({k: torch.empty(v, device="meta") for k, v in shapes.items()}, list(shapes))
+    d = layout.numel
+    generator = torch.Generator().manual_seed(5)
+    continuous = torch.randn(d, generator=generator) * 1e-3
+    continuous[::10] *= 1000
+    continuous[torch.rand(d, generator=generator) < 0.8] = 0.0  # there the partner sums, and so the scores, take a few values
+    levels = (torch.randint(1, 4, (d,), generator=generator) * torch.randint(0, 2, (d,), generator=generator).mul(2).sub(1)).float() * 1e-3
+    rows = [continuous, levels]
+    if misleading:
+        step, first = kernels.PCB_SAMPLE_STRIDE * kernels.BLOCK, (kernels.PCB_SAMPLE_STRIDE // 2) * kernels.BLOCK
+        sampled = torch.zeros(d, dtype=torch.bool)
+        for start in range(first, d, step):
+            sampled[start : start + kernels.BLOCK] = True
+        rows.append(torch.where(sampled, 1.0, 1e-3) * torch.randn(d, generator=generator).abs())
+    return TaskVectors(torch.zeros(d), torch.stack(rows), layout, tuple("abc"[: len(rows)]))
+
+
+@pytest.mark.parametrize("misleading", [False, True])
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.9, 1.0])
+@pytest.mark.parametrize("variant", ["vision", "reference"])
+def test_pcb_candidates_equal_every_score_computed(ratio, variant, misleading, monkeypatch):
+    """PCB computing exact scores for candidates only equals the dense kernels and the PyTorch path bit
+    for bit: with ties at the threshold and estimates of +∞ (the cut holds), a sample that misleads (the
+    check falls back to every entry) and thresholds ≤ 0 (no cut: ratio 0.9 and 1, and 0.2 for the first
+    task, 80 % zeros)."""
+    task_vectors = pcb_candidate_rows(misleading)
+    method, setting = get_method("pcb"), {"ratio": ratio, "variant": variant, "lam": 1.0}
+    cuts = []
+    collect = kernels._ScoreCandidates.collect
+    monkeypatch.setattr(kernels._ScoreCandidates, "collect", lambda self, cut, *args: cuts.append(cut) or collect(self, cut, *args))
+    candidates = method.merge(task_vectors, setting)
+    num_tasks = task_vectors.vectors.shape[0]
+    if ratio == 0.05:  # one sample per task, then the cut: held, or (misleading) failed and every entry
+        assert cuts.count(-np.inf) > num_tasks if misleading else sum(0 < cut < np.inf for cut in cuts) == num_tasks == len(cuts) / 2
+    monkeypatch.setattr(kernels, "PCB_MAX_TASKS", 0)
+    dense = method.merge(task_vectors, setting)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(candidates, dense) and torch.equal(dense, method.merge(task_vectors, setting))

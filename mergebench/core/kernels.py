@@ -22,6 +22,8 @@ path, so results do not depend on the device or on how columns are cut into bloc
 * :func:`magprune`: DELLA's rank-dependent drop probabilities and draws; the exact magnitude ranks of
   each row come from one bucket pass and a branch-free count of the keys near each key (no sort), and
   :func:`magprune_elect` elects the pruned rows block by block, the pruned stack never written.
+* :func:`pcb_candidate_merge`: PCB with PyTorch's ``exp`` and ``tanh`` only for the entries whose
+  score, estimated by polynomials within a stated tolerance, could reach the task's threshold.
 
 ``torch.profiler`` does not see the kernels: ``benchmarks/merge_speed.py`` reports their time as the
 time outside PyTorch operators.
@@ -53,6 +55,11 @@ def available(*tensors: torch.Tensor) -> bool:
 
 def _jit(function):
     return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
+
+
+def _jit_inline(function):
+    """A small per-entry function inlined by numba into its callers' loops, so that they vectorize."""
+    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")(function)
 
 
 def _jit_apart(function):
@@ -887,7 +894,7 @@ def conflict_aware_sum(vectors: torch.Tensor, starts: list[int], n: int, m: int)
     return merged
 
 
-@_jit
+@_jit_inline
 def _span_fraction(value, low, high):
     """(value − low) / (high − low), 0 where high = low: PCB's min–max normalization."""
     span = high - low
@@ -917,14 +924,18 @@ def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
     return partners
 
 
+@_jit_inline
+def _pcb_argument_pair(x, partner, low, high, num_tasks):
+    """(T·Norm(|τ̃|)², τ·partner) of one entry: the arguments of PCB's ``exp`` and ``tanh``."""
+    normalized = _span_fraction(min(max(abs(x), low), high), low, high)
+    return num_tasks * (normalized * normalized), x * partner
+
+
 @_jit
 def _pcb_arguments(vectors, t, first, count, partners, low, high, num_tasks, intra, inter):
     """intra = T·Norm(|τ̃_t|)², inter = τ_t ⊙ partners, for the ``count`` columns from ``first`` of task t."""
     for j in range(count):
-        x = vectors[t, first + j]
-        normalized = _span_fraction(min(max(abs(x), low[t]), high[t]), low[t], high[t])
-        intra[j] = num_tasks * (normalized * normalized)
-        inter[j] = x * partners[first + j]
+        intra[j], inter[j] = _pcb_argument_pair(vectors[t, first + j], partners[first + j], low[t], high[t], num_tasks)
 
 
 SCORE_COLUMNS = 1 << 16
@@ -952,12 +963,18 @@ def _pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, den
             _add_weighted(vectors[t, first:stop], scores[t, first:stop], low[t], high[t], threshold[t], top[t], numerator[first:stop], denominator[first:stop])
 
 
+@_jit_inline
+def _weighted_term(x, score, low, high, threshold, top):
+    """(w·τ̃, w) of one entry, w = Norm(max(β, t)) with the task's threshold t and top score."""
+    weight = _span_fraction(max(score, threshold), threshold, top)
+    return np.float32(np.sign(x)) * min(max(abs(x), low), high) * weight, weight
+
+
 @_jit_apart
 def _add_weighted(values, scores, low, high, threshold, top, numerator, denominator):
     for j in range(values.shape[0]):
-        x = values[j]
-        weight = _span_fraction(max(scores[j], threshold), threshold, top)
-        numerator[j] += np.float32(np.sign(x)) * min(max(abs(x), low), high) * weight
+        term, weight = _weighted_term(values[j], scores[j], low, high, threshold, top)
+        numerator[j] += term
         denominator[j] += weight
 
 
@@ -965,6 +982,186 @@ def pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator: torc
     """PCB's Σ_t w_t τ̃_t and Σ_t w_t, task after task, into ``numerator`` and ``denominator``."""
     _pcb_weighted_sum(vectors.numpy(), scores.numpy(), _per_task(low), _per_task(high), _per_task(threshold), _per_task(top),
                       numerator.numpy(), denominator.numpy())
+
+
+PCB_TOLERANCE = 1e-4
+"""Relative error allowed between a finite score estimate (:func:`_pcb_score_estimate`, within a few
+10⁻⁶ of e^a·tanh(x)) and PyTorch's score (within 2·10⁻⁷: ``exp`` and ``tanh`` to one ulp, then a
+product); ``tests/test_kernels.py`` checks both bounds."""
+
+PCB_SAMPLE_STRIDE = 61
+"""One block of :data:`BLOCK` columns in 61 estimates where a task's threshold lies (a prime, so that
+the sampled blocks do not follow the period of a matrix's rows)."""
+
+PCB_MAX_TASKS = 60
+"""Above this many tasks, T·Norm² can reach the range where ``exp`` overflows float32: no estimates."""
+
+_LOG2_E, _LN_2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
+_ONE = np.float32(1.0)
+_EXP_TAYLOR = tuple(np.float32(1.0 / factorial) for factorial in (2, 6, 24, 120, 720, 5040, 40320))
+_TANH_TAYLOR = tuple(np.float32(c) for c in (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075))
+_TANH_SERIES_BELOW = np.float32(0.55)
+
+
+@_jit_inline
+def _exp_estimate(y):
+    """e^y for 0 ≤ y < 88 within 10⁻⁵ (relative), branch-free: 2^k·e^g with k = ⌊y·log₂e⌋ and
+    g = (y·log₂e − k)·ln 2 ∈ [0, ln 2), e^g by its Taylor polynomial of degree 8 (error < 10⁻⁷)."""
+    scaled = y * _LOG2_E
+    k = np.int32(scaled)
+    g = (scaled - np.float32(k)) * _LN_2
+    c2, c3, c4, c5, c6, c7, c8 = _EXP_TAYLOR
+    series = _ONE + g * (_ONE + g * (c2 + g * (c3 + g * (c4 + g * (c5 + g * (c6 + g * (c7 + g * c8)))))))
+    return series * np.int32((k + 127) << 23).view(np.float32)
+
+
+@_jit_inline
+def _tanh_estimate(x):
+    """tanh(x) for 0 ≤ x < 0.55 within 4·10⁻⁷ (relative), by its Taylor series to x¹³; +∞ from 0.55
+    up ("unknown": such entries are always candidates and never counted as certain)."""
+    z = x * x
+    c3, c5, c7, c9, c11, c13 = _TANH_TAYLOR
+    series = x + x * z * (c3 + z * (c5 + z * (c7 + z * (c9 + z * (c11 + z * c13)))))
+    return series if x < _TANH_SERIES_BELOW else np.float32(np.inf)
+
+
+@_jit_inline
+def _pcb_score_estimate(intra, inter):
+    """PCB's score exp(intra)·tanh(inter) of one entry, estimated without ``exp`` or ``tanh``."""
+    estimate = _exp_estimate(intra) * _tanh_estimate(abs(inter))
+    return estimate if inter >= 0 else -estimate
+
+
+@_jit_apart
+def _estimate_scores(values, partners, low, high, num_tasks, intra, inter, estimates):
+    """The score arguments (exact) and the score estimates of a block of one task's columns."""
+    for j in range(values.shape[0]):
+        intra[j], inter[j] = _pcb_argument_pair(values[j], partners[j], low, high, num_tasks)
+        estimates[j] = _pcb_score_estimate(intra[j], inter[j])
+
+
+@_jit
+def _pcb_candidates(row, partners, low, high, num_tasks, cut, first, stop, step, buffers, columns, intra, inter, estimates):
+    """Of the blocks of ``buffers.shape[1]`` columns starting at ``first``, ``first + step``, … (below
+    ``stop``): the columns whose estimated score is ≥ ``cut``, with their arguments and estimates (as
+    many as fit); returns how many there are."""
+    count, width = 0, buffers.shape[1]
+    for start in range(first, stop, step):
+        end = min(start + width, stop)
+        _estimate_scores(row[start:end], partners[start:end], low, high, num_tasks, buffers[0], buffers[1], buffers[2])
+        for j in range(end - start):
+            if buffers[2, j] >= cut:
+                if count < columns.shape[0]:
+                    columns[count], intra[count], inter[count], estimates[count] = start + j, buffers[0, j], buffers[1, j], buffers[2, j]
+                count += 1
+    return count
+
+
+@_jit
+def _weighted_terms(row, columns, scores, low, high, threshold, top, terms, weights):
+    for i in range(columns.shape[0]):
+        terms[i], weights[i] = _weighted_term(row[columns[i]], scores[i], low, high, threshold, top)
+
+
+@_jit
+def _merge_candidates(columns, terms, weights, starts, merged):
+    """merged = Σ_t w_t τ̃_t / max(Σ_t w_t, 10⁻¹²) from each task's candidates (``starts[t]:starts[t + 1]``,
+    by column), summed block of columns by block of columns in task order."""
+    position = starts[:-1].copy()
+    numerator, denominator = np.empty(BLOCK, dtype=np.float32), np.empty(BLOCK, dtype=np.float32)
+    for first in range(0, merged.shape[0], BLOCK):
+        stop = min(first + BLOCK, merged.shape[0])
+        numerator[:], denominator[:] = 0.0, 0.0
+        for t in range(starts.shape[0] - 1):
+            i = position[t]
+            while i < starts[t + 1] and columns[i] < stop:
+                numerator[columns[i] - first] += terms[i]
+                denominator[columns[i] - first] += weights[i]
+                i += 1
+            position[t] = i
+        for j in range(stop - first):
+            merged[first + j] = numerator[j] / max(denominator[j], np.float32(1e-12))
+
+
+class _ScoreCandidates:
+    """One task's row with what its scores need: the partner sums, clip bounds and number of tasks."""
+
+    def __init__(self, row: np.ndarray, partners: np.ndarray, low, high, num_tasks: int):
+        self.arrays = row, partners, low, high, np.float32(num_tasks)
+        self.buffers = np.empty((3, min(row.shape[0], BLOCK)), dtype=np.float32)
+
+    def collect(self, cut: float, capacity: int, first: int = 0, step: int = BLOCK) -> tuple[np.ndarray, ...]:
+        """(columns, intra, inter, estimates) of the entries estimated ≥ ``cut`` in the blocks from
+        ``first`` every ``step`` columns (every entry for −∞)."""
+        while True:
+            found = np.empty(capacity, dtype=np.int64), *np.empty((3, capacity), dtype=np.float32)
+            count = _pcb_candidates(*self.arrays, np.float32(cut), first, self.arrays[0].shape[0], step, self.buffers, *found)
+            if count <= capacity:
+                return tuple(array[:count] for array in found)
+            capacity = count
+
+    def sampled_cut(self, kept: int) -> float:
+        """A score estimate a little below the ``kept``-th largest, read off one block of columns in
+        :data:`PCB_SAMPLE_STRIDE` (every block of a row under 8 samples long) with a margin of four
+        standard deviations, lowered by the tolerance (so that a tie at the threshold passes the check);
+        −∞ where it is not a positive number (only positive thresholds have candidates)."""
+        d = self.arrays[0].shape[0]
+        step = PCB_SAMPLE_STRIDE * BLOCK if d >= 8 * PCB_SAMPLE_STRIDE * BLOCK else BLOCK
+        first = (PCB_SAMPLE_STRIDE // 2) * BLOCK if step > BLOCK else 0
+        sample = self.collect(-np.inf, -(-(d - first) // step) * BLOCK, first, step)[3]
+        expected = kept * sample.shape[0] / d
+        rank = min(sample.shape[0], int(expected * 1.05 + 4 * expected**0.5) + 16)
+        cut = float(np.partition(sample, sample.shape[0] - rank)[sample.shape[0] - rank]) * (1 - PCB_TOLERANCE) / (1 + PCB_TOLERANCE)
+        return cut if 1e-30 < cut < np.inf else -np.inf
+
+
+def _pcb_exact_scores(intra: np.ndarray, inter: np.ndarray) -> torch.Tensor:
+    """exp(intra) ⊙ tanh(inter) by PyTorch, as :func:`pcb_scores` computes them (``intra`` and ``inter``
+    are overwritten)."""
+    return torch.from_numpy(intra).exp_().mul_(torch.from_numpy(inter).tanh_())
+
+
+def _certainly_above(estimates: np.ndarray, scores: torch.Tensor, cut: float, widen: float) -> int:
+    """How many candidates certainly score ≥ cut/(1 − ε): finite estimates ≥ cut·(1 + ε)/(1 − ε), and
+    entries estimated +∞ whose exact score is ≥ cut/(1 − ε)."""
+    finite = np.count_nonzero((estimates >= cut * widen) & (estimates < np.inf))
+    return finite + int(((scores.numpy() >= cut / (1 - PCB_TOLERANCE)) & (estimates == np.inf)).sum())
+
+
+def pcb_candidate_merge(vectors: torch.Tensor, partners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, kept: int) -> torch.Tensor:
+    """PCB's τ_m = Σ_t w_t τ̃_t / max(Σ_t w_t, 10⁻¹²) over whole task vectors (``[T, d]``), the ``kept``
+    highest scores of each task weighted, computing PyTorch's exact scores only for candidates.
+
+    Every score is first estimated without ``exp`` or ``tanh``, within :data:`PCB_TOLERANCE` where
+    |τ·partner| < 0.55; elsewhere the estimate is ±∞ (+∞: always a candidate and never counted below;
+    −∞: a negative score, which a positive threshold never keeps). With ε = PCB_TOLERANCE and a cut c > 0
+    read off a sample: if at least ``kept`` entries certainly score ≥ c/(1−ε) (a finite estimate
+    ≥ c·(1+ε)/(1−ε), or an exact score that high), the ``kept``-th highest score s_k is ≥ c/(1−ε), so every
+    entry with score ≥ s_k has its estimate ≥ c. Those candidates alone get the exact score (the same arguments, ``exp`` and
+    ``tanh`` as :func:`pcb_scores`), which give the exact threshold s_k, the top score and every non-zero
+    weight. Where the check fails (or the threshold is not positive), every entry of the task is a
+    candidate. The sums are taken in task order, as :func:`pcb_weighted_sum` takes them (an entry of
+    weight 0 adds nothing), so the result is the same bit for bit."""
+    num_tasks, d = vectors.shape
+    rows, sums, lows, highs = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high)
+    widen = (1 + PCB_TOLERANCE) / (1 - PCB_TOLERANCE)
+    found = []
+    for t in range(num_tasks):
+        candidates = _ScoreCandidates(rows[t], sums, lows[t], highs[t], num_tasks)
+        cut = candidates.sampled_cut(kept)
+        columns, intra, inter, estimates = candidates.collect(cut, d if cut == -np.inf else min(d, 4096 + d // 64 + kept + kept // 4))
+        scores = _pcb_exact_scores(intra, inter)
+        if cut != -np.inf and _certainly_above(estimates, scores, cut, widen) < kept:
+            columns, intra, inter, estimates = candidates.collect(-np.inf, d)
+            scores = _pcb_exact_scores(intra, inter)
+        threshold = float(radix_select(scores, kept, magnitude=False)[0])
+        terms, weights = np.empty_like(intra), np.empty_like(inter)
+        _weighted_terms(rows[t], columns, scores.numpy(), lows[t], highs[t], np.float32(threshold), np.float32(scores.max()), terms, weights)
+        found.append((columns, terms, weights))
+    starts = np.cumsum([0] + [len(columns) for columns, _, _ in found])
+    merged = torch.empty(d, dtype=vectors.dtype)
+    _merge_candidates(*(np.concatenate(arrays) for arrays in zip(*found)), starts, merged.numpy())
+    return merged
 
 
 def _per_task(values: torch.Tensor) -> np.ndarray:

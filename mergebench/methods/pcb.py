@@ -86,7 +86,10 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
     (:meth:`~mergebench.core.task_vectors.TaskVectors.order_statistics`), also when ``task_vectors``
     holds one tensor of a streamed merge. Passes: the clip bounds of every task (over |τ|); the partner
     sum Σ_j u_j (column chunks); every task's scores, row by row; their thresholds and maxima; each
-    task's weighted contribution, row by row."""
+    task's weighted contribution, row by row. When the whole task vectors are held (not one tensor of a
+    streamed merge), the CPU kernels compute exact scores only for the entries whose estimated score
+    could reach the threshold (:func:`~mergebench.core.kernels.pcb_candidate_merge`, no ``[T, N]``
+    temporary); the result is the same bit for bit."""
     vectors = task_vectors.vectors
     num_tasks, held, d = vectors.shape[0], vectors.shape[1], task_vectors.entries
     clip = CLIP_RATIOS[variant]
@@ -100,8 +103,11 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
         for columns in column_chunks(0, held, num_tasks):
             block = vectors[:, columns]
             partners[columns] = task_sum(torch.sign(block) * normalized_clipped(block.abs(), low, high)[1])
+    kept = d - within(int(d * (1 - ratio)), d)
+    if held == d and kernels.available(vectors, partners) and num_tasks <= kernels.PCB_MAX_TASKS:
+        return kernels.pcb_candidate_merge(vectors, partners, low, high, kept)
     scores = balancing_scores(vectors, partners, low, high)
-    threshold, top = task_vectors.order_statistics(scores, [within(int(d * (1 - ratio)), d), d - 1])
+    threshold, top = task_vectors.order_statistics(scores, [d - kept, d - 1])
     numerator, denominator = torch.zeros_like(partners), torch.zeros_like(partners)
     if kernels.available(vectors, scores):
         kernels.pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, denominator)
