@@ -676,16 +676,37 @@ def _magnitude_ramp(bits, high, step, keys, ranked_keys, order, before, counts, 
         return
     ranked_keys[:WINDOW] = np.int32(0x7FFFFFFF)  # sentinels: before every key
     ranked_keys[WINDOW + d : 2 * WINDOW + d] = np.int32(-1)  # after every key
-    for j in range(d):
-        bucket = buckets[j]
-        ranked_keys[WINDOW + counts[bucket]] = keys[j]
-        order[counts[bucket]] = j
-        counts[bucket] += 1
+    position = order[:d]
+    _positions_in_buckets(buckets, counts, position)
+    _lay_out(keys[:d], position, ranked_keys[WINDOW : WINDOW + d])
     _count_before(ranked_keys[: 2 * WINDOW + d], before[:d])
     for i in range(0, num_crowded, 2):
         _rank_within(ranked_keys[WINDOW:], crowded[i], crowded[i + 1], before)
-    for q in range(d):
-        drop[order[q]] = high - step * np.float32(d - 1 - (q - WINDOW + before[q]))
+    _ramp_at(position, before[:d], high, step, drop[:d])
+
+
+@_jit_apart
+def _positions_in_buckets(buckets, starts, position):
+    """position[j] = the place of key j when the keys are laid out by bucket, in index order within one
+    (``starts``: each bucket's first place; advanced past it)."""
+    for j in range(buckets.shape[0]):
+        position[j] = starts[buckets[j]]
+        starts[buckets[j]] += 1
+
+
+@_jit_apart
+def _lay_out(keys, position, laid_out):
+    for j in range(keys.shape[0]):
+        laid_out[position[j]] = keys[j]
+
+
+@_jit_apart
+def _ramp_at(position, before, high, step, drop):
+    """drop[j] = high − step·(d − 1 − r_j), r_j = position[j] − WINDOW + before[position[j]]."""
+    d = position.shape[0]
+    for j in range(d):
+        q = position[j]
+        drop[j] = high - step * np.float32(d - 1 - (q - WINDOW + before[q]))
 
 
 @_jit_apart
