@@ -1079,9 +1079,15 @@ def _pcb_candidates(row, partners, low, high, num_tasks, cut, first, stop, step,
 
 
 @_jit
-def _weighted_terms(row, columns, scores, low, high, threshold, top, terms, weights):
+def _weighted_terms(row, columns, scores, low, high, threshold, top, kept_columns, terms, weights):
+    """(w·τ̃, w) of the candidates whose weight is not 0, in column order; returns how many."""
+    count = 0
     for i in range(columns.shape[0]):
-        terms[i], weights[i] = _weighted_term(row[columns[i]], scores[i], low, high, threshold, top)
+        term, weight = _weighted_term(row[columns[i]], scores[i], low, high, threshold, top)
+        if weight != 0:
+            kept_columns[count], terms[count], weights[count] = columns[i], term, weight
+            count += 1
+    return count
 
 
 @_jit
@@ -1161,8 +1167,9 @@ def pcb_candidate_merge(vectors: torch.Tensor, partners: torch.Tensor, low: torc
     entry with score ≥ s_k has its estimate ≥ c. Those candidates alone get the exact score (the same arguments, ``exp`` and
     ``tanh`` as :func:`pcb_scores`), which give the exact threshold s_k, the top score and every non-zero
     weight. Where the check fails (or the threshold is not positive), every entry of the task is a
-    candidate. The sums are taken in task order, as :func:`pcb_weighted_sum` takes them (an entry of
-    weight 0 adds nothing), so the result is the same bit for bit."""
+    candidate. The entries of non-zero weight (fewer than ``kept`` per task: their scores exceed the
+    threshold) are summed in task order, as :func:`pcb_weighted_sum` sums them (an entry of weight 0
+    adds nothing), so the result is the same bit for bit."""
     num_tasks, d = vectors.shape
     rows, sums, lows, highs = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high)
     widen = (1 + PCB_TOLERANCE) / (1 - PCB_TOLERANCE)
@@ -1176,9 +1183,9 @@ def pcb_candidate_merge(vectors: torch.Tensor, partners: torch.Tensor, low: torc
             columns, intra, inter, estimates = candidates.collect(-np.inf, d)
             scores = _pcb_exact_scores(intra, inter)
         threshold = float(radix_select(scores, kept, magnitude=False)[0])
-        terms, weights = np.empty_like(intra), np.empty_like(inter)
-        _weighted_terms(rows[t], columns, scores.numpy(), lows[t], highs[t], np.float32(threshold), np.float32(scores.max()), terms, weights)
-        found.append((columns, terms, weights))
+        weighted = np.empty(kept, dtype=np.int64), np.empty(kept, dtype=np.float32), np.empty(kept, dtype=np.float32)
+        count = _weighted_terms(rows[t], columns, scores.numpy(), lows[t], highs[t], np.float32(threshold), np.float32(scores.max()), *weighted)
+        found.append(tuple(array[:count] for array in weighted))
     starts = np.cumsum([0] + [len(columns) for columns, _, _ in found])
     merged = torch.empty(d, dtype=vectors.dtype)
     _merge_candidates(*(np.concatenate(arrays) for arrays in zip(*found)), starts, merged.numpy())

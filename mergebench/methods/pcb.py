@@ -87,9 +87,10 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
     holds one tensor of a streamed merge. Passes: the clip bounds of every task (over |τ|); the partner
     sum Σ_j u_j (column chunks); every task's scores, row by row; their thresholds and maxima; each
     task's weighted contribution, row by row. When the whole task vectors are held (not one tensor of a
-    streamed merge), the CPU kernels compute exact scores only for the entries whose estimated score
-    could reach the threshold (:func:`~mergebench.core.kernels.pcb_candidate_merge`, no ``[T, N]``
-    temporary); the result is the same bit for bit."""
+    streamed merge) and r ≤ 1/4, the CPU kernels compute exact scores only for the entries whose
+    estimated score could reach the threshold (:func:`~mergebench.core.kernels.pcb_candidate_merge`,
+    which holds at most r·T·N weighted entries, 16 bytes each, in place of the ``[T, N]`` scores); the
+    result is the same bit for bit."""
     vectors = task_vectors.vectors
     num_tasks, held, d = vectors.shape[0], vectors.shape[1], task_vectors.entries
     clip = CLIP_RATIOS[variant]
@@ -104,7 +105,7 @@ def pcb_merge(task_vectors: TaskVectors, variant: str, ratio: float) -> torch.Te
             block = vectors[:, columns]
             partners[columns] = task_sum(torch.sign(block) * normalized_clipped(block.abs(), low, high)[1])
     kept = d - within(int(d * (1 - ratio)), d)
-    if held == d and kernels.available(vectors, partners) and num_tasks <= kernels.PCB_MAX_TASKS:
+    if held == d and kept <= d // 4 and kernels.available(vectors, partners) and num_tasks <= kernels.PCB_MAX_TASKS:
         return kernels.pcb_candidate_merge(vectors, partners, low, high, kept)
     scores = balancing_scores(vectors, partners, low, high)
     threshold, top = task_vectors.order_statistics(scores, [d - kept, d - 1])
