@@ -1161,10 +1161,10 @@ def pcb_candidate_merge(vectors: torch.Tensor, partners: torch.Tensor, low: torc
     |τ·partner| < 0.55; elsewhere the estimate is ±∞ (+∞: always a candidate and never counted below;
     −∞: a negative score, which a positive threshold never keeps). With ε = PCB_TOLERANCE and a cut c > 0
     read off a sample: if at least ``kept`` entries certainly score ≥ c/(1−ε) (a finite estimate
-    ≥ c·(1+ε)/(1−ε), or an exact score that high), the ``kept``-th highest score s_k is ≥ c/(1−ε), so every
-    entry with score ≥ s_k has its estimate ≥ c. Those candidates alone get the exact score (the same arguments, ``exp`` and
-    ``tanh`` as :func:`pcb_scores`), which give the exact threshold s_k, the top score and every non-zero
-    weight. Where the check fails (or the threshold is not positive), every entry of the task is a
+    ≥ c·(1+ε)/(1−ε), or an exact score that high), the ``kept``-th highest score s_k is ≥ c/(1−ε), so
+    every entry with score ≥ s_k has its estimate ≥ c. Those candidates alone get the exact score (the
+    same arguments, ``exp`` and ``tanh`` as :func:`pcb_scores`), which give the exact threshold s_k, the
+    top score and every non-zero weight. Where the check fails (or the threshold is not positive), every entry of the task is a
     candidate. The entries of non-zero weight (fewer than ``kept`` per task: their scores exceed the
     threshold) are summed in task order, as :func:`pcb_weighted_sum` sums them (an entry of weight 0
     adds nothing), so the result is the same bit for bit."""
