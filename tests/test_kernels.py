@@ -265,3 +265,19 @@ def test_pcb_candidates_equal_every_score_computed(ratio, variant, misleading, m
     dense = method.merge(task_vectors, setting)
     monkeypatch.setattr(kernels, "ENABLED", False)
     assert torch.equal(candidates, dense) and torch.equal(dense, method.merge(task_vectors, setting))
+
+
+@pytest.mark.parametrize("num_tasks,d", [(1, 8), (3, 33), (2, 2049), (7, 5000)])
+@pytest.mark.parametrize("ratio", [0.05, 0.25])
+def test_pcb_candidates_on_short_rows_equal_the_pytorch_path(num_tasks, d, ratio, monkeypatch):
+    """Rows shorter than a sample (every block sampled), one task, a few kept entries, rounded values
+    (ties) and zeros: the candidates give the PyTorch path's merge bit for bit."""
+    generator = torch.Generator().manual_seed(d)
+    vectors = torch.round(torch.randn((num_tasks, d), generator=generator) * 2) / 200
+    vectors[:, ::3] = 0
+    layout = ParamLayout.of({"w": torch.empty((d,), device="meta")}, ["w"])
+    task_vectors = TaskVectors(torch.zeros(d), vectors, layout, tuple(f"t{i}" for i in range(num_tasks)))
+    method, setting = get_method("pcb"), {"ratio": ratio, "lam": 1.0}
+    candidates = method.merge(task_vectors, setting)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert torch.equal(candidates, method.merge(task_vectors, setting))
