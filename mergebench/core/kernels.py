@@ -1089,17 +1089,17 @@ def _weighted_terms(row, columns, scores, low, high, threshold, top, kept_column
 
 
 @_jit
-def _merge_candidates(columns, terms, weights, starts, merged):
-    """merged = Σ_t w_t τ̃_t / max(Σ_t w_t, 10⁻¹²) from each task's candidates (``starts[t]:starts[t + 1]``,
+def _merge_candidates(columns, terms, weights, starts, ends, merged):
+    """merged = Σ_t w_t τ̃_t / max(Σ_t w_t, 10⁻¹²) from each task's weighted entries (``starts[t]:ends[t]``,
     by column), summed block of columns by block of columns in task order."""
-    position = starts[:-1].copy()
+    position = starts.copy()
     numerator, denominator = np.empty(BLOCK, dtype=np.float32), np.empty(BLOCK, dtype=np.float32)
     for first in range(0, merged.shape[0], BLOCK):
         stop = min(first + BLOCK, merged.shape[0])
         numerator[:], denominator[:] = 0.0, 0.0
-        for t in range(starts.shape[0] - 1):
+        for t in range(starts.shape[0]):
             i = position[t]
-            while i < starts[t + 1] and columns[i] < stop:
+            while i < ends[t] and columns[i] < stop:
                 numerator[columns[i] - first] += terms[i]
                 denominator[columns[i] - first] += weights[i]
                 i += 1
@@ -1171,7 +1171,9 @@ def pcb_candidate_merge(vectors: torch.Tensor, partners: torch.Tensor, low: torc
     num_tasks, d = vectors.shape
     rows, sums, lows, highs = vectors.numpy(), partners.numpy(), _per_task(low), _per_task(high)
     widen = (1 + PCB_TOLERANCE) / (1 - PCB_TOLERANCE)
-    found = []
+    weighted = np.empty(num_tasks * kept, dtype=np.int64), *np.empty((2, num_tasks * kept), dtype=np.float32)
+    starts = np.arange(num_tasks, dtype=np.int64) * kept
+    ends = starts.copy()
     for t in range(num_tasks):
         candidates = _ScoreCandidates(rows[t], sums, lows[t], highs[t], num_tasks)
         cut = candidates.sampled_cut(kept)
@@ -1181,12 +1183,10 @@ def pcb_candidate_merge(vectors: torch.Tensor, partners: torch.Tensor, low: torc
             columns, intra, inter, estimates = candidates.collect(-np.inf, d)
             scores = _pcb_exact_scores(intra, inter)
         threshold = float(radix_select(scores, kept, magnitude=False)[0])
-        weighted = np.empty(kept, dtype=np.int64), np.empty(kept, dtype=np.float32), np.empty(kept, dtype=np.float32)
-        count = _weighted_terms(rows[t], columns, scores.numpy(), lows[t], highs[t], np.float32(threshold), np.float32(scores.max()), *weighted)
-        found.append(tuple(array[:count] for array in weighted))
-    starts = np.cumsum([0] + [len(columns) for columns, _, _ in found])
+        ends[t] += _weighted_terms(rows[t], columns, scores.numpy(), lows[t], highs[t], np.float32(threshold), np.float32(scores.max()),
+                                   *(array[starts[t] : starts[t] + kept] for array in weighted))
     merged = torch.empty(d, dtype=vectors.dtype)
-    _merge_candidates(*(np.concatenate(arrays) for arrays in zip(*found)), starts, merged.numpy())
+    _merge_candidates(*weighted, starts, ends, merged.numpy())
     return merged
 
 
