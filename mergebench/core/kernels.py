@@ -920,6 +920,12 @@ def _span_fraction(value, low, high):
     return (value - low) / span if span > 0 else np.float32(0.0)
 
 
+@_jit_inline
+def _clipped(x, low, high):
+    """|τ̃| = clamp(|x|, low, high): PCB's magnitude clipped to the task's quantiles."""
+    return min(max(abs(x), low), high)
+
+
 @_jit
 def _pcb_partners(vectors, low, high, partners):
     partners[:] = 0.0
@@ -933,7 +939,7 @@ def _pcb_partners(vectors, low, high, partners):
 def _add_partner(values, low, high, partners):
     for j in range(values.shape[0]):
         x = values[j]
-        partners[j] += np.float32(np.sign(x)) * _span_fraction(min(max(abs(x), low), high), low, high)
+        partners[j] += np.float32(np.sign(x)) * _span_fraction(_clipped(x, low, high), low, high)
 
 
 def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -946,7 +952,7 @@ def pcb_partners(vectors: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -
 @_jit_inline
 def _pcb_argument_pair(x, partner, low, high, num_tasks):
     """(T·Norm(|τ̃|)², τ·partner) of one entry: the arguments of PCB's ``exp`` and ``tanh``."""
-    normalized = _span_fraction(min(max(abs(x), low), high), low, high)
+    normalized = _span_fraction(_clipped(x, low, high), low, high)
     return num_tasks * (normalized * normalized), x * partner
 
 
@@ -986,7 +992,7 @@ def _pcb_weighted_sum(vectors, scores, low, high, threshold, top, numerator, den
 def _weighted_term(x, score, low, high, threshold, top):
     """(w·τ̃, w) of one entry, w = Norm(max(β, t)) with the task's threshold t and top score."""
     weight = _span_fraction(max(score, threshold), threshold, top)
-    return np.float32(np.sign(x)) * min(max(abs(x), low), high) * weight, weight
+    return np.float32(np.sign(x)) * _clipped(x, low, high) * weight, weight
 
 
 @_jit_apart
