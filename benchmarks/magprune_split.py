@@ -15,7 +15,7 @@ import time
 import numba
 import numpy as np
 import torch
-from merge_speed import random_task_vectors
+from merge_speed import cpu_stack_from_arguments
 
 from mergebench.core import kernels
 from mergebench.methods.della import magprune, row_segments
@@ -49,15 +49,10 @@ def least_cpu_seconds(function, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--params", type=float, default=16e6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--p", type=float, default=0.3)
     parser.add_argument("--epsilon", type=float, default=0.07)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    task_vectors = random_task_vectors(args.tasks, int(args.params), torch.device("cpu"))
+    args, task_vectors = cpu_stack_from_arguments(parser)
     vectors = task_vectors.vectors
     starts, widths = row_segments(task_vectors)
     bits, starts_array, widths_array = vectors.view(torch.int32).numpy(), np.array(starts), np.array(widths)

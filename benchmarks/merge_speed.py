@@ -48,6 +48,17 @@ def random_task_vectors(num_tasks: int, num_params: int, device: torch.device) -
     return TaskVectors(pretrained, vectors, layout, tuple(f"task{t}" for t in range(num_tasks)))
 
 
+def cpu_stack_from_arguments(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, TaskVectors]:
+    """For the benchmarks that split one method's time: ``--tasks``, ``--params`` and ``--threads`` added
+    to ``parser``, the arguments parsed, torch's CPU threads set, and the random task vectors built."""
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--params", type=float, default=16e6)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args, random_task_vectors(args.tasks, int(args.params), torch.device("cpu"))
+
+
 def timed(function, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):

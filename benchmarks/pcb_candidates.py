@@ -12,7 +12,7 @@ import argparse
 import time
 
 import torch
-from merge_speed import random_task_vectors
+from merge_speed import cpu_stack_from_arguments
 
 from mergebench.core import kernels
 from mergebench.methods.registry import get_method
@@ -20,13 +20,8 @@ from mergebench.methods.registry import get_method
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--params", type=float, default=16e6)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    task_vectors = random_task_vectors(args.tasks, int(args.params), torch.device("cpu"))
+    args, task_vectors = cpu_stack_from_arguments(parser)
     method = get_method("pcb")
     setting = method.defaults()
     paths = {"every score (dense)": 0, "candidates": kernels.PCB_MAX_TASKS}
