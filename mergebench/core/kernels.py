@@ -42,8 +42,11 @@ BLOCK = 2048
 """Columns of a block of :func:`elect_columns`: T·BLOCK·4 bytes of task vectors stay in cache across its
 two loops (sums, then agreeing entries)."""
 
-KEEP_ALL, LOWEST_INDEX, HIGHEST_INDEX = 0, 1, 2
-TIE_CODES = {"keep_all": KEEP_ALL, "lowest_index": LOWEST_INDEX, "highest_index": HIGHEST_INDEX}
+KEEP_ALL, LOWEST_INDEX, HIGHEST_INDEX, CHOSEN = 0, 1, 2, 3
+TIE_CODES = {
+    "keep_all": KEEP_ALL, "lowest_index": LOWEST_INDEX, "highest_index": HIGHEST_INDEX,
+    "descending_sort": CHOSEN, "ascending_sort": CHOSEN,
+}
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -174,9 +177,10 @@ def _unpack_kept(kept, values, bits, scale):
 
 
 @_jit
-def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset, scale):
-    """kept[:] = τ̂_t of ``values`` (one task's columns): x where kept by the threshold and tie rule, or
-    x / scale where the packed bit is set, else 0."""
+def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_seen, tie_offsets, kept_ties, bits, offset, scale):
+    """kept[:] = τ̂_t of ``values`` (one task's columns): x where kept by the threshold and tie rule (the
+    ``CHOSEN`` rule: a tie is kept where its flag in ``kept_ties``, from the row's ``tie_offsets`` on,
+    is set), or x / scale where the packed bit is set, else 0."""
     width = values.shape[0]
     if bits.shape[1] > 0:
         _unpack_kept(kept[:width], values, bits[t, offset >> 3 :], scale)
@@ -196,14 +200,17 @@ def _trim_row(values, kept, t, threshold, rule, ties_to_keep, ties_total, ties_s
                 ties_seen[t] += 1
                 if rule == LOWEST_INDEX:
                     keep = ties_seen[t] <= ties_to_keep[t]
-                else:
+                elif rule == HIGHEST_INDEX:
                     keep = ties_seen[t] > ties_total[t] - ties_to_keep[t]
+                else:
+                    keep = tie_offsets[t] < 0 or kept_ties[tie_offsets[t] + ties_seen[t] - 1]
             if keep:
                 kept[j] = values[j]
 
 
 @_jit
-def _elect_columns(values, row_stride, num_tasks, width, offset, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, scale, mean, merged):
+def _elect_columns(values, row_stride, num_tasks, width, offset, threshold, rule, ties_to_keep, ties_total, ties_seen, tie_offsets, kept_ties,
+                   bits, scale, mean, merged):
     """:func:`elect_columns` of the ``[num_tasks, width]`` rows of ``values`` (flat, rows ``row_stride`` apart)."""
     kept = np.empty((num_tasks, BLOCK), dtype=np.float32)
     sums = np.empty(BLOCK, dtype=np.float32)
@@ -218,7 +225,8 @@ def _elect_columns(values, row_stride, num_tasks, width, offset, threshold, rule
         n = min(first + BLOCK, width) - first
         for t in range(num_tasks):
             row = t * row_stride + first
-            _trim_row(values[row : row + n], kept[t], t, threshold, rule, ties_to_keep, ties_total, ties_seen, bits, offset + first, scale)
+            _trim_row(values[row : row + n], kept[t], t, threshold, rule, ties_to_keep, ties_total, ties_seen, tie_offsets, kept_ties,
+                      bits, offset + first, scale)
         sums[:n] = kept[0, :n]
         for t in range(1, num_tasks):
             for j in range(n):
@@ -268,6 +276,7 @@ def _elect_columns(values, row_stride, num_tasks, width, offset, threshold, rule
 
 
 NO_BITS = np.zeros((0, 0), dtype=np.uint8)
+NO_FLAGS = np.zeros(0, dtype=np.bool_)
 
 
 def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None, bits: torch.Tensor | None = None,
@@ -285,16 +294,18 @@ def elect_columns(vectors: torch.Tensor, merged: torch.Tensor, *, selection=None
     none = np.zeros(num_tasks, dtype=np.int64)
     # every entry kept: |x| > −1 in one pass (a threshold of 0 would rank the zeros as ties, one by one)
     threshold, rule, (ties_to_keep, ties_total, ties_seen) = np.full(num_tasks, -1.0, dtype=np.float32), KEEP_ALL, (none, none, none)
+    tie_offsets, kept_ties = none, NO_FLAGS
     if selection is not None and selection.empty:
         threshold = np.full(num_tasks, np.inf, dtype=np.float32)
     elif selection is not None and not selection.full:
         threshold = selection.value.reshape(-1).to(torch.float32).contiguous().numpy()
         rule = KEEP_ALL if selection.all_ties_kept else TIE_CODES[selection.rule]
         ties_to_keep, ties_total, ties_seen = selection.ties_to_keep.numpy(), selection.ties_total.numpy(), selection.ties_seen.numpy()
+        tie_offsets, kept_ties = selection.tie_offsets.numpy(), selection.kept_ties.numpy()
     values, row_stride = _flat_rows(vectors)
     sign_total, undecided, negative = _elect_columns(
         values, row_stride, num_tasks, vectors.shape[1], offset, threshold, rule, ties_to_keep, ties_total, ties_seen,
-        NO_BITS if bits is None else bits.numpy(), np.float32(scale), mean, merged.numpy(),
+        tie_offsets, kept_ties, NO_BITS if bits is None else bits.numpy(), np.float32(scale), mean, merged.numpy(),
     )
     return int(sign_total), torch.from_numpy(undecided), torch.from_numpy(negative)
 
@@ -826,7 +837,7 @@ def _magprune_elect(vectors, bits, starts, widths, p, epsilon, states, draws, po
                 _sum_rows(block, merged[first : first + width])
                 continue
             block_total, block_undecided, block_negative = _elect_columns(
-                room, width, num_tasks, width, 0, every, KEEP_ALL, none, none, none, NO_BITS, np.float32(1.0), mean,
+                room, width, num_tasks, width, 0, every, KEEP_ALL, none, none, none, none, NO_FLAGS, NO_BITS, np.float32(1.0), mean,
                 merged[first : first + width])
             sign_total += block_total
             for i in range(block_undecided.shape[0]):

@@ -9,17 +9,19 @@ use ``torch.kthvalue`` batched over rows. Every entry > v is kept, and among the
 the tie rule decides:
 
 * ``"lowest_index"``: the tied entries with the lowest indices, so exactly k are kept; the order of a
-  stable descending sort (``torch.argsort(descending=True)``, mergekit's ``magnitude``);
+  stable descending sort (``torch.argsort(descending=True, stable=True)``);
 * ``"highest_index"``: the tied entries with the highest indices, exactly k; the order of a stable
   ascending sort read from its end (mergekit's ``magnitude_outliers``);
 * ``"keep_all"``: every entry equal to v, so k or more are kept;
 * ``"descending_sort"`` / ``"ascending_sort"``: the first k of ``torch.argsort(descending=True)``, or
   the last k of ``torch.sort`` ascending, both without ``stable=True`` (in float32), exactly as mergekit
   calls them (``magnitude`` and ``magnitude_outliers``). Their order of tied entries is whatever
-  PyTorch's unstable CPU sort gives, not an index order, so these rules sort (slow) to reproduce it, but
-  only a row where ties straddle the threshold needs the sort: where exactly k entries are >= v (no NaN),
-  any sort puts those k first, and the threshold alone selects them. Rows are sorted one by one in a
-  batched sort, so only the rows with straddling ties are sorted.
+  PyTorch's unstable CPU sort gives, not an index order. Only a row where ties straddle the threshold
+  depends on it (where exactly k entries are >= v, any sort puts those k first); in such a row the
+  partitions of that sort are replayed until they settle which tied entries land among the k
+  (:mod:`~mergebench.core.sort_order`, about three passes over the row instead of a sort), and the
+  chosen ties are kept as flags, one per tied entry, which the chunked passes read like the other rules.
+  A row holding NaN is refused.
 
 **Over a whole vector held in parts.** :meth:`TopK.of_part` selects over a whole task vector of which
 only a part (one tensor of a streamed merge) is held: it asks the threshold and the counts of the
@@ -39,7 +41,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from mergebench.core import kernels
+from mergebench.core import kernels, sort_order
 from mergebench.errors import MergebenchError
 
 TIE_RULES = ("lowest_index", "highest_index", "keep_all", "descending_sort", "ascending_sort")
@@ -147,6 +149,25 @@ class TopK:
         self.ties_to_keep, self.ties_total = (k - greater).reshape(-1), equal.reshape(-1)
         self.all_ties_kept = tie_rule == "keep_all" or bool((self.ties_to_keep == self.ties_total).all())
         self.ties_seen = torch.zeros_like(self.ties_total) if ties_before is None else ties_before.reshape(-1).to(self.ties_total)
+        self.tie_offsets = torch.full_like(self.ties_total, -1)  # sort rules: row's first flag in kept_ties, or −1
+        self.kept_ties = torch.zeros(0, dtype=torch.bool, device=self.ties_total.device)
+
+    def order_ties_as_sort(self, rows: torch.Tensor, k: int, tie_rule: str, magnitude: bool) -> None:
+        """Keep the tied entries that PyTorch's unstable CPU sort of each row (of |rows| with ``magnitude``)
+        puts among its k largest (``tie_rule`` one of the sort rules), replayed by
+        :func:`~mergebench.core.sort_order.ties_kept_by_sort`.
+        A row where no tie straddles the k-th largest value v (exactly k entries are >= v) keeps its ties
+        whatever the sort, so only the other rows are replayed."""
+        self.rule = tie_rule
+        straddling = (self.ties_to_keep != self.ties_total).nonzero().squeeze(1)
+        self.all_ties_kept = not straddling.numel()
+        if self.all_ties_kept:
+            return
+        ties = self.ties_total[straddling]
+        self.tie_offsets[straddling] = torch.cumsum(ties, 0) - ties
+        self.kept_ties = sort_order.ties_kept_by_sort(
+            rows, straddling, self.value[straddling], k, tie_rule == "descending_sort", ties, magnitude=magnitude
+        ).to(self.ties_total.device)
 
     @classmethod
     def of_values(cls, rows: torch.Tensor, k: int, tie_rule: str = "lowest_index", *, magnitude: bool = False, signed: bool = True) -> "TopK":
@@ -154,17 +175,11 @@ class TopK:
         num_rows, d = rows.shape
         empty = torch.zeros((num_rows, 1), dtype=torch.long, device=rows.device)
         if tie_rule in SORT_RULES and 0 < k < d:
-            ranked = rows.abs() if magnitude else rows
-            # Where no tie straddles the k-th largest value v (exactly k entries are >= v), every sort puts
-            # the same k entries first, so the threshold alone gives the sort's selection: sort only if not.
-            if bool(torch.isnan(ranked.sum())):
-                return SortedTopK(ranked, k, tie_rule)
-            threshold = cls.of_values(ranked, k, "keep_all", signed=signed and not magnitude)
-            keep = ranked >= threshold.value
-            straddling = (keep.sum(dim=1) != k).nonzero().squeeze(1)
-            if not straddling.numel():
-                return threshold
-            return SortedTopK(ranked, k, tie_rule, keep=keep, rows=straddling)
+            if not bool(torch.isfinite(rows.sum())) and bool(torch.isnan(rows).any()):  # a finite sum: no NaN
+                raise MergebenchError(f"tie_rule={tie_rule} ranks values that hold NaN")
+            selection = cls.of_values(rows, k, "keep_all", magnitude=magnitude, signed=signed)
+            selection.order_ties_as_sort(rows, k, tie_rule, magnitude)
+            return selection
         if k <= 0 or k >= d:
             return cls(torch.zeros((num_rows, 1), dtype=rows.dtype, device=rows.device), empty, empty, k, d, tie_rule)
         radix = rows.dtype in _RADIX_DTYPES and d >= RADIX_MIN_LENGTH and (magnitude or rows.element_size() == 4)
@@ -234,35 +249,13 @@ class TopK:
             self.ties_seen += per_row
             if self.rule == "lowest_index":
                 dropped = position > self.ties_to_keep[rows]
-            else:
+            elif self.rule == "highest_index":
                 dropped = position <= self.ties_total[rows] - self.ties_to_keep[rows]
+            else:
+                offsets = self.tie_offsets[rows]
+                dropped = (offsets >= 0) & ~self.kept_ties[(offsets + position - 1).clamp(min=0)]
             keep[rows[dropped], columns[dropped]] = False
         return keep
-
-
-class SortedTopK(TopK):
-    """The top-k of each row as PyTorch's unstable sorts order it (``descending_sort``, ``ascending_sort``)."""
-
-    def __init__(self, values: torch.Tensor, k: int, tie_rule: str, *, keep: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
-        """Sort every row, or only ``rows`` (each row is sorted on its own, as a batched sort does), the
-        other rows' keep-mask given in ``keep``."""
-        values = values.float() if rows is None else values[rows].float()
-        if tie_rule == "descending_sort":
-            chosen = torch.argsort(values, dim=1, descending=True)[:, :k]
-        else:
-            chosen = torch.sort(values, dim=1).indices[:, values.shape[1] - k :]
-        sorted_mask = torch.zeros_like(values, dtype=torch.bool).scatter_(1, chosen, True)
-        if rows is None:
-            self.mask = sorted_mask
-        else:
-            keep[rows] = sorted_mask
-            self.mask = keep
-        self.offset = 0
-
-    def keep(self, values: torch.Tensor) -> torch.Tensor:
-        width = values.shape[1]
-        self.offset += width
-        return self.mask[:, self.offset - width : self.offset]
 
 
 def top_k_mask(magnitudes: torch.Tensor, k: int, tie_rule: str = "lowest_index") -> torch.Tensor:

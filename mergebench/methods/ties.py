@@ -9,7 +9,8 @@ Three steps over the task vectors τ_t, then θ = θ₀ + λ·τ_m:
    a stable descending sort); ``tie_rule="keep_all"`` keeps every tied entry (more than ⌊k%·d⌋ where
    ties straddle the threshold, common in bfloat16); ``tie_rule="descending_sort"`` keeps the first k of
    ``torch.argsort(|τ|, descending=True)`` as mergekit does (PyTorch's unstable sort, whose order of
-   ties is not an index order; this rule sorts). The authors' ``kthvalue`` indexing
+   ties is not an index order; replayed without sorting, :mod:`~mergebench.core.sort_order`). The
+   authors' ``kthvalue`` indexing
    keeps one more than ⌊k%·d⌋.
 2. **Elect**: γ = sgn(Σ_t τ̂_t) per parameter ("mass" election). Where the sum is exactly zero (all
    kept values zero, or non-zero values cancelling) the sign of the majority of elected signs is used,
@@ -35,7 +36,7 @@ import torch
 
 from mergebench.core import kernels
 from mergebench.core.kernels import task_sum
-from mergebench.core.selection import TIE_RULES, SortedTopK, TopK, column_chunks
+from mergebench.core.selection import TIE_RULES, TopK, column_chunks
 from mergebench.core.task_vectors import TaskVectors
 from mergebench.methods.registry import HParam, lam_grid, register
 
@@ -145,7 +146,7 @@ class ElectedMerge:
         """Merge the ``[T, c]`` task vectors at ``columns``, trimmed to ``selection`` (a top-k of their
         magnitudes, passed every column left to right) or dropped and rescaled by ``drop`` (DARE's
         ``DropMask`` over the whole stack, ``columns`` starting at a multiple of 8) when given."""
-        if kernels.available(vectors, self.merged) and not isinstance(selection, SortedTopK):
+        if kernels.available(vectors, self.merged):
             elected = kernels.elect_columns(
                 vectors, self.merged[columns], selection=selection, bits=None if drop is None else drop.bits, offset=columns.start,
                 scale=1.0 if drop is None else 1.0 - drop.p, mean=self.mean,
