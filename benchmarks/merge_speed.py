@@ -7,17 +7,25 @@ method / mean(add before, add after). TSV, Iso-C, Iso-CTS and OPCM are also give
 one SVD of every task matrix (``torch.linalg.svd`` of each layer's ``[T, m, n]`` stack), also timed
 right before and right after each of them. Where a method
 misses its goal (the issue's ratios), one profiled run names the operators that dominate. Random
-weights suffice.
+weights suffice. With ``--markdown PAGE`` the results also replace the table between the page's
+``<!-- merge_speed.py table -->`` and ``<!-- end of merge_speed.py table -->`` lines, headed by the
+command that made it.
 
     python benchmarks/merge_speed.py                       # 8 × 88M parameters, every data-free method
     python benchmarks/merge_speed.py --params 20e6 --methods ties,dare --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/merge_speed.py --params 16e6 --threads 1 --markdown docs/merge-speed.md
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +38,8 @@ VIT_B32_VISION_PARAMS = 87_849_216  # open_clip ViT-B-32 visual tower
 ADD_GOALS = {"average": 1.0, "task_arithmetic": 1.0, "model_stock": 2.0}  # every other data-free method: 3×
 SVD_METHODS = {"tsv", "iso_c", "iso_cts", "opcm"}  # SVD-based: against one SVD of every matrix
 SVD_GOAL = 1.5
+NO_GOAL = {"karcher"}  # iterative: reads the stack several times per iteration, and the issue sets it no goal
+TABLE_START, TABLE_END = "<!-- merge_speed.py table -->", "<!-- end of merge_speed.py table -->"
 
 
 def random_task_vectors(num_tasks: int, num_params: int, device: torch.device) -> TaskVectors:
@@ -95,6 +105,27 @@ def dominant_operators(function, device: torch.device, top: int = 3) -> str:
     return ", ".join(f"{name} {100 * t / total:.0f}%" for name, t in shares[:top])
 
 
+def write_table(page: Path, description: str, rows: list[list[str]]) -> None:
+    """Replace the table between the markers of ``page`` with ``rows``, headed by the command and the run."""
+    text = page.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{page} has no '{TABLE_START}' … '{TABLE_END}' lines to put the table between")
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip()
+    header = ["method", "setting", "seconds", "÷ `torch.add`", "goal", "against the goal", "what dominates (where missed)"]
+    lines = [
+        TABLE_START,
+        f"Written by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: {description}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---", "---", "---:", "---:", "---:", "---", "---"]) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        TABLE_END,
+    ]
+    before, rest = text.split(TABLE_START, 1)
+    page.write_text(before + "\n".join(lines) + rest.split(TABLE_END, 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=8)
@@ -104,14 +135,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-profile", action="store_true", help="do not profile methods that miss their goal")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the results as a table into this page")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     task_vectors = random_task_vectors(args.tasks, int(args.params), device)
     gib = task_vectors.vectors.numel() * task_vectors.vectors.element_size() / 2**30
-    print(f"{args.tasks} task vectors × {task_vectors.layout.numel / 1e6:.1f}M parameters = {gib:.2f} GiB on {device}, "
-          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    description = (f"{args.tasks} task vectors × {task_vectors.layout.numel / 1e6:.1f}M parameters = {gib:.2f} GiB on {device}, "
+                   f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    print(description)
 
     def add():
         return timed(lambda: torch.add(task_vectors.vectors, 1.0), args.repeats, device)
@@ -121,6 +154,7 @@ def main() -> None:
     def floor():
         return timed(lambda: svd_floor(task_vectors), 1, device)
 
+    rows = []
     print(f"{'method':<18} {'seconds':>8} {'÷ add':>7} {'goal':>6}  setting / what dominates")
     for name in names:
         method = get_method(name)
@@ -135,6 +169,7 @@ def main() -> None:
             seconds = timed(merge, 1 if name in SVD_METHODS else args.repeats, device)
         except (MergebenchError, torch.OutOfMemoryError) as error:  # e.g. slerp needs exactly two models
             print(f"{name:<18} skipped: {error}")
+            rows.append([name, "", "", "", "", f"skipped: {error}", ""])
             continue
         reference = (before + add()) / 2
         ratio = seconds / reference
@@ -144,13 +179,26 @@ def main() -> None:
             over_floor = seconds / svd_seconds
             line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}× {SVD_GOAL:5.1f}×  {over_floor:.2f}× one SVD of every matrix ({svd_seconds:.2f} s)"
             missed = over_floor > SVD_GOAL
+            verdict = f"{'missed' if missed else 'met'}: {over_floor:.2f}× one SVD of every matrix ({svd_seconds:.1f} s)"
+            goal = f"{SVD_GOAL}× SVD"
+        elif name in NO_GOAL:
+            line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}×      —  ({described})"
+            missed, verdict, goal = False, "no goal", "—"
         else:
-            goal = ADD_GOALS.get(name, 3.0)
-            line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}× {goal:5.1f}×  ({described})"
-            missed = ratio > goal
+            goal_ratio = ADD_GOALS.get(name, 3.0)
+            line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}× {goal_ratio:5.1f}×  ({described})"
+            missed = ratio > goal_ratio
+            verdict = f"{'missed' if missed else 'met'}: {ratio:.1f}× of {goal_ratio:g}×"
+            goal = f"{goal_ratio:g}×"
+        dominated = ""
         if missed and not args.no_profile:
-            line += f"\n{'':<44}goal missed; dominated by {dominant_operators(merge, device)}"
+            dominated = dominant_operators(merge, device)
+            line += f"\n{'':<44}goal missed; dominated by {dominated}"
         print(line, flush=True)
+        rows.append([name, described.replace("|", "\\|"), f"{seconds:.3f}", f"{ratio:.1f}×", goal,
+                     verdict, dominated])
+    if args.markdown:
+        write_table(args.markdown, f"{description}, {platform.machine()} with {os.cpu_count()} cores", rows)
 
 
 if __name__ == "__main__":
