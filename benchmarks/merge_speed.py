@@ -188,7 +188,7 @@ def main() -> None:
             goal_ratio = ADD_GOALS.get(name, 3.0)
             line = f"{name:<18} {seconds:8.3f} {ratio:6.1f}× {goal_ratio:5.1f}×  ({described})"
             missed = ratio > goal_ratio
-            verdict = f"{'missed' if missed else 'met'}: {ratio:.1f}× of {goal_ratio:g}×"
+            verdict = f"{'missed' if missed else 'met'}: {ratio:.2f}× of {goal_ratio:g}×"
             goal = f"{goal_ratio:g}×"
         dominated = ""
         if missed and not args.no_profile:

@@ -11,6 +11,17 @@ from mergebench.methods.ties import keep_top_magnitudes, ties_merge
 from method_helpers import stack
 
 
+needs_libstdcxx_sort = pytest.mark.skipif(
+    not sort_order.replays_torch_sort(), reason="this PyTorch's CPU sort is not libstdc++'s std::sort (the flags come from torch.sort)"
+)
+
+
+def test_the_replay_is_used_where_pytorch_sorts_with_libstdcxx():
+    if "GCC" not in torch.__config__.show() or torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2"):
+        pytest.skip("checked on GCC builds running their AVX2 or default kernels")
+    assert sort_order.replays_torch_sort()
+
+
 def rows_of_many_kinds(d: int, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
@@ -75,6 +86,7 @@ def depth_limit_row(n: int) -> tuple[torch.Tensor, bool]:
     return torch.tensor(value, dtype=torch.float32), reached[0]
 
 
+@needs_libstdcxx_sort
 @pytest.mark.parametrize("d", [1, 2, 5, 16, 17, 33, 127, 128, 129, 1000, 30_000])
 def test_the_full_replay_is_torch_argsort(d):
     for name, row in rows_of_many_kinds(d, seed=d).items():
@@ -83,6 +95,7 @@ def test_the_full_replay_is_torch_argsort(d):
             assert torch.equal(sort_order.sort_indices(row, descending), expected), (name, descending)
 
 
+@needs_libstdcxx_sort
 @pytest.mark.parametrize("n", [100, 1000, 5000])
 def test_the_replay_is_torch_argsort_where_introsort_falls_back_to_heapsort(n):
     row, reached = depth_limit_row(n)
@@ -98,8 +111,14 @@ def sort_mask(rows: torch.Tensor, k: int, descending: bool) -> torch.Tensor:
     return torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order, True)
 
 
+@pytest.mark.parametrize("replayed", [True, False])
 @pytest.mark.parametrize("d", [300, 70_000])  # kthvalue path and radix-select path for the threshold
-def test_sort_rules_keep_what_torch_sort_keeps_with_ties_straddling_the_threshold(d):
+def test_sort_rules_keep_what_torch_sort_keeps_with_ties_straddling_the_threshold(d, replayed, monkeypatch):
+    if replayed and not sort_order.replays_torch_sort():
+        pytest.skip("this PyTorch's CPU sort is not libstdc++'s std::sort")
+    if not replayed:  # as on a build whose sort the replay does not reproduce: the flags come from torch.sort
+        monkeypatch.setattr(sort_order, "replays_torch_sort", lambda: False)
+        monkeypatch.setattr(sort_order, "_ties_kept_by_sort", None)
     generator = torch.Generator().manual_seed(d)
     rows = (torch.randn(4, d, generator=generator) * 1e-3).bfloat16().float()
     rows[3] = (torch.arange(d) // 2).float()[torch.randperm(d, generator=generator)]  # every magnitude twice
@@ -137,6 +156,7 @@ def test_sort_rules_refuse_nan():
         TopK.of_magnitudes(rows, 10, "descending_sort")
 
 
+@needs_libstdcxx_sort
 def test_ties_kept_by_sort_flags_each_rows_ties_in_index_order():
     row = torch.tensor([[3.0, 1.0, 2.0, 2.0, 2.0, 0.0, 2.0]])
     order = torch.argsort(row[0], descending=True)[:3].tolist()  # 3.0 and two of the four 2.0s

@@ -7,7 +7,7 @@ moved to the front, Hoare partition of the rest around it, the right part first,
 once 2·⌊log₂ d⌋ partitions deep, and a final insertion sort over the whole row that moves no entry out
 of the ≤ 16-entry range partitioning left it in. mergekit's ``magnitude`` (the first k of
 ``argsort(|τ|, descending=True)``) and ``magnitude_outliers`` (a slice of an ascending sort) depend on
-that order wherever magnitudes tie at the threshold, which in bfloat16 weights they do in most tensors.
+that order wherever magnitudes tie at the threshold, as they often do in bfloat16.
 
 :func:`ties_kept_by_sort` replays exactly those steps but, like a quickselect, only on the ranges that
 straddle a requested position b: a range wholly before or after b ends up, in the full sort, wholly
@@ -17,10 +17,18 @@ full sort in about three passes over the row instead of log₂ d. The tests chec
 the partition to its depth limit.
 
 A descending sort is replayed as the ascending sort of the negated values (x > y exactly when −x < −y).
-The rows must hold no NaN (PyTorch's comparators order NaN last; callers sort such rows with PyTorch).
+The rows must hold no NaN (PyTorch's comparators order NaN last, which the replay does not; callers
+refuse such rows).
+
+The replay is of the GNU libstdc++ ``std::sort`` that Linux builds of PyTorch use. A build whose CPU sort
+is another algorithm (another C++ library, or a vectorized sort) is detected once per process by
+comparing the replay with ``torch.argsort`` on a probe row full of ties, and then the flags come from
+``torch.sort`` itself (:func:`replays_torch_sort`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numba
 import numpy as np
@@ -241,17 +249,36 @@ def ties_kept_by_sort(rows: torch.Tensor, which: torch.Tensor, thresholds: torch
     k of ``torch.sort(row, descending=True)``, or the last k of the ascending sort. ``rows`` is
     ``[R, d]`` NaN-free, ``ties[r]`` the count of entries equal to ``thresholds[r]``; returns one flag
     per tied entry, row after row, each row's in index order."""
-    values = rows.detach().to("cpu", torch.float32).contiguous().numpy()
+    values = rows.detach().to("cpu", torch.float32).contiguous()
+    thresholds = thresholds.detach().to("cpu", torch.float32).reshape(-1)
+    d = values.shape[1]
+    if not replays_torch_sort():
+        return torch.cat([_ties_kept_by_torch_sort(values[r].abs() if magnitude else values[r], v, k, descending)
+                          for r, v in zip(which.tolist(), thresholds)])
     ties = ties.cpu().numpy()
     offsets = np.zeros(len(ties), dtype=np.int64)
     offsets[1:] = np.cumsum(ties)[:-1]
     kept = np.zeros(int(ties.sum()), dtype=np.bool_)
-    d = values.shape[1]
     order = np.empty(d, dtype=np.int32 if d < 2**31 else np.int64)
     position = k if descending else d - k
-    _ties_kept_by_sort(values, which.cpu().numpy().astype(np.int64), magnitude, thresholds.detach().to("cpu", torch.float32).reshape(-1).numpy(),
-                       position, descending, offsets, order, np.empty(d, dtype=np.float32), kept)
+    _ties_kept_by_sort(values.numpy(), which.cpu().numpy().astype(np.int64), magnitude, thresholds.numpy(), position, descending,
+                       offsets, order, np.empty(d, dtype=np.float32), kept)
     return torch.from_numpy(kept)
+
+
+def _ties_kept_by_torch_sort(row: torch.Tensor, threshold: torch.Tensor, k: int, descending: bool) -> torch.Tensor:
+    """:func:`ties_kept_by_sort` of one row, by ``torch.sort`` itself."""
+    order = torch.sort(row, descending=descending).indices
+    chosen = torch.zeros(row.shape, dtype=torch.bool)
+    chosen[order[:k] if descending else order[row.shape[0] - k :]] = True
+    return chosen[row == threshold]
+
+
+@functools.cache
+def replays_torch_sort() -> bool:
+    """Whether the replay reproduces this PyTorch's CPU sort, on a probe row of heavy ties, both ways."""
+    probe = torch.from_numpy((np.arange(5000, dtype=np.int64) * 7919 % 5003 % 23).astype(np.float32))
+    return all(torch.equal(sort_indices(probe, descending), torch.sort(probe, descending=descending).indices) for descending in (True, False))
 
 
 def sort_indices(values: torch.Tensor, descending: bool) -> torch.Tensor:
