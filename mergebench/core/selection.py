@@ -21,7 +21,8 @@ the tie rule decides:
   partitions of that sort are replayed until they settle which tied entries land among the k
   (:mod:`~mergebench.core.sort_order`, about three passes over the row instead of a sort), and the
   chosen ties are kept as flags, one per tied entry, which the chunked passes read like the other rules.
-  A row holding NaN is refused.
+  Task vectors on a GPU get the CPU sort's order too (mergekit's when it merges on the CPU; CUDA's sort
+  orders ties otherwise). A row holding NaN is refused.
 
 **Over a whole vector held in parts.** :meth:`TopK.of_part` selects over a whole task vector of which
 only a part (one tensor of a streamed merge) is held: it asks the threshold and the counts of the
