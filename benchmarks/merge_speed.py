@@ -9,7 +9,7 @@ right before and right after each of them. Where a method
 misses its goal (the issue's ratios), one profiled run names the operators that dominate. Random
 weights suffice. With ``--markdown PAGE`` the results also replace the table between the page's
 ``<!-- merge_speed.py table -->`` and ``<!-- end of merge_speed.py table -->`` lines, headed by the
-command that made it.
+command that made it (:func:`write_table`).
 
     python benchmarks/merge_speed.py                       # 8 × 88M parameters, every data-free method
     python benchmarks/merge_speed.py --params 20e6 --methods ties,dare --threads 1
@@ -39,7 +39,6 @@ ADD_GOALS = {"average": 1.0, "task_arithmetic": 1.0, "model_stock": 2.0}  # ever
 SVD_METHODS = {"tsv", "iso_c", "iso_cts", "opcm"}  # SVD-based: against one SVD of every matrix
 SVD_GOAL = 1.5
 NO_GOAL = {"karcher"}  # iterative: reads the stack several times per iteration, and the issue sets it no goal
-TABLE_START, TABLE_END = "<!-- merge_speed.py table -->", "<!-- end of merge_speed.py table -->"
 
 
 def random_task_vectors(num_tasks: int, num_params: int, device: torch.device) -> TaskVectors:
@@ -105,25 +104,29 @@ def dominant_operators(function, device: torch.device, top: int = 3) -> str:
     return ", ".join(f"{name} {100 * t / total:.0f}%" for name, t in shares[:top])
 
 
-def write_table(page: Path, description: str, rows: list[list[str]]) -> None:
-    """Replace the table between the markers of ``page`` with ``rows``, headed by the command and the run."""
+def write_table(page: Path, description: str, header: list[str], rows: list[list[str]]) -> None:
+    """Replace the table between the ``<!-- SCRIPT table -->`` and ``<!-- end of SCRIPT table -->`` lines
+    of ``page`` (SCRIPT: the running benchmark's file name) with ``rows``, headed by the command that
+    made it and ``description``; columns of numbers are right-aligned."""
+    script = Path(sys.argv[0]).name
+    start, end = f"<!-- {script} table -->", f"<!-- end of {script} table -->"
     text = page.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        raise SystemExit(f"{page} has no '{TABLE_START}' … '{TABLE_END}' lines to put the table between")
+    if start not in text or end not in text:
+        raise SystemExit(f"{page} has no '{start}' … '{end}' lines to put the table between")
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = f"{threads}python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".strip()
-    header = ["method", "setting", "seconds", "÷ `torch.add`", "goal", "against the goal", "what dominates (where missed)"]
+    command = f"{threads}python benchmarks/{script} {' '.join(sys.argv[1:])}".strip()
+    numeric = [any(row[i] for row in rows) and all(row[i] == "" or row[i][0].isdigit() for row in rows) for i in range(len(header))]
     lines = [
-        TABLE_START,
+        start,
         f"Written by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: {description}.",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---", "---", "---:", "---:", "---:", "---", "---"]) + "|",
+        "|" + "|".join("---:" if right else "---" for right in numeric) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
-        TABLE_END,
+        end,
     ]
-    before, rest = text.split(TABLE_START, 1)
-    page.write_text(before + "\n".join(lines) + rest.split(TABLE_END, 1)[1])
+    before, rest = text.split(start, 1)
+    page.write_text(before + "\n".join(lines) + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -198,7 +201,8 @@ def main() -> None:
         rows.append([name, described.replace("|", "\\|"), f"{seconds:.3f}", f"{ratio:.1f}×", goal,
                      verdict, dominated])
     if args.markdown:
-        write_table(args.markdown, f"{description}, {platform.machine()} with {os.cpu_count()} cores", rows)
+        header = ["method", "setting", "seconds", "÷ `torch.add`", "goal", "against the goal", "what dominates (where missed)"]
+        write_table(args.markdown, f"{description}, {platform.machine()} with {os.cpu_count()} cores", header, rows)
 
 
 if __name__ == "__main__":

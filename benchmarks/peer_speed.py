@@ -11,8 +11,12 @@ options that reproduce mergekit (TIES: ``scope=per_tensor``, ``tie_rule=descendi
 no sort) and compared with the same mergekit output. Ratios to mergekit are given with its whole time
 and without its start-up (measured once, before the merges).
 
+With ``--markdown PAGE`` the results also replace the table between the page's
+``<!-- peer_speed.py table -->`` and ``<!-- end of peer_speed.py table -->`` lines, under the command.
+
     MERGEBENCH_PEER_PYTHON=/path/to/peers-venv/bin/python python benchmarks/peer_speed.py
     python benchmarks/peer_speed.py --layers 2 --hidden 256 --experts 4 --peer-python /path/to/python
+    OMP_NUM_THREADS=1 python benchmarks/peer_speed.py --layers 16 --markdown docs/peers.md
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from merge_speed import write_table
 from safetensors.torch import load_file, save_file
 
 from mergebench.core.streaming import stream_merge
@@ -128,12 +133,15 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--peer-python", default=os.environ.get("MERGEBENCH_PEER_PYTHON", ""))
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the results as a table into this page")
     args = parser.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         base, experts = write_checkpoints(root, args)
         params = sum(t.numel() for t in load_folder(base).values())
-        print(f"random Llama: {args.layers} layers, hidden {args.hidden}, {params / 1e6:.1f}M parameters, {args.experts} experts, float32 safetensors")
+        description = f"random Llama: {args.layers} layers, hidden {args.hidden}, {params / 1e6:.1f}M parameters, {args.experts} experts, float32 safetensors"
+        print(description)
         startup = 0.0
         if args.peer_python:
             started = time.perf_counter()
@@ -149,11 +157,16 @@ def main() -> None:
             ours_seconds = time.perf_counter() - started
             ours = load_folder(ours_out)
             print(f"{'mergebench stream_merge ' + method:<44} {ours_seconds:8.2f} s")
+            label = f"{method} ({', '.join(f'{k}={v}' for k, v in MERGEBENCH_SETTINGS[method].items())})"
+            row = [label, f"{ours_seconds:.2f} s", "", "", ""]
+            rows.append(row)
             if method == "task_arithmetic":
                 plain_out = root / "plain_add"
                 plain = in_memory_add(base, experts, plain_out)
                 diff = max_difference(ours, load_folder(plain_out))
                 print(f"{'plain in-memory add':<44} {plain:8.2f} s   mergebench ÷ plain = {ours_seconds / plain:.2f}   max|diff| = {diff:.3g}")
+                rows.append(["plain in-memory add over the same files", f"{plain:.2f} s", "",
+                             f"mergebench's task arithmetic ÷ plain = {ours_seconds / plain:.2f}", f"{diff:.3g} against mergebench"])
             if args.peer_python:
                 theirs_out = root / f"mergekit_{method}"
                 theirs_seconds = run_mergekit(args.peer_python, method, base, experts, theirs_out)
@@ -162,6 +175,8 @@ def main() -> None:
                 print(f"{'mergekit-yaml ' + method:<44} {theirs_seconds:8.2f} s   mergekit ÷ mergebench = "
                       f"{theirs_seconds / ours_seconds:.2f} ({(theirs_seconds - startup) / ours_seconds:.2f} without start-up)"
                       f"   max|diff| = {diff:.3g}")
+                row[2:] = [f"{theirs_seconds:.2f} s ({theirs_seconds - startup:.2f} s)",
+                           f"{theirs_seconds / ours_seconds:.2f} ({(theirs_seconds - startup) / ours_seconds:.2f})", f"{diff:.3g}"]
                 if method == "ties":
                     # mergebench's default exact-k rule (ties at the threshold kept lowest index first), no sort
                     default_out = root / "ours_ties_lowest_index"
@@ -174,6 +189,12 @@ def main() -> None:
                     print(f"{'mergebench stream_merge ties tie_rule=lowest_index':<44} {default_seconds:8.2f} s   mergekit ÷ mergebench = "
                           f"{theirs_seconds / default_seconds:.2f} ({(theirs_seconds - startup) / default_seconds:.2f} without start-up)"
                           f"   max|diff| vs mergekit = {diff:.3g}")
+                    rows.append([f"ties, mergebench's default tie rule ({', '.join(f'{k}={v}' for k, v in setting.items())})",
+                                 f"{default_seconds:.2f} s", "(the same mergekit run)",
+                                 f"{theirs_seconds / default_seconds:.2f} ({(theirs_seconds - startup) / default_seconds:.2f})", f"{diff:.3g}"])
+    if args.markdown:
+        header = ["merge", "mergebench", "mergekit-yaml (without its start-up)", "mergekit ÷ mergebench (without start-up)", "max \\|diff\\| vs mergekit"]
+        write_table(args.markdown, f"{description}; mergekit's start-up (python + import) {startup:.2f} s", header, rows)
 
 
 if __name__ == "__main__":
