@@ -104,15 +104,24 @@ def dominant_operators(function, device: torch.device, top: int = 3) -> str:
     return ", ".join(f"{name} {100 * t / total:.0f}%" for name, t in shares[:top])
 
 
+def table_markers(page: Path) -> tuple[str, str]:
+    """The lines between which the running benchmark writes its table into ``page``; exits when the page
+    lacks them (checked before the benchmark runs, and again before it writes)."""
+    script = Path(sys.argv[0]).name
+    start, end = f"<!-- {script} table -->", f"<!-- end of {script} table -->"
+    text = page.read_text() if page.is_file() else ""
+    if start not in text or end not in text:
+        raise SystemExit(f"{page} has no '{start}' … '{end}' lines to put the table between")
+    return start, end
+
+
 def write_table(page: Path, description: str, header: list[str], rows: list[list[str]]) -> None:
     """Replace the table between the ``<!-- SCRIPT table -->`` and ``<!-- end of SCRIPT table -->`` lines
     of ``page`` (SCRIPT: the running benchmark's file name) with ``rows``, headed by the command that
     made it and ``description``; columns of numbers are right-aligned."""
     script = Path(sys.argv[0]).name
-    start, end = f"<!-- {script} table -->", f"<!-- end of {script} table -->"
+    start, end = table_markers(page)
     text = page.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{page} has no '{start}' … '{end}' lines to put the table between")
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = f"{threads}python benchmarks/{script} {' '.join(sys.argv[1:])}".strip()
     numeric = [any(row[i] for row in rows) and all(row[i] == "" or row[i][0].isdigit() for row in rows) for i in range(len(header))]
@@ -140,6 +149,8 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true", help="do not profile methods that miss their goal")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the results as a table into this page")
     args = parser.parse_args()
+    if args.markdown:
+        table_markers(args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

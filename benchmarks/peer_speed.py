@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from merge_speed import write_table
+from merge_speed import table_markers, write_table
 from safetensors.torch import load_file, save_file
 
 from mergebench.core.streaming import stream_merge
@@ -135,6 +135,8 @@ def main() -> None:
     parser.add_argument("--peer-python", default=os.environ.get("MERGEBENCH_PEER_PYTHON", ""))
     parser.add_argument("--markdown", type=Path, default=None, help="also write the results as a table into this page")
     args = parser.parse_args()
+    if args.markdown:
+        table_markers(args.markdown)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
