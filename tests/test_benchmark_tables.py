@@ -5,6 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from mergebench.core.task_vectors import ParamLayout, TaskVectors
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -18,6 +21,15 @@ def merge_speed(monkeypatch):
     return module
 
 
+def small_task_vectors(num_tasks: int, num_params: int, device: torch.device) -> TaskVectors:
+    """A few kilobytes of task vectors in place of the benchmark's ViT-sized ones (the table is under test)."""
+    state = {"w": torch.empty(64, 32, device="meta"), "b": torch.empty(32, device="meta")}
+    layout = ParamLayout.of(state, list(state))
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn((num_tasks, layout.numel), generator=generator) * 1e-3
+    return TaskVectors(torch.randn(layout.numel, generator=generator), vectors, layout, tuple(f"task{t}" for t in range(num_tasks)))
+
+
 def run(module, monkeypatch, *arguments):
     monkeypatch.setattr(sys, "argv", ["benchmarks/merge_speed.py", *arguments])
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -28,6 +40,7 @@ def test_merge_speed_writes_its_table_between_the_markers_only(merge_speed, monk
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- merge_speed.py table -->\nan old table\n<!-- end of merge_speed.py table -->\noutro\n")
     monkeypatch.setattr(merge_speed, "NO_GOAL", {"average"})
+    monkeypatch.setattr(merge_speed, "random_task_vectors", small_task_vectors)
     run(merge_speed, monkeypatch, "--params", "2e4", "--tasks", "3", "--repeats", "1", "--methods", "ties,average,slerp",
         "--no-profile", "--markdown", str(page))
     text = page.read_text()
