@@ -33,6 +33,7 @@ from mergebench.errors import MergebenchError
 from mergebench.core.scores import ACCURACY, PerExample, TaskScore
 
 DATABASE_NAME = "mergebench.sqlite"
+LOCK_TIMEOUT_S = 30  # how long a writer waits for another process's lock before giving up
 PRETRAINED, INDIVIDUAL = "pretrained", "individual"
 REFERENCE_METHODS = (PRETRAINED, INDIVIDUAL)  # the rows every run stores beside the merged methods
 ARRIVED, ARRIVAL_ORDER = "arrived", "arrival_order"  # hyperparameters of a continual-merging cell
@@ -169,8 +170,8 @@ class ResultStore:
             raise MergebenchError(f"cannot open results database {self.path}: {error}") from None
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=30)
-        connection.execute("PRAGMA journal_mode=WAL")
+        connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
+        _enter_write_ahead_logging(connection)
         connection.execute("PRAGMA synchronous=FULL")
         connection.row_factory = sqlite3.Row
         return connection
@@ -393,6 +394,20 @@ def decode_examples(blob: bytes) -> PerExample:
         return PerExample(np.unpackbits(np.frombuffer(blob[9:], dtype=np.uint8), count=count).astype(bool))
     buffer = io.BytesIO(blob[1:])
     return PerExample(np.load(buffer, allow_pickle=False), np.load(buffer, allow_pickle=False))
+
+
+def _enter_write_ahead_logging(connection: sqlite3.Connection) -> None:
+    """Switch the file to WAL mode, which it then keeps. The switch needs the file to itself, and SQLite answers
+    "locked" at once, without waiting, while another process opens the same new store: so wait here."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate_selections(connection: sqlite3.Connection) -> None:
