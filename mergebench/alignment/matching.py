@@ -26,9 +26,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import ot
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from mergebench.alignment.features import Moments
 from mergebench.alignment.merge import Alignment
@@ -39,6 +37,8 @@ StateDict = Mapping[str, torch.Tensor]
 
 def assignment(similarity: torch.Tensor) -> torch.Tensor:
     """The permutation π maximizing Σ_i similarity[i, π(i)]."""
+    from scipy.optimize import linear_sum_assignment  # imported when matching, not with every method
+
     _, columns = linear_sum_assignment(similarity.double().numpy(), maximize=True)
     return torch.as_tensor(columns, dtype=torch.long)
 
@@ -174,6 +174,8 @@ def cca_merge(moments: Mapping[str, Moments], *, regularization: float) -> Align
 
 def ot_fusion(moments: Mapping[str, Moments], *, entropic: float = 0.0) -> Alignment:
     """OT fusion's transport maps of every model onto model 0's units (uniform marginals)."""
+    import ot  # POT takes seconds to import (it loads scikit-learn): only OT fusion pays for it
+
     to_merged, from_merged = {}, {}
     for group, stats in moments.items():
         second = stats.second_moment

