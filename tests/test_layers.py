@@ -4,9 +4,12 @@ Every ``import mergebench.…`` in every module (at the top or inside a function
 on a cycle among modules, or on an edge against the layers: a package may import its own modules, any
 package of a lower layer, and nothing beside it, except that reports read the store and use the
 evaluation metrics, and methods use the alignment package, which re-estimates BatchNorm statistics as evaluation does.
+Starting a command imports none of the libraries that take seconds to import and that only some methods use.
 """
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import mergebench
@@ -120,3 +123,19 @@ def test_the_checks_catch_wrong_edges_and_cycles():
     graph["mergebench.runner.sweep"] = {"mergebench.runner.catalog"}
     graph["mergebench.runner.catalog"] = {"mergebench.runner.sweep"}
     assert cycle_in(graph) == ["mergebench.runner.sweep", "mergebench.runner.catalog", "mergebench.runner.sweep"]
+
+
+SLOW_TO_IMPORT = ("ot", "sklearn", "scipy.stats", "scipy.optimize", "pandas")
+"""Libraries that take seconds to import, which only some methods, sources or plots need."""
+
+
+def test_starting_a_sweep_imports_no_library_that_only_some_methods_need():
+    """Every ``mergebench`` command builds the parser (every kind) and a sweep loads every method and a
+    trained suite's sources: none of that may import these, or every command starts seconds later."""
+    code = ("import sys; from mergebench.cli import build_parser; from mergebench.methods.registry import load_methods; "
+            "from mergebench.suites import image_sources; import mergebench.reports.tables; "
+            "build_parser(); load_methods(); image_sources._digits_pools(); "
+            f"print(','.join(name for name in {SLOW_TO_IMPORT!r} if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
