@@ -72,3 +72,15 @@ def test_the_committed_tables_were_written_by_their_benchmark(page):
     table = text.split(f"<!-- {script} table -->\n", 1)[1].split(f"<!-- end of {script} table -->", 1)[0]
     assert table.startswith(f"Written by `OMP_NUM_THREADS=1 python benchmarks/{script} ")
     assert f"--markdown {page}`" in table.splitlines()[0]
+
+
+def test_a_missed_della_names_its_rank_pass_and_its_share(merge_speed, monkeypatch, tmp_path):
+    """No profiler sees inside DELLA's compiled kernel: its rank pass is timed alone and reported."""
+    page = tmp_path / "page.md"
+    page.write_text("<!-- merge_speed.py table -->\n<!-- end of merge_speed.py table -->\n")
+    monkeypatch.setattr(merge_speed, "random_task_vectors", small_task_vectors)
+    monkeypatch.setitem(merge_speed.ADD_GOALS, "della", 1e-9)  # missed on any machine
+    run(merge_speed, monkeypatch, "--params", "2e4", "--tasks", "3", "--repeats", "1", "--methods", "della", "--markdown", str(page))
+    row = next(line for line in page.read_text().splitlines() if line.startswith("| della |")).split(" | ")
+    assert row[5].startswith("missed: ")
+    assert row[6].startswith("the exact magnitude rank of every entry in its row: ") and "of the merge" in row[6]
