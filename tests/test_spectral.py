@@ -80,9 +80,13 @@ def random_layer():
         ("iso_cts", {"common_fraction": 0.8}, lambda d: np_iso_cts(d, 0.8)),  # c = 5, p = 0
     ],
 )
-def test_matches_numpy_rederivation_on_random_three_task_layer(random_layer, name, setting, reference):
-    expected = torch.from_numpy(reference(random_layer.numpy())).float()
-    merged = merge(name, stack([random_layer]), lam=1.0, **setting).view(6, 5)
+@pytest.mark.parametrize("shape", [(6, 5), (5, 6), (6, 6)], ids=["tall", "wide", "square"])
+def test_matches_numpy_rederivation_on_random_three_task_layer(name, setting, reference, shape):
+    """Tall, wide and square: Iso-CTS decomposes the task-specific parts of the last two in the complement
+    of the common subspace, and must give the authors' result all the same."""
+    layer = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.from_numpy(reference(layer.numpy())).float()
+    merged = merge(name, stack([layer]), lam=1.0, **setting).view(shape)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
 
 

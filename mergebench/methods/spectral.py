@@ -42,6 +42,8 @@ Choices, following the authors' code unless said otherwise:
   then c = k − T·p, so the combined spectrum has exactly k entries. When p·T would exceed k (tiny k,
   small f) we take p = ⌊k/T⌋. When p = 0 (small layers, or f = 1) Iso-CTS equals Iso-C on that layer.
   The projection removes the common subspace from the left (output) side only, as the authors do.
+  Where m ≤ n the projected parts have rank ≤ k − c and are decomposed through their (k − c) × n
+  coordinates in the complement of the common subspace (:func:`specific_svd`): the same components.
 * SVDs run in the task vectors' dtype and device (``torch.linalg.svd(full_matrices=False)``), batched
   over tasks.
 """
@@ -125,14 +127,27 @@ def iso_cts_sizes(k: int, tasks: int, common_fraction: float) -> tuple[int, int]
     return k - per_task * tasks, per_task
 
 
+def specific_svd(deltas: torch.Tensor, u: torch.Tensor, common: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVDs of the task-specific parts Δ_t − U_c U_cᵀ Δ_t, U_c = ``u[:, :common]``, batched over tasks.
+
+    When m ≤ n, U is square and orthogonal, so I − U_c U_cᵀ = U_r U_rᵀ with U_r = ``u[:, common:]``: each
+    part is U_r B_t with B_t = U_rᵀ Δ_t of only k − c rows, and its SVD is (U_r P_t) S_t Q_tᵀ from
+    B_t = P_t S_t Q_tᵀ, the same factors at a fraction of the cost of decomposing the m × n parts."""
+    if u.shape[0] == u.shape[1]:
+        remaining = u[:, common:]
+        p, s, qh = torch.linalg.svd(remaining.T @ deltas, full_matrices=False)
+        return remaining @ p, s, qh
+    u_c = u[:, :common]
+    return torch.linalg.svd(deltas - u_c @ (u_c.T @ deltas), full_matrices=False)
+
+
 def iso_cts_matrix(deltas: torch.Tensor, common_fraction: float) -> torch.Tensor:
     """Iso-CTS of one layer: common plus task-specific subspaces, orthogonalized, isotropic spectrum."""
     tasks, m, n = deltas.shape
     common, per_task = iso_cts_sizes(min(m, n), tasks, common_fraction)
     u, s, vh = torch.linalg.svd(deltas.sum(dim=0), full_matrices=False)
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
-    specific = deltas - u_c @ (u_c.T @ deltas)
-    u_t, s_t, vh_t = concat_components(*torch.linalg.svd(specific, full_matrices=False), per_task)
+    u_t, s_t, vh_t = concat_components(*specific_svd(deltas, u, common), per_task)
     u_all = orthogonalize(torch.cat([u_t, u_c], dim=1))
     vh_all = orthogonalize(torch.cat([vh_t, vh_c], dim=0))
     return torch.cat([s_t, s_c]).mean() * (u_all @ vh_all)
